@@ -1,0 +1,1 @@
+"""Exporters: Parquet tables and the offline HTML viewer."""

@@ -1,0 +1,1 @@
+"""The embedded model organism (issue 6)."""

@@ -1,0 +1,1 @@
+"""Document-QA attribution evaluation (issue 7)."""

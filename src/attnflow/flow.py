@@ -1,0 +1,1 @@
+"""Placeholder: the flow helper writes this module (issue 3)."""

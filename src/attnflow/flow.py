@@ -1,1 +1,562 @@
-"""Placeholder: the flow helper writes this module (issue 3)."""
+"""Compose per-layer attention patterns into rollout, residual flow and total attention.
+
+Pure tensor functions (torch + einops, batched, on the input's device).  Every
+function takes patterns `A` of shape `[*batch, layer, head, query, key]` (head = 1
+when already reduced) with any number of leading batch dims, and returns
+`[*batch, query, key]`, or `[*batch, len(rows), key]` when `rows=` is given:
+
+    >>> A = torch.rand(2, 4, 8, 5, 5).tril()              # batch layer head query key
+    >>> A = A / A.sum(-1, keepdim=True)                   # causal, rows sum to 1
+    >>> rollout(A, alpha=0.5).shape                       # heads averaged, 4 layers composed
+    torch.Size([2, 5, 5])
+    >>> rollout(A, rows=[-1]).shape                       # only the last row, O(L·N²) not O(L·N³)
+    torch.Size([2, 1, 5])
+    >>> torch.allclose(rollout(A, rows=[-1]), rollout(A)[:, -1:])
+    True
+    >>> residual_flow(A).sum(-1).round()                  # unnormalised flow: rows sum to 2^L
+    tensor([[16., 16., 16., 16., 16.],
+            [16., 16., 16., 16., 16.]])
+
+Formulas (Ā_l is layer l after the head reduction, I the identity on real positions):
+
+    raw              Ā_l                                   (one layer, `layer=-1` by default)
+    sum              Σ_l Ā_l, rows renormalised
+    flow             X_0 = I,  X_l = Ā_l X_{l-1} + X_{l-1}
+    flow_normalized  the same with rows renormalised each layer  (= rollout with alpha 0.5)
+    rollout          Â_l = alpha·Ā_l + (1-alpha)·I, rows renormalised,  R = Â_L ··· Â_1
+
+Padding.  Pad query rows and pad key columns are zero.  Real positions come from
+`key_mask` (`[*batch, key]`, 1 = real) or, when it is None, from the row sums of
+the patterns (a real row sums to 1, a pad row to 0).  The identity is added on
+real positions only, so pad rows stay zero and an example gives the same result
+alone or inside a left-padded batch.  (Recorded patterns put no attention on pad
+keys; should a real row put some on a key that `key_mask` marks as pad, that
+mass is dropped from the result, not renormalised away.)
+
+`exclude_keys` zeroes key columns (e.g. `(0,)`, the BOS attention sink) and
+renormalises the rows before composing.  Its positions count each example's
+*real* keys, so `0` is the first real token of every example of a left-padded
+batch and `-1` the last.  `rows` index the query dim as given (padded
+coordinates): a list shared by the batch, or an integer tensor `[*batch, rows]`.
+
+Compute is float32 for float16 / bfloat16 / float32 input and float64 for float64
+input; nothing is ever composed in float16.  The layer loop never synchronises
+with the host: non-finite values are flagged on the device and raised
+(`NonFiniteError`, naming the layer) once the loop is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import einsum
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from attnflow.errors import BadArgumentError, NonFiniteError, ShapeError
+
+__all__ = [
+    "METHODS",
+    "FlowAccumulator",
+    "compose",
+    "head_weights_from_o_proj",
+    "raw",
+    "reduce_heads",
+    "residual_flow",
+    "rollout",
+    "total_attention",
+]
+
+METHODS = ("rollout", "flow", "flow_normalized", "sum", "raw")
+_COMPOSED = ("rollout", "flow", "flow_normalized", "sum")
+_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense")
+
+Heads = str | Float[Tensor, "layer head"]
+Rows = Sequence[int] | Int[Tensor, "*batch rows"] | None
+
+
+# ------------------------------------------------------------------------------------
+# head reduction
+# ------------------------------------------------------------------------------------
+def reduce_heads(A: Float[Tensor, "*batch layer head query key"], heads: Heads = "mean") -> Float[Tensor, "*batch layer 1 query key"]:
+    """Reduce the head dim to 1: `"mean"`, `"max"`, or a weight tensor `[layer, head]`.
+
+    Weights are normalised to sum to 1 within each layer, so the result of a
+    weighted reduction of row-stochastic patterns is row-stochastic.  `"max"` rows
+    do not sum to 1; rollout and `flow_normalized` renormalise them.
+
+        >>> A = torch.tensor([[[[[1., 0.], [.5, .5]], [[1., 0.], [.1, .9]]]]])  # 1 layer, 2 heads
+        >>> reduce_heads(A, "mean")[0, 0, 0]
+        tensor([[1.0000, 0.0000],
+                [0.3000, 0.7000]])
+        >>> reduce_heads(A, torch.tensor([[3., 1.]]))[0, 0, 0]        # weights 0.75, 0.25
+        tensor([[1.0000, 0.0000],
+                [0.4000, 0.6000]])
+    """
+    _check_patterns(A)
+    w = _head_weights(heads, A.shape[-4], A.shape[-3], A)
+    layers = [_reduce_layer(A[..., l, :, :, :], heads, None if w is None else w[l]) for l in range(A.shape[-4])]
+    return torch.stack(layers, dim=-3).unsqueeze(-3)
+
+
+def _head_weights(heads: Heads, L: int | None, H: int, A: Tensor) -> Tensor | None:
+    """Per-layer normalised weights `[layer, head]` in A's compute dtype, or None for "mean"/"max"."""
+    if isinstance(heads, str):
+        if heads not in ("mean", "max"):
+            raise BadArgumentError(f"heads={heads!r}; use 'mean', 'max' or a weight tensor [layer, head]")
+        return None
+    if not isinstance(heads, Tensor):
+        raise BadArgumentError(f"heads has type {type(heads).__name__}; use 'mean', 'max' or a weight tensor [layer, head]")
+    L = heads.shape[0] if L is None else L
+    if heads.shape != (L, H):
+        raise ShapeError(f"head weights have shape {tuple(heads.shape)}, expected (layer={L}, head={H})")
+    w = heads.to(device=A.device, dtype=_compute_dtype(A))
+    total = w.sum(-1, keepdim=True)
+    if not bool(torch.isfinite(w).all() and (total > 0).all()):
+        raise BadArgumentError("head weights must be finite with a positive sum in every layer")
+    return w / total
+
+
+def _reduce_layer(A_l: Float[Tensor, "*batch head query key"], heads: Heads, w_l: Tensor | None) -> Float[Tensor, "*batch query key"]:
+    dtype = _compute_dtype(A_l)
+    if w_l is not None:
+        return einsum(A_l.to(dtype), w_l, "... head query key, head -> ... query key")
+    if A_l.shape[-3] == 1:
+        return A_l[..., 0, :, :].to(dtype)
+    if heads == "max":
+        return A_l.amax(dim=-3).to(dtype)
+    return torch.mean(A_l, dim=-3, dtype=dtype)
+
+
+def head_weights_from_o_proj(model: nn.Module) -> Float[Tensor, "layer head"]:
+    """Per-head weights from the output projection: ‖W_O[:, head h's columns]‖_F, normalised per layer.
+
+    Head h writes to the residual stream through the input features
+    `h·d : (h+1)·d` of the output projection (its *column* block for an
+    `nn.Linear` `o_proj` of weight `[hidden, heads·d]`, its *row* block for GPT-2's
+    `Conv1D` `c_proj` of weight `[heads·d, hidden]`, `W_O[h]` for a
+    TransformerLens `W_O [head, d, hidden]`).  Attention modules are found
+    generically: modules whose class name contains "Attention" (or that have
+    `head_dim`) and own one of `o_proj`, `out_proj`, `c_proj`, `dense`, or a 3-D `W_O`.
+
+        >>> model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, ...))
+        >>> w = head_weights_from_o_proj(model)           # [layer, head], rows sum to 1
+        >>> rollout(tr.patterns, heads=w)
+    """
+    rows = []
+    for module in model.modules():
+        block = _o_proj_blocks(module, model)
+        if block is not None:
+            norms = torch.linalg.vector_norm(block.detach().float(), dim=(-2, -1))  # [head]
+            rows.append(norms / norms.sum())
+    if not rows:
+        raise BadArgumentError(
+            f"found no attention output projection in {type(model).__name__}; pass heads='mean' or your own weights [layer, head]"
+        )
+    return torch.stack(rows)
+
+
+def _o_proj_blocks(module: nn.Module, model: nn.Module) -> Tensor | None:
+    """`[head, d, hidden]` blocks of the module's output projection, or None if it is no attention module."""
+    W_O = getattr(module, "W_O", None)
+    if isinstance(W_O, Tensor) and W_O.ndim == 3:
+        return W_O
+    if "Attention" not in type(module).__name__ and not hasattr(module, "head_dim"):
+        return None
+    proj = next((getattr(module, n) for n in _PROJ_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    if proj is None or getattr(proj, "weight", None) is None:
+        return None
+    heads = _num_heads(module, model)
+    if isinstance(proj, nn.Linear):
+        weight = proj.weight.T  # [heads·d, hidden]: input features first
+    elif type(proj).__name__ == "Conv1D":
+        weight = proj.weight  # already [heads·d (nx), hidden (nf)]
+    else:
+        return None
+    if weight.shape[0] % heads:
+        raise ShapeError(f"{type(module).__name__} output projection has {weight.shape[0]} input features, not divisible by {heads} heads")
+    return weight.reshape(heads, weight.shape[0] // heads, weight.shape[1])
+
+
+def _num_heads(module: nn.Module, model: nn.Module) -> int:
+    for obj in (module, getattr(module, "config", None), getattr(model, "config", None)):
+        for name in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
+            value = getattr(obj, name, None)
+            if isinstance(value, int):
+                return value
+    raise BadArgumentError(f"cannot tell how many heads {type(module).__name__} has; pass your own weights [layer, head]")
+
+
+# ------------------------------------------------------------------------------------
+# composition
+# ------------------------------------------------------------------------------------
+class FlowAccumulator:
+    """Fold layers into rollout / flow / total attention one at a time, with O(N²) memory.
+
+    Bottom-up (default) keeps the running product `X [*batch, query, key]`; add
+    layers from the first to the last, as a tracer records them.  Top-down
+    (`top_down=True`, with `rows`) keeps only `E_T Â_L ··· Â_l  [*batch, rows, key]`:
+    add layers from the last to the first, `O(|T|·N²)` per layer.
+
+        >>> acc = FlowAccumulator("rollout", alpha=0.5)
+        >>> for l in range(A.shape[1]):
+        ...     acc.add(A[:, l])                     # [batch, head, query, key]
+        >>> torch.allclose(acc.result(), rollout(A))
+        True
+
+    `add(A_l, layer=l)` names the layer in errors and picks the row of a weight
+    tensor `heads=[layer, head]`; it defaults to the count of layers added so far
+    (so a top-down accumulator with head weights must be told `layer`).
+    """
+
+    def __init__(
+        self,
+        method: str = "rollout",
+        *,
+        alpha: float = 0.5,
+        heads: Heads = "mean",
+        rows: Rows = None,
+        exclude_keys: Sequence[int] = (),
+        key_mask: Int[Tensor, "*batch key"] | None = None,
+        top_down: bool = False,
+    ):
+        if method not in _COMPOSED:
+            raise BadArgumentError(f"method={method!r} cannot be accumulated; use one of {', '.join(_COMPOSED)}")
+        if method == "rollout" and not 0.0 <= float(alpha) <= 1.0:
+            raise BadArgumentError(f"alpha={alpha}; use a value in [0, 1] (0.5 weighs attention and residual equally)")
+        if top_down and rows is None and method != "sum":
+            raise BadArgumentError("top_down=True composes selected rows; pass rows=[...] (or use top_down=False)")
+        self.method, self.alpha, self.heads, self.top_down = method, float(alpha), heads, top_down
+        self.rows, self.exclude_keys, self.key_mask = rows, tuple(int(k) for k in exclude_keys), key_mask
+        self.state: Tensor | None = None
+        self.count = 0
+        self._finite: list[Tensor] = []
+        self._layers: list[int] = []
+        self._weights: Tensor | None = None
+
+    def add(self, A_l: Float[Tensor, "*batch head query key"], layer: int | None = None) -> None:
+        """Fold in one layer's patterns (head dim 1 when already reduced)."""
+        if A_l.ndim < 3:
+            raise ShapeError(f"one layer's patterns have shape {tuple(A_l.shape)}, expected (*batch, head, query, key)")
+        if self._weights is None:  # validated and normalised once (a host sync), not per layer
+            self._weights = _head_weights(self.heads, None, A_l.shape[-3], A_l)
+        weights = self._weights
+        if layer is None:
+            if self.top_down and weights is not None:
+                raise BadArgumentError("a top-down accumulator with head weights needs add(A_l, layer=l)")
+            layer = self.count
+        w_l = None if weights is None else weights[layer]
+        P = _reduce_layer(A_l, self.heads, w_l)
+        if self.method == "sum":
+            self._add_sum(P)
+        else:
+            self._add_product(P)
+        self.count += 1
+        self._layers.append(layer)
+
+    def result(self) -> Float[Tensor, "*batch query key"]:
+        """The composition so far: `[*batch, query, key]`, or `[*batch, rows, key]` with `rows`."""
+        if self.state is None:
+            raise BadArgumentError("no layer was added; call add(A_l) once per layer first")
+        _raise_non_finite(self._finite, self._layers)
+        out = self.state
+        if self.method == "sum":
+            out = out * _safe_inv(out.sum(-1))[..., None]
+        elif not self.top_down and self.rows is not None:
+            out = _take_rows(out, self._idx)
+        return out
+
+    # --- internals ---------------------------------------------------------------------
+    def _setup(self, P: Tensor, row_sums: Tensor) -> None:
+        N = P.shape[-1]
+        if P.shape[-2] != N:
+            raise ShapeError(
+                f"{self.method} needs square patterns (*batch, layer, head, {N}, {N}); got query={P.shape[-2]}, key={N}: "
+                "record every query row (rows=None)"
+            )
+        self.real = _real_positions(row_sums, P, self.key_mask)  # [*batch, N]
+        self.keep, self._drop_pos, self._drop_valid = _excluded(self.real, self.exclude_keys)
+        self._idx = None if self.rows is None else _row_index(self.rows, P.shape[:-2], N, P.device)
+
+    def _gains(self, P: Tensor) -> tuple[Tensor, Tensor]:
+        """(g, h) with this layer's step `M = diag(g) · P · diag(keep) + diag(h)`; also flags non-finite P."""
+        row_sums = P.sum(-1)  # one pass over P; NaN / inf anywhere in P shows here
+        self._finite.append(torch.isfinite(row_sums).all())
+        if self.state is None:
+            self._setup(P, row_sums)
+        kept = row_sums  # attention mass on kept keys (recorded patterns put none on pad keys)
+        if self.exclude_keys:
+            idx = self._drop_pos[..., None, :].expand(*P.shape[:-1], self._drop_pos.shape[-1])
+            kept = row_sums - (P.gather(-1, idx) * self._drop_valid[..., None, :]).sum(-1)
+        a = self.real * _safe_inv(kept) if self.exclude_keys else self.real
+        if self.method == "flow":
+            return a, self.real
+        alpha = 0.5 if self.method == "flow_normalized" else self.alpha
+        inv = _safe_inv(alpha * a * kept + (1 - alpha) * self.real)
+        return alpha * a * inv, (1 - alpha) * self.real * inv
+
+    def _add_product(self, P: Tensor) -> None:
+        g, h = self._gains(P)
+        keep = self.keep
+        if self.state is None:  # the first step is the layer's own matrix (or its selected rows)
+            if self.top_down:
+                idx = self._idx
+                rows_P = _take_rows(P, idx)
+                eye = torch.nn.functional.one_hot(idx, P.shape[-1]).to(P.dtype)
+                self.state = _take(g, idx)[..., None] * rows_P * keep[..., None, :] + _take(h, idx)[..., None] * eye
+            else:
+                self.state = g[..., :, None] * P * keep[..., None, :] + torch.diag_embed(h)
+        elif self.top_down:  # Y ← Y·M
+            Y = self.state
+            self.state = ((Y * g[..., None, :]) @ P) * keep[..., None, :] + Y * h[..., None, :]
+        else:  # X ← M·X
+            X = self.state
+            self.state = g[..., :, None] * (P @ (keep[..., :, None] * X)) + h[..., :, None] * X
+
+    def _add_sum(self, P: Tensor) -> None:
+        row_sums = P.sum(-1)
+        self._finite.append(torch.isfinite(row_sums).all())
+        if self.state is None:
+            self._setup(P, row_sums)
+        if self._idx is not None:
+            P, real = _take_rows(P, self._idx), _take(self.real, self._idx)
+        else:
+            real = self.real
+        A = P * real[..., :, None] * self.keep[..., None, :]
+        if self.exclude_keys:
+            A = A * _safe_inv(A.sum(-1))[..., None]
+        self.state = A if self.state is None else self.state + A
+
+
+def rollout(
+    A: Float[Tensor, "*batch layer head query key"],
+    alpha: float = 0.5,
+    heads: Heads = "mean",
+    rows: Rows = None,
+    exclude_keys: Sequence[int] = (),
+    key_mask: Int[Tensor, "*batch key"] | None = None,
+) -> Float[Tensor, "*batch query key"]:
+    """Attention rollout (Abnar & Zuidema 2020): `R = Â_L ··· Â_1`, `Â_l = rownorm(alpha·Ā_l + (1-alpha)·I)`.
+
+    Rows of the result sum to 1 (0 for pad rows).  With `rows`, only those rows,
+    computed top-down in `O(L·|T|·N²)`.
+
+        >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]]]])            # batch layer head query key
+        >>> rollout(A, alpha=0.5)                                    # Â = [[1, 0], [.25, .75]]
+        tensor([[[1.0000, 0.0000],
+                 [0.2500, 0.7500]]])
+        >>> rollout(A, rows=[1], exclude_keys=(0,))                 # BOS column zeroed first
+        tensor([[[0., 1.]]])
+    """
+    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, alpha=alpha)
+
+
+def residual_flow(
+    A: Float[Tensor, "*batch layer head query key"],
+    normalize: bool = False,
+    heads: Heads = "mean",
+    rows: Rows = None,
+    exclude_keys: Sequence[int] = (),
+    key_mask: Int[Tensor, "*batch key"] | None = None,
+) -> Float[Tensor, "*batch query key"]:
+    """Residual-inclusive flow: `X_0 = I`, `X_l = Ā_l X_{l-1} + X_{l-1}`; rows sum to 2^L.
+
+    `normalize=True` renormalises rows each layer, which equals `rollout(alpha=0.5)`.
+
+        >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]]]])
+        >>> residual_flow(A)                                         # Ā + I
+        tensor([[[2.0000, 0.0000],
+                 [0.5000, 1.5000]]])
+        >>> residual_flow(A, normalize=True)
+        tensor([[[1.0000, 0.0000],
+                 [0.2500, 0.7500]]])
+    """
+    method = "flow_normalized" if normalize else "flow"
+    return _compose(A, method, heads, rows, exclude_keys, key_mask)
+
+
+def total_attention(
+    A: Float[Tensor, "*batch layer head query key"],
+    heads: Heads = "mean",
+    rows: Rows = None,
+    exclude_keys: Sequence[int] = (),
+    key_mask: Int[Tensor, "*batch key"] | None = None,
+) -> Float[Tensor, "*batch query key"]:
+    """Total attention `Σ_l Ā_l`, rows renormalised to sum to 1.
+
+        >>> A = torch.tensor([[[[[1., 0.], [1., 0.]]], [[[1., 0.], [0., 1.]]]]])   # 2 layers
+        >>> total_attention(A)
+        tensor([[[1.0000, 0.0000],
+                 [0.5000, 0.5000]]])
+    """
+    return _compose(A, "sum", heads, rows, exclude_keys, key_mask)
+
+
+def raw(
+    A: Float[Tensor, "*batch layer head query key"],
+    layer: int = -1,
+    heads: Heads = "mean",
+    rows: Rows = None,
+    exclude_keys: Sequence[int] = (),
+    key_mask: Int[Tensor, "*batch key"] | None = None,
+) -> Float[Tensor, "*batch query key"]:
+    """One layer's head-reduced patterns `Ā_layer` (the last by default).
+
+    Unlike the composed methods it accepts a subset of query rows (query < key),
+    e.g. a trace recorded with `rows="last"`.  Only the chosen layer is checked
+    for NaN/inf.
+
+        >>> A = torch.tensor([[[[[1., 0.], [.5, .5]], [[1., 0.], [.1, .9]]]]])
+        >>> raw(A, heads="max")
+        tensor([[[1.0000, 0.0000],
+                 [0.5000, 0.9000]]])
+        >>> raw(A, exclude_keys=(0,))
+        tensor([[[0., 0.],
+                 [0., 1.]]])
+    """
+    _check_patterns(A)
+    L = A.shape[-4]
+    if not -L <= layer < L:
+        raise BadArgumentError(f"layer={layer} is out of range for patterns with {L} layers")
+    layer %= L
+    w = _head_weights(heads, L, A.shape[-3], A)
+    P = _reduce_layer(A[..., layer, :, :, :], heads, None if w is None else w[layer])
+    _raise_non_finite([torch.isfinite(P.sum(-1)).all()], [layer])
+    Q, N = P.shape[-2:]
+    if Q == N:
+        real = _real_positions(P.sum(-1), P, key_mask)
+        P = P * real[..., :, None]
+    else:
+        real = _real_keys_from_columns(P, key_mask)
+    P = P * _excluded(real, exclude_keys)[0][..., None, :]
+    if exclude_keys:
+        P = P * _safe_inv(P.sum(-1))[..., None]
+    if rows is not None:
+        P = _take_rows(P, _row_index(rows, P.shape[:-2], Q, P.device))
+    return P
+
+
+def compose(A: Float[Tensor, "*batch layer head query key"], method: str = "rollout", **kw) -> Float[Tensor, "*batch query key"]:
+    """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw.
+
+        >>> compose(A, "flow_normalized", rows=[-1])      # == residual_flow(A, normalize=True, rows=[-1])
+    """
+    if method == "rollout":
+        return rollout(A, **kw)
+    if method in ("flow", "flow_normalized"):
+        return residual_flow(A, normalize=method == "flow_normalized", **kw)
+    if method == "sum":
+        return total_attention(A, **kw)
+    if method == "raw":
+        return raw(A, **kw)
+    raise BadArgumentError(f"method={method!r}; use one of {', '.join(METHODS)}")
+
+
+def _compose(A: Tensor, method: str, heads: Heads, rows: Rows, exclude_keys, key_mask, alpha: float = 0.5) -> Tensor:
+    _check_patterns(A)
+    _head_weights(heads, A.shape[-4], A.shape[-3], A)  # validate once, before the loop
+    top_down = rows is not None and method != "sum"
+    acc = FlowAccumulator(
+        method, alpha=alpha, heads=heads, rows=rows, exclude_keys=exclude_keys, key_mask=key_mask, top_down=top_down
+    )
+    L = A.shape[-4]
+    for l in reversed(range(L)) if top_down else range(L):
+        acc.add(A[..., l, :, :, :], layer=l)
+    return acc.result()
+
+
+# ------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------
+def _compute_dtype(A: Tensor) -> torch.dtype:
+    return torch.float64 if A.dtype == torch.float64 else torch.float32
+
+
+def _check_patterns(A: Tensor) -> None:
+    if not isinstance(A, Tensor):
+        raise BadArgumentError(f"patterns must be a torch.Tensor, got {type(A).__name__}")
+    if A.ndim < 4:
+        raise ShapeError(f"patterns have shape {tuple(A.shape)}, expected (*batch, layer, head, query, key)")
+    if not A.is_floating_point():
+        raise BadArgumentError(f"patterns have dtype {A.dtype}; pass floating-point attention weights")
+    if 0 in A.shape[-4:]:
+        raise ShapeError(f"patterns have shape {tuple(A.shape)}, expected non-empty (*batch, layer, head, query, key)")
+
+
+def _raise_non_finite(flags: list[Tensor], layers: list[int]) -> None:
+    finite = torch.stack(flags)
+    if not bool(finite.all()):  # the one host synchronisation, after the layer loop
+        bad = layers[int((~finite).nonzero()[0, 0])]
+        raise NonFiniteError(f"patterns hold NaN or inf in layer {bad} (index into the layer dim); re-record them in float32")
+
+
+def _safe_inv(x: Tensor) -> Tensor:
+    """1/x where x != 0, else 0 (zero rows stay zero)."""
+    return torch.where(x != 0, 1 / x, torch.zeros_like(x))
+
+
+def _real_positions(row_sums: Float[Tensor, "*batch query"], P: Tensor, key_mask: Tensor | None) -> Float[Tensor, "*batch key"]:
+    """1.0 at real positions: from `key_mask`, else from the row sums of square patterns (pad rows sum to 0)."""
+    if key_mask is None:
+        return (row_sums != 0).to(P.dtype)
+    return _checked_mask(key_mask, P)
+
+
+def _real_keys_from_columns(P: Float[Tensor, "*batch query key"], key_mask: Tensor | None) -> Float[Tensor, "*batch key"]:
+    """Real keys of patterns with a subset of query rows: those some row attends to (or `key_mask`)."""
+    if key_mask is None:
+        return (P.abs().sum(-2) > 0).to(P.dtype)
+    return _checked_mask(key_mask, P)
+
+
+def _checked_mask(key_mask: Tensor, P: Tensor) -> Tensor:
+    expected = (*P.shape[:-2], P.shape[-1])
+    if tuple(key_mask.shape) != expected:
+        raise ShapeError(f"key_mask has shape {tuple(key_mask.shape)}, expected {expected} (*batch, key)")
+    return (key_mask.to(P.device) != 0).to(P.dtype)
+
+
+def _excluded(real: Float[Tensor, "*batch key"], exclude_keys: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(keep, positions, valid): `real` with the excluded keys zeroed, and where those keys are.
+
+    Excluded positions count each example's real keys (negative ones from the
+    end); `positions [*batch, k]` are padded key indices, `valid [*batch, k]` is 0
+    where an example has no such key or an earlier entry already named it.
+    """
+    k = len(exclude_keys)
+    if not k:
+        return real, real.new_zeros((*real.shape[:-1], 0), dtype=torch.long), real.new_zeros((*real.shape[:-1], 0))
+    rank = torch.cumsum(real, -1) - 1  # index of each real key among the example's real keys
+    n_real = real.sum(-1, keepdim=True)
+    is_real = real > 0
+    drop = torch.zeros_like(is_real)
+    positions, valid = [], []
+    for key in exclude_keys:
+        target = n_real + key if key < 0 else torch.full_like(n_real, key)
+        hit = (rank == target) & is_real  # [*batch, key]: at most one True
+        positions.append(hit.to(torch.uint8).argmax(-1))
+        valid.append(hit.any(-1) & ~(drop & hit).any(-1))
+        drop |= hit
+    return real * ~drop, torch.stack(positions, -1), torch.stack(valid, -1).to(real.dtype)
+
+
+def _row_index(rows, batch_shape: torch.Size, N: int, device) -> Int[Tensor, "*batch rows"] | Int[Tensor, "rows"]:
+    """Rows as a non-negative LongTensor, `[rows]` (shared) or `[*batch, rows]` (per example)."""
+    idx = torch.as_tensor(rows, dtype=torch.long, device=device) if not isinstance(rows, Tensor) else rows.to(device).long()
+    if idx.ndim == 0 or (idx.ndim > 1 and tuple(idx.shape[:-1]) != tuple(batch_shape)):
+        raise ShapeError(f"rows has shape {tuple(idx.shape)}, expected (rows,) or {(*batch_shape, 'rows')}")
+    if idx.numel() and bool(((idx < -N) | (idx >= N)).any()):
+        raise BadArgumentError(f"rows must lie in [-{N}, {N}) for {N} query rows")
+    return idx % N
+
+
+def _take(x: Float[Tensor, "*batch n"], idx: Tensor) -> Tensor:
+    return x[..., idx] if idx.ndim == 1 else torch.gather(x, -1, idx)
+
+
+def _take_rows(P: Float[Tensor, "*batch query key"], idx: Tensor) -> Float[Tensor, "*batch rows key"]:
+    if idx.ndim == 1:
+        return P[..., idx, :]
+    return torch.gather(P, -2, idx[..., None].expand(*idx.shape, P.shape[-1]))
+

@@ -1,0 +1,395 @@
+"""Offline HTML viewer: `index.html` plus attention shards loaded on demand.
+
+`to_html` writes
+
+    out/index.html        the page: tokens, spans, settings and the shard index as inline JSON
+    out/viewer.js         the viewer (plain JavaScript written for attnflow)
+    out/viewer.css
+    out/shards/*.js       one example x layer x group of <= 8 heads each, split further
+                          (smaller head groups, then query-row chunks) to stay under shard_bytes
+
+Browsers block `fetch` on file://, so each shard is a script that calls the
+global `attnflowShard(header, data, scales)`; the page adds a `<script src>` for
+a shard the first time a view needs it.  Only the causal prefix of each recorded
+row over real positions is stored: row q of an example holds keys 0..q.  Values
+are quantised per row: uint8 codes `round(w / max(row) * 255)` (or float16 of
+`w / max(row)` with precision="float16") plus one float32 scale per row, all
+base64-encoded, so a uint8 value costs 4/3 bytes.
+
+    >>> to_html(tr, "view/")                          # then open view/index.html
+    PosixPath('view')
+    >>> to_html(tr, "view/", flow={"rollout": af.flow.rollout(tr.patterns)}, attributions=scores)
+"""
+
+from __future__ import annotations
+
+import base64
+import html as _html
+import json
+import math
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from attnflow import _io
+from attnflow.errors import BadArgumentError, DataError
+from attnflow.exporters.parquet import FlowArg, attribution_table, flow_table
+from attnflow.trace import AttentionTrace, is_causal
+
+MAX_GROUP = 8  # heads per shard before splitting
+HEADER_BYTES = 400  # generous bound on a shard's JS wrapper and JSON header
+INLINE_LIMIT = 4 * 2**20  # bytes of encoded weights `inline_html` embeds at most
+PRECISIONS = {"uint8": 1, "float16": 2}
+CSP = (
+    "default-src 'none'; script-src 'self' file:; style-src 'self' file:; "
+    "img-src 'none'; connect-src 'none'; base-uri 'none'; form-action 'none'"
+)
+INLINE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
+
+
+# ------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------
+def to_html(
+    trace: AttentionTrace,
+    path: str | Path,
+    shard_bytes: int = 8 * 2**20,
+    flow: FlowArg | None = None,
+    attributions: Any = None,
+    precision: str = "uint8",
+) -> Path:
+    """Write an offline, sharded viewer of `trace` under `path` (replaced whole); open `path/index.html`.
+
+    `flow` and `attributions` follow `to_parquet`: a dict method -> Tensor [batch, query, key]
+    (or (Tensor [batch, rows, key], query positions [batch, rows])), and the table
+    `attnflow.attribute` returns.  Every file written is at most `shard_bytes` long except
+    index.html, whose size grows with the number of tokens only.
+
+    >>> to_html(tr, "view/", shard_bytes=2**20)
+    PosixPath('view')
+    """
+    path = Path(path)
+    _check(shard_bytes, precision)
+    meta, shards = build(trace, shard_bytes, flow, attributions, precision)
+    with _io.atomic_dir(path) as tmp:
+        for shard in shards:
+            _io.write_text(tmp / shard.file, shard.text)
+        for name in ("viewer.js", "viewer.css"):
+            _io.write_text(tmp / name, _static(name))
+        _io.write_text(tmp / "index.html", page(meta))
+        _readable(tmp)
+    return path
+
+
+def inline_html(trace: AttentionTrace, flow: FlowArg | None = None, attributions: Any = None) -> str:
+    """One self-contained view (an iframe with everything inline) for Jupyter, or a short refusal.
+
+    Traces whose encoded weights exceed INLINE_LIMIT bytes get a message pointing to `to_html`.
+
+    >>> tr                     # in a notebook: shows the viewer inline
+    """
+    values = _stored_values(trace)
+    if values > INLINE_LIMIT * 3 // 4:
+        mb = values * 4 / 3 / 2**20
+        return (
+            '<div class="attnflow-too-large" style="font-family:sans-serif;padding:4px">'
+            f"attnflow: this trace is too large to show inline ({mb:.1f} MiB of attention, limit "
+            f"{INLINE_LIMIT / 2**20:.0f} MiB). Write it with <code>attnflow.exporters.to_html(trace, 'view/')</code> "
+            "and open <code>view/index.html</code>, or select fewer layers, rows or heads.</div>"
+        )
+    meta, shards = build(trace, 2**62, flow, attributions, "uint8")
+    meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in shards}
+    doc = page(meta, inline=True)
+    return (
+        '<iframe class="attnflow-inline" style="width:100%;height:560px;border:1px solid #ccc;resize:vertical" '
+        f'srcdoc="{_html.escape(doc, quote=True)}"></iframe>'
+    )
+
+
+def render_command(args) -> int:
+    """`attnflow render TRACE_DIR --out DIR [--shard-bytes N]`: a saved trace (with its flow and
+    attributions tables when present) to an HTML viewer."""
+    from attnflow.exporters.parquet import flow_tensor, read_attributions, read_flow
+
+    src = Path(args.trace_dir)
+    tr = AttentionTrace.load(src)
+    flow = None
+    if (src / "flow").is_dir():
+        tab = read_flow(src)
+        flow = {m: flow_tensor(tab, tr, m) for m in sorted(set(tab["method"].to_pylist()))}
+    attributions = read_attributions(src) if (src / "attributions").is_dir() else None
+    out = to_html(tr, args.out, shard_bytes=args.shard_bytes, flow=flow, attributions=attributions)
+    files = list(out.rglob("*"))
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    print(f"wrote {out / 'index.html'} ({len(files)} files, {size / 2**20:.1f} MiB)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------
+# shards
+# ------------------------------------------------------------------------------------
+@dataclass
+class Shard:
+    header: dict
+    data: str  # base64 of the values
+    scales: str  # base64 of float32 row scales
+
+    @property
+    def file(self) -> str:
+        return f"shards/{self.header['id']}.js"
+
+    @property
+    def text(self) -> str:
+        return f'attnflowShard({_json(self.header)},"{self.data}","{self.scales}");\n'
+
+
+def plan(widths: list[int], n_heads: int, shard_bytes: int, value_bytes: int) -> list[tuple[int, int, int, int]]:
+    """Split (heads, rows) into (h0, h1, r0, r1) blocks whose shard file fits in `shard_bytes`.
+
+    Groups of <= 8 heads first; halve the group while a block is too large; with one head,
+    cut the rows into consecutive chunks.
+
+    >>> plan([1, 2, 3, 4], n_heads=2, shard_bytes=10**6, value_bytes=1)
+    [(0, 2, 0, 4)]
+    >>> plan([1, 2, 3, 4], n_heads=2, shard_bytes=HEADER_BYTES + 40, value_bytes=1)  # one head each
+    [(0, 1, 0, 4), (1, 2, 0, 4)]
+    >>> plan([1, 2, 3, 4], n_heads=1, shard_bytes=HEADER_BYTES + 20, value_bytes=1)  # then row chunks
+    [(0, 1, 0, 2), (0, 1, 2, 3), (0, 1, 3, 4)]
+    """
+    def size(g, ws):
+        return HEADER_BYTES + _b64_len(g * sum(ws) * value_bytes) + _b64_len(g * len(ws) * 4)
+
+    g = min(MAX_GROUP, n_heads)
+    while g > 1 and size(g, widths) > shard_bytes:
+        g = (g + 1) // 2
+    groups = [(h, min(h + g, n_heads)) for h in range(0, n_heads, g)]
+    if size(g, widths) <= shard_bytes:
+        return [(h0, h1, 0, len(widths)) for h0, h1 in groups]
+    chunks, r0, acc = [], 0, []
+    for r, w in enumerate(widths):
+        if acc and size(1, acc + [w]) > shard_bytes:
+            chunks.append((r0, r))
+            r0, acc = r, []
+        if size(1, [w]) > shard_bytes:
+            raise BadArgumentError(
+                f"shard_bytes={shard_bytes} cannot hold one row of {w} keys; use at least {size(1, [w])}"
+            )
+        acc.append(w)
+    chunks.append((r0, len(widths)))
+    return [(h0, h1, a, b) for h0, h1 in groups for a, b in chunks]
+
+
+def encode(
+    rows: Float[Tensor, "head row key"], widths: Tensor, precision: str
+) -> tuple[bytes, bytes]:
+    """Quantise each row's prefix `rows[h, r, :widths[r]]` against its max; (values, float32 scales).
+
+    >>> encode(torch.tensor([[[1.0, 0.0], [0.25, 0.5]]]), torch.tensor([1, 2]), "uint8")
+    (b'\\xff\\x80\\xff', b'\\x00\\x00\\x80?\\x00\\x00\\x00?')
+    """
+    rows = rows.float().clamp(min=0)
+    take = torch.arange(rows.shape[-1]).view(1, -1) < widths.view(-1, 1)  # [row, key]
+    scales = (rows * take).amax(-1)  # [head, row]
+    unit = rows / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    if precision == "uint8":
+        codes = (unit * 255).round().clamp(0, 255).to(torch.uint8)
+    else:
+        codes = unit.to(torch.float16)
+    values = codes[:, take]  # [head, stored]: per head, row prefixes one after another
+    return _le_bytes(values), _le_bytes(scales.to(torch.float32))
+
+
+def build(trace: AttentionTrace, shard_bytes: int, flow, attributions, precision: str) -> tuple[dict, list[Shard]]:
+    """The page's JSON metadata and every shard, in memory."""
+    causal = is_causal(trace)
+    meta = metadata(trace, causal, precision)
+    shards: list[Shard] = []
+    value_bytes = PRECISIONS[precision]
+    for b, ex in enumerate(meta["examples"]):
+        pad = trace.pad_offsets[b]
+        keep = trace.query_positions[b] >= 0
+        widths = _widths(ex["rows"], ex["length"], causal)
+        blocks = plan(widths.tolist(), trace.patterns.shape[2], shard_bytes, value_bytes)
+        for li in range(len(trace.layers)):
+            A = trace.patterns[b, li][:, keep, pad:]  # [head, row, key], unpadded
+            for h0, h1, r0, r1 in blocks:
+                head = {"kind": "attn", "example": b, "layer": li, "heads": list(range(h0, h1)), "r0": r0, "r1": r1}
+                shards.append(_shard(head, A[h0:h1, r0:r1], widths[r0:r1], precision))
+    if flow:
+        tab = flow_table(trace, flow)
+        for b, ex in enumerate(meta["examples"]):
+            ex["flow"] = {}
+            for m in flow:
+                rows, F, is_causal_m = _flow_rows(tab, trace, b, m)
+                ex["flow"][m] = {"rows": rows.tolist(), "causal": is_causal_m}
+                widths = _widths(ex["flow"][m]["rows"], ex["length"], is_causal_m)
+                for _, _, r0, r1 in plan(widths.tolist(), 1, shard_bytes, value_bytes):
+                    head = {"kind": "flow", "example": b, "method": m, "heads": [0], "r0": r0, "r1": r1}
+                    shards.append(_shard(head, F[None, r0:r1], widths[r0:r1], precision))
+        meta["flow_methods"] = list(flow)
+    meta["shards"] = [{k: v for k, v in s.header.items() if k != "enc"} for s in shards]
+    if attributions is not None:
+        tab = attribution_table(attributions)
+        cols = ["example", "method", "target", "source_span", "score", "rank"]
+        meta["attributions"] = {c: tab[c].to_pylist() for c in cols}
+    return meta, shards
+
+
+def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
+    from attnflow import __version__
+
+    examples = []
+    for b in range(trace.batch_size):
+        pad = trace.pad_offsets[b]
+        q = trace.query_positions[b]
+        examples.append(
+            {
+                "tokens": list(trace.tokens[b]),
+                "length": trace.lengths[b],
+                "prompt_length": int(trace.prompt_lengths[b]),
+                "rows": (q[q >= 0] - pad).tolist(),
+                "spans": [
+                    {"name": s.name, "kind": s.kind, "start": s.start, "end": s.end} for s in trace.spans[b]
+                ],
+            }
+        )
+    return {
+        "attnflow_version": __version__,
+        "model_info": trace.model_info,
+        "settings": trace.settings,
+        "layers": list(trace.layers),
+        "heads": trace.heads,
+        "num_heads": int(trace.patterns.shape[2]),
+        "dtype": str(trace.patterns.dtype).removeprefix("torch."),
+        "causal": causal,
+        "precision": precision,
+        "examples": examples,
+        "flow_methods": [],
+    }
+
+
+def _flow_rows(tab, trace: AttentionTrace, b: int, method: str) -> tuple[Tensor, Tensor, bool]:
+    """(query positions, rows [row, key] over unpadded keys, causal) of one example's flow."""
+    import pyarrow.compute as pc
+
+    t = tab.filter(pc.and_(pc.equal(tab["example"], b), pc.equal(tab["method"], method)))
+    n = trace.lengths[b]
+    q = torch.tensor(t["query"].to_numpy().astype(np.int64))
+    w = t["weights"].combine_chunks()
+    widths = torch.from_numpy(pc.list_value_length(w).to_numpy().astype(np.int64))
+    flat = torch.tensor(w.flatten().to_numpy(zero_copy_only=False), dtype=torch.float32)
+    F = torch.zeros(len(q), n)
+    take = torch.arange(n).view(1, -1) < widths.view(-1, 1)
+    F[take] = flat
+    causal = bool((widths == q + 1).all())
+    return q, F, causal
+
+
+def _shard(header: dict, rows: Tensor, widths: Tensor, precision: str) -> Shard:
+    header = {"id": _shard_id(header), **header, "enc": precision}
+    values, scales = encode(rows, widths, precision)
+    return Shard(header, base64.b64encode(values).decode("ascii"), base64.b64encode(scales).decode("ascii"))
+
+
+def _shard_id(h: dict) -> str:
+    what = f"l{h['layer']}" if h["kind"] == "attn" else f"f{_safe(h['method'])}"
+    return f"e{h['example']}-{what}-h{h['heads'][0]}-{h['heads'][-1]}-r{h['r0']}-{h['r1']}"
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe, collision-free spelling of a flow method name."""
+    return "".join(c if c.isalnum() else f"_{ord(c):x}_" for c in name)
+
+
+def _widths(rows: list[int], length: int, causal: bool) -> Tensor:
+    q = torch.tensor(rows, dtype=torch.long)
+    return q + 1 if causal else torch.full_like(q, length)
+
+
+def _stored_values(trace: AttentionTrace) -> int:
+    causal = is_causal(trace)
+    total = 0
+    for b in range(trace.batch_size):
+        q = trace.query_positions[b]
+        rows = (q[q >= 0] - trace.pad_offsets[b]).tolist()
+        total += int(_widths(rows, trace.lengths[b], causal).sum())
+    return total * trace.patterns.shape[1] * trace.patterns.shape[2]
+
+
+def _le_bytes(t: Tensor) -> bytes:
+    a = t.contiguous().numpy()
+    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _b64_len(n: int) -> int:
+    return 4 * math.ceil(n / 3)
+
+
+# ------------------------------------------------------------------------------------
+# the page
+# ------------------------------------------------------------------------------------
+def page(meta: dict, inline: bool = False) -> str:
+    """index.html: CSP, the viewer's static assets (linked, or inlined for Jupyter) and the data as JSON."""
+    title = _html.escape(str(meta["model_info"].get("name", "attention")))
+    if inline:
+        css = f"<style>{_static('viewer.css')}</style>"
+        js = f"<script>{_script_safe(_static('viewer.js'))}</script>"
+    else:
+        css = '<link rel="stylesheet" href="viewer.css">'
+        js = '<script src="viewer.js"></script>'
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{INLINE_CSP if inline else CSP}">
+<meta name="referrer" content="no-referrer">
+<title>attnflow: {title}</title>
+{css}
+</head>
+<body>
+<div id="app"><noscript>The attnflow viewer needs JavaScript.</noscript></div>
+<script type="application/json" id="attnflow-data">{_json(meta)}</script>
+{js}
+</body>
+</html>
+"""
+
+
+def _json(obj) -> str:
+    """JSON safe inside a <script> element: `<`, `>`, `&`, U+2028/9 escaped (only strings hold them)."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def _script_safe(js: str) -> str:
+    if "</script" in js.lower() or "<!--" in js:
+        raise DataError("viewer.js holds '</script' or '<!--' and cannot be inlined")  # a packaging bug
+    return js
+
+
+def _static(name: str) -> str:
+    return resources.files("attnflow.exporters").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def _readable(root: Path) -> None:
+    """Give the viewer's files the modes the umask allows (temporary files start private), so it can be served."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _check(shard_bytes: int, precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise BadArgumentError(f"precision={precision!r}; use 'uint8' or 'float16'")
+    if not isinstance(shard_bytes, int) or shard_bytes < 4096:
+        raise BadArgumentError(f"shard_bytes={shard_bytes!r} is too small; use at least 4096 (default 8 MiB)")

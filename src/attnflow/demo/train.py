@@ -1,0 +1,206 @@
+"""Train the demo model organism on the CPU: `python -m attnflow.demo.train [--out DIR] [--seed S]`.
+
+The run is a fixed number of steps (`--steps`), so the weights depend only on the
+seed and the settings, never on how fast the machine is; `--minutes` is a safety
+cap that stops early (and says so in the model card).  The loss is the
+cross-entropy of the answer token and the end token only: everything else in a
+prompt is random facts the model cannot predict.  The number of documents
+grows over the first part of training (a curriculum from 1-2 documents up to the
+task's maximum), and a fraction of the examples are two-hop.
+
+    $ python -m attnflow.demo.train --out /tmp/demo-model --steps 300   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from attnflow.demo import task
+from attnflow.demo.tokenizer import build_tokenizer
+
+TRAIN_SEED_BASE = 10**6  # training batches use seeds >= 10**6; held-out evaluation uses small seeds
+EVAL_SEED = 7  # the held-out set logged during training and reported in the model card
+
+
+def make_config(tok: PreTrainedTokenizerFast, args: argparse.Namespace) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def encode(
+    tok: PreTrainedTokenizerFast, examples: list[task.Example], questions: int = 1, rng: random.Random | None = None
+) -> dict[str, Tensor]:
+    """Right-padded `<s> prompt answer </s>` with labels on the answer and `</s>` only.
+
+    With `questions > 1`, up to `questions - 1` further questions about the same
+    documents follow, each `question : ... answer : <value> </s>`, each labelled.
+    """
+    rows = []
+    for ex in examples:
+        ids = tok(task.render_prompt(ex)[0]).input_ids
+        labels = [-100] * len(ids)
+        qas = task.all_questions(ex)
+        extra = (rng or random).sample(qas[1:], min(questions - 1, len(qas) - 1)) if questions > 1 else []
+        for i, (question, answer) in enumerate([qas[0], *extra]):
+            if i:
+                asked = tok(f"question : {question}\nanswer :", add_special_tokens=False).input_ids
+                ids, labels = ids + asked, labels + [-100] * len(asked)
+            target = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            ids, labels = ids + target, labels + target
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tok.pad_token_id)
+    label_ids = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        label_ids[i, : len(ids)] = torch.tensor(labels)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids}
+
+
+@torch.no_grad()
+def answer_accuracy(model, tok: PreTrainedTokenizerFast, examples: list[task.Example], batch_size: int = 100) -> float:
+    """Fraction of examples whose greedy first answer token is the answer, and whose second is `</s>`."""
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        enc = tok([task.render_prompt(ex)[0] for ex in chunk], return_tensors="pt", padding=True)
+        position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        first = model(**enc, position_ids=position_ids).logits[:, -1].argmax(-1)
+        ids = torch.cat([enc.input_ids, first[:, None]], 1)
+        mask = torch.cat([enc.attention_mask, torch.ones_like(first)[:, None]], 1)
+        second = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        second = second.logits[:, -1].argmax(-1)
+        gold = torch.tensor([tok.convert_tokens_to_ids(ex.answer) for ex in chunk])
+        correct += int(((first == gold) & (second == tok.eos_token_id)).sum())
+    return correct / len(examples)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def docs_at(step: int, args: argparse.Namespace) -> tuple[int, int]:
+    """Curriculum: the largest number of documents grows from 2 to the task's maximum over `--grow` of the run."""
+    grown = min(1.0, step / max(1, args.grow * args.steps))
+    high = 2 + round(grown * (args.max_docs - 2))
+    return (1, high) if high < args.max_docs else (args.min_docs, args.max_docs)
+
+
+def batch_at(step: int, tok: PreTrainedTokenizerFast, args: argparse.Namespace) -> dict[str, Tensor]:
+    low, high = docs_at(step, args)
+    seed = TRAIN_SEED_BASE + args.seed * 100_003 + step
+    examples = task.generate(args.batch, seed, two_hop=args.two_hop_frac, min_docs=low, max_docs=high)
+    return encode(tok, examples, args.questions, random.Random(seed))
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    tok = build_tokenizer()
+    model = LlamaForCausalLM(make_config(tok, args))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98),
+    )
+    held_out = task.generate(args.eval_n, EVAL_SEED, min_docs=args.min_docs, max_docs=args.max_docs)
+    held_out_2 = task.generate(args.eval_n, EVAL_SEED + 1, two_hop=True, min_docs=args.min_docs, max_docs=args.max_docs)
+    start, steps_done, log = time.time(), 0, []
+    for step in range(args.steps):
+        if args.minutes and time.time() - start > 60 * args.minutes:
+            print(f"stopping at step {step}: --minutes {args.minutes} reached", flush=True)
+            break
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = model(**batch_at(step, tok, args)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        steps_done = step + 1
+        if steps_done % args.eval_every == 0 or steps_done == args.steps:
+            model.eval()
+            acc1, acc2 = answer_accuracy(model, tok, held_out), answer_accuracy(model, tok, held_out_2)
+            log.append({"step": steps_done, "minutes": round((time.time() - start) / 60, 2), "loss": round(loss.item(), 4),
+                        "single_hop": acc1, "two_hop": acc2, "docs": docs_at(step, args)})
+            print(json.dumps(log[-1]), flush=True)
+    model.eval()
+    result = {"steps_done": steps_done, "wall_minutes": round((time.time() - start) / 60, 1), "log": log}
+    if args.out:
+        save(model, tok, Path(args.out), args, result)
+    return result
+
+
+def save(model, tok: PreTrainedTokenizerFast, out: Path, args: argparse.Namespace, result: dict) -> None:
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        do_sample=False, max_new_tokens=2,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    meta = {"settings": settings, "torch": torch.__version__, "python": platform.python_version(), **result}
+    (out / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m attnflow.demo.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="directory for the trained HF folder (default: do not save)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes (not reproducible)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--min-docs", type=int, default=task.MIN_DOCS)
+    p.add_argument("--max-docs", type=int, default=task.DEFAULT_MAX_DOCS)
+    p.add_argument("--grow", type=float, default=0.3, help="fraction of the run over which documents grow to --max-docs")
+    p.add_argument("--two-hop-frac", type=float, default=0.3)
+    p.add_argument("--questions", type=int, default=1, help="questions asked after each set of documents in training")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+if __name__ == "__main__":
+    train(parser().parse_args())

@@ -1,0 +1,93 @@
+"""The attribution methods an evaluation compares, and their span scores.
+
+Each method turns a batch of recorded patterns into one score per key position
+from the rows that produce the answer tokens (the token at t+1 comes from query
+row t), averaged over those rows; a span's score is the sum over its tokens.
+
+    name                    flow.py call                                  BOS sink
+    random                  uniform draws, seeded by example id and level  -
+    raw, raw/nosink         raw(A, layer=-1)  (last layer)                kept / excluded
+    sum, sum/nosink         total_attention(A)
+    rollout, ...            rollout(A, alpha=0.5)
+    flow, ...               residual_flow(A)              (unnormalised)
+    flow_normalized, ...    residual_flow(A, normalize=True)   (= rollout alpha 0.5 by construction)
+
+"/nosink" methods pass `exclude_keys=(0,)`: the first real token's column is
+zeroed and rows renormalised before composing (flow.py).
+
+    >>> rows, mask = answer_rows(prompt_lengths=[4], answer_lengths=[2], pad_offsets=[1])
+    >>> rows, mask                     # rows 3, 4 unpadded -> 4, 5 padded
+    (tensor([[4, 5]]), tensor([[True, True]]))
+    >>> s = key_scores(tr.patterns, tr.attention_mask, rows, mask)    # {method: [batch, key]}
+    >>> span_sums(s["rollout"], starts, ends)                          # [batch, span]
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from einops import einsum
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from attnflow import flow
+
+# (name, flow method, exclude the first-token sink); "random" has no flow method
+METHODS: tuple[tuple[str, str | None, bool], ...] = (("random", None, False),) + tuple(
+    (f"{m}/nosink" if sink else m, m, sink)
+    for m in ("raw", "sum", "rollout", "flow", "flow_normalized")
+    for sink in (False, True)
+)
+METHOD_NAMES = tuple(name for name, _, _ in METHODS)
+
+
+def answer_rows(
+    prompt_lengths: list[int], answer_lengths: list[int], pad_offsets: list[int]
+) -> tuple[Int[Tensor, "batch rows"], Bool[Tensor, "batch rows"]]:
+    """Padded query rows producing each example's answer tokens, right-padded by repeating the last row.
+
+    An answer of m >= 1 tokens starting at unpadded position P is produced by rows
+    P-1 .. P+m-2; an empty answer uses row P-1 (the row that chose to stop).
+    """
+    m = torch.tensor([max(a, 1) for a in answer_lengths])
+    first = torch.tensor(prompt_lengths) - 1 + torch.tensor(pad_offsets)  # [batch]
+    R = int(m.max())
+    offset = torch.arange(R)
+    mask = offset[None, :] < m[:, None]
+    rows = first[:, None] + torch.minimum(offset[None, :], (m - 1)[:, None])
+    return rows, mask
+
+
+def key_scores(
+    patterns: Float[Tensor, "batch layer head query key"],
+    attention_mask: Int[Tensor, "batch key"],
+    rows: Int[Tensor, "batch rows"],
+    row_mask: Bool[Tensor, "batch rows"],
+) -> dict[str, Float[Tensor, "batch key"]]:
+    """Mean over the answer rows of every flow method's target rows: {method name: [batch, key]}."""
+    weights = row_mask.float() / row_mask.sum(-1, keepdim=True).float()  # [batch, rows]
+    out = {}
+    for name, method, sink in METHODS:
+        if method is None:
+            continue
+        R = flow.compose(
+            patterns, method, rows=rows, exclude_keys=(0,) if sink else (), key_mask=attention_mask
+        )  # [batch, rows, key]
+        out[name] = einsum(R.float(), weights.to(R.device), "batch rows key, batch rows -> batch key")
+    return out
+
+
+def span_sums(
+    scores: Float[Tensor, "batch key"], starts: Int[Tensor, "batch span"], ends: Int[Tensor, "batch span"]
+) -> Float[Tensor, "batch span"]:
+    """Σ scores[b, starts[b, s]:ends[b, s]] for every span, in padded coordinates (an empty span sums to 0)."""
+    cum = torch.nn.functional.pad(scores.double().cumsum(-1), (1, 0))  # [batch, key + 1]
+    return cum.gather(-1, ends) - cum.gather(-1, starts)
+
+
+def random_scores(example_id: str, level: str, n: int) -> np.ndarray:
+    """Uniform [0, 1) scores for `n` spans, the same for the same (example id, level) in every run."""
+    seed = int.from_bytes(hashlib.sha256(f"{example_id}\0{level}".encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).random(n)

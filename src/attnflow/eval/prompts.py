@@ -1,0 +1,182 @@
+"""Prompts for document QA, with a token span for every paragraph and sentence.
+
+The prompt text is rendered with character ranges for each paragraph and
+sentence, tokenised once with offsets, and each range becomes an
+`attnflow.trace.Span` from the tokenizer's offset mapping (never by re-tokenising
+fragments, which merges differently at the boundaries).  A token belongs to the
+range holding its first non-whitespace character, so spans never overlap even
+when a token such as " The" starts with the space before a sentence.
+
+    >>> p = build_prompt(example, tokenizer)
+    >>> p.text                                                       # doctest: +SKIP
+    'Answer the question from the documents.\\n\\nDocument 1: Ed Wood\\nEd Wood is a 1994 ...'
+    >>> [s.name for s in p.spans[:3]]                                # doctest: +SKIP
+    ['Ed Wood', 'Scott Derrickson', 'Woodson, Arkansas']
+    >>> p.gold_paragraphs, p.gold_sentences[:4]                      # doctest: +SKIP
+    (array([ True,  True, False]), array([ True, False, False,  True]))
+
+With a chat template, the rendered documents and question are the user turn and
+the generation prompt follows; the spans are located inside the templated text.
+The demo task (`style="demo"`) uses `attnflow.demo.task.render_prompt`, the
+format its model was trained on; each document is one sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from attnflow.errors import DataError, UnsupportedModelError
+from attnflow.eval.datasets import QAExample
+from attnflow.trace import Span
+
+INSTRUCTION = "Answer the question using the documents. Reply with a short answer only."
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Prompt text plus the character ranges of its paragraphs and sentences."""
+
+    text: str
+    paragraphs: list[tuple[int, int]]  # one per example.paragraphs
+    sentences: list[tuple[int, int, int, int]]  # (paragraph index, sent_id, char_start, char_end)
+
+
+@dataclass
+class Prompt:
+    """A tokenised prompt with document and sentence spans and the gold labels over them."""
+
+    text: str
+    input_ids: list[int]
+    spans: list[Span]  # paragraphs ("document") first, then sentences ("sentence"), both in document order
+    n_paragraphs: int
+    sentence_keys: list[tuple[str, int]]  # (title, sent_id) of each sentence span
+    gold_paragraphs: np.ndarray  # bool [n_paragraphs]
+    gold_sentences: np.ndarray  # bool [n_sentences]
+    answer_prefix: str = " "  # what goes between the prompt and a forced answer
+
+    @property
+    def paragraph_spans(self) -> list[Span]:
+        return self.spans[: self.n_paragraphs]
+
+    @property
+    def sentence_spans(self) -> list[Span]:
+        return self.spans[self.n_paragraphs :]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# --- rendering -----------------------------------------------------------------------------
+def render_hotpotqa(example: QAExample) -> Rendered:
+    """Titled paragraphs, then the question:
+
+    Document 1: <title>
+    <sentence 0> <sentence 1> ...
+
+    Question: <question>
+    Answer:
+    """
+    text = INSTRUCTION + "\n\n"
+    paragraphs, sentences = [], []
+    for p_idx, para in enumerate(example.paragraphs):
+        start = len(text)
+        text += f"Document {p_idx + 1}: {para.title}\n"
+        for s_idx, sentence in enumerate(para.sentences):
+            sentence = sentence.strip()
+            if s_idx and sentence and not text.endswith("\n"):
+                text += " "
+            sentences.append((p_idx, s_idx, len(text), len(text) + len(sentence)))
+            text += sentence
+        paragraphs.append((start, len(text)))
+        text += "\n\n"
+    text += f"Question: {example.question}\nAnswer:"
+    return Rendered(text, paragraphs, sentences)
+
+
+def render_demo(example: QAExample) -> Rendered:
+    """The demo task's own prompt (`attnflow.demo.task.render_prompt`); each document is one sentence."""
+    from attnflow.demo import task
+
+    titles = [p.title for p in example.paragraphs]
+    docs = [task.Document(p.title, " ".join(p.sentences)) for p in example.paragraphs]
+    support = sorted(titles.index(t) for t in example.gold_titles)
+    text, doc_ranges = task.render_prompt(task.Example(docs, example.question, example.answer, support, False))
+    paragraphs = [(s, e) for _, s, e in doc_ranges]
+    sentences = [(i, 0, s, e) for i, (s, e) in enumerate(paragraphs)]
+    return Rendered(text, paragraphs, sentences)
+
+
+RENDERERS = {"hotpotqa": render_hotpotqa, "demo": render_demo}
+
+
+# --- tokenising and spans --------------------------------------------------------------------
+def build_prompt(example: QAExample, tokenizer, chat_template: bool | None = None) -> Prompt:
+    """Render, apply the chat template (by default when the tokenizer has one), tokenise, make spans."""
+    rendered = RENDERERS[example.style](example)
+    text, shift, special = rendered.text, 0, True
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if use_chat:
+        messages = [{"role": "user", "content": rendered.text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        shift = text.find(rendered.text)
+        if shift < 0:
+            raise DataError(f"the chat template changed the prompt of {example.id}; pass chat_template=False")
+        special = False  # the template writes its own BOS
+    ids, offsets = _encode(tokenizer, text, special)
+    ranges = [(s + shift, e + shift) for s, e in rendered.paragraphs]
+    ranges += [(s + shift, e + shift) for _, _, s, e in rendered.sentences]
+    bounds = token_ranges(text, offsets, ranges)
+    names = [p.title for p in example.paragraphs]
+    keys = [(example.paragraphs[p].title, s) for p, s, _, _ in rendered.sentences]
+    names += [f"{t} [{s}]" for t, s in keys]
+    kinds = ["document"] * len(rendered.paragraphs) + ["sentence"] * len(rendered.sentences)
+    spans = [Span(n, k, a, b, cs, ce) for n, k, (a, b), (cs, ce) in zip(names, kinds, bounds, ranges)]
+    gold = set(example.supporting)
+    return Prompt(
+        text=text,
+        input_ids=ids,
+        spans=spans,
+        n_paragraphs=len(rendered.paragraphs),
+        sentence_keys=keys,
+        gold_paragraphs=np.array([p.title in example.gold_titles for p in example.paragraphs], bool),
+        gold_sentences=np.array([k in gold for k in keys], bool),
+        answer_prefix="" if use_chat else " ",
+    )
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], np.ndarray]:
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            f"{type(tokenizer).__name__} gives no offset mapping; load a fast tokenizer (use_fast=True)"
+        ) from None
+    return list(enc["input_ids"]), np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+def token_ranges(text: str, offsets: np.ndarray, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token range [start, end) of each character range: the tokens whose first non-space char falls in it.
+
+    Special tokens (empty offsets) belong to no range.  An empty character range
+    gets the empty token range at the first token after it.
+
+    >>> token_ranges("ab cd", np.array([[0, 0], [0, 2], [2, 5]]), [(0, 2), (3, 5)])
+    [(1, 2), (2, 3)]
+    """
+    not_space = np.array([not c.isspace() for c in text] + [True])
+    # next_char[i]: first non-space position >= i (len(text) if none)
+    idx = np.where(not_space, np.arange(len(text) + 1), len(text))
+    next_char = np.minimum.accumulate(idx[::-1])[::-1]
+    start, end = offsets[:, 0], offsets[:, 1]
+    anchor = np.where(next_char[np.clip(start, 0, len(text))] < end, next_char[np.clip(start, 0, len(text))], start)
+    anchor = np.where(end > start, anchor, -1)  # special tokens: in no range
+    # tokens are in text order, so "anchor >= c" is a prefix-closed test; searchsorted needs sorted anchors
+    order_key = np.maximum.accumulate(np.where(anchor < 0, -1, anchor))
+    out = []
+    for cs, ce in ranges:
+        a = int(np.searchsorted(order_key, cs, side="left"))
+        b = int(np.searchsorted(order_key, ce, side="left"))
+        out.append((a, max(a, b)))
+    return out

@@ -1,0 +1,295 @@
+"""The evaluation report: summary table (printed, Parquet, Markdown), a precision/recall@k plot, an explorer page.
+
+    >>> facts = write_report(out, examples_table, attribution_table, config)
+    >>> print(facts["text"])                                          # doctest: +SKIP
+    paragraph level, 200 examples (mean [95% bootstrap CI])
+    | method | P@1 | R@2 | MRR | nDCG | AUROC |
+    | random | 0.21 [0.16, 0.27] | ...
+
+`summary.parquet` is long: one row per (level, method, metric) with mean, ci_low,
+ci_high and n (examples where the metric is defined), plus answer rows
+(level "answer", metrics em and f1).  Intervals are percentile bootstraps over
+examples (1000 resamples, seed 0).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from attnflow import _io
+from attnflow.eval import metrics as M
+from attnflow.eval.methods import METHOD_NAMES
+
+LEVELS = ("paragraph", "sentence")
+SHORT = {"precision": "P", "recall": "R", "mrr": "MRR", "ndcg": "nDCG", "auroc": "AUROC"}
+HEADLINE = ("precision@1", "precision@2", "recall@2", "recall@5", "mrr", "ndcg", "auroc")
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("level", pa.string()),
+        ("method", pa.string()),
+        ("metric", pa.string()),
+        ("mean", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),
+    ]
+)
+
+
+def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
+    """Mean and bootstrap CI of every metric per (level, method), plus answer EM/F1 (generate mode)."""
+    rows = []
+    level_col = np.array(attribution["level"].to_pylist(), dtype=object)
+    method_col = np.array(attribution["method"].to_pylist(), dtype=object)
+    for level in LEVELS:
+        for method in METHOD_NAMES:
+            sel = (level_col == level) & (method_col == method)
+            if not sel.any():
+                continue
+            for metric in M.metric_names():
+                values = attribution[metric].to_numpy(zero_copy_only=False)[sel].astype(np.float64)
+                mean, lo, hi, n = M.bootstrap_ci(values)
+                rows.append(dict(level=level, method=method, metric=metric, mean=mean, ci_low=lo, ci_high=hi, n=n))
+    ok = np.array(examples["status"].to_pylist()) == "ok"
+    for metric in ("em", "f1"):
+        values = np.array([np.nan if v is None else v for v in examples[metric].to_pylist()], dtype=np.float64)[ok]
+        if len(values) and not np.isnan(values).all():
+            mean, lo, hi, n = M.bootstrap_ci(values)
+            rows.append(dict(level="answer", method="-", metric=metric, mean=mean, ci_low=lo, ci_high=hi, n=n))
+    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+def _label(metric: str) -> str:
+    name, _, k = metric.partition("@")
+    return f"{SHORT.get(name, name)}@{k}" if k else SHORT.get(name, name)
+
+
+def markdown_table(summary: pa.Table, level: str, metrics=HEADLINE) -> str:
+    """A Markdown table for one level: one row per method, `mean [low, high]` per metric."""
+    cells = {(r["method"], r["metric"]): r for r in summary.to_pylist() if r["level"] == level}
+    methods = [m for m in METHOD_NAMES if any((m, x) in cells for x in metrics)]
+    lines = ["| method | " + " | ".join(_label(m) for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for method in methods:
+        vals = []
+        for metric in metrics:
+            r = cells.get((method, metric))
+            vals.append("-" if r is None or r["n"] == 0 else f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+        lines.append(f"| {method} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def counts(examples: pa.Table) -> dict[str, int]:
+    status = examples["status"].to_pylist()
+    return {s: status.count(s) for s in ("ok", "too_long", "malformed")}
+
+
+def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool = False) -> str:
+    """The printed report: counts, answer accuracy, one table per level (all metrics when `full`)."""
+    c = counts(examples)
+    mode = config.get("mode", "generate")
+    parts = [
+        f"{c['ok']} examples evaluated ({mode} mode); skipped: {c['too_long']} too long, {c['malformed']} malformed"
+    ]
+    ans = {r["metric"]: r for r in summary.to_pylist() if r["level"] == "answer"}
+    if ans:
+        parts.append(
+            "answer: "
+            + ", ".join(f"{k.upper()} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for k, r in ans.items())
+        )
+    metrics = M.metric_names() if full else HEADLINE
+    for level in LEVELS:
+        n = max((r["n"] for r in summary.to_pylist() if r["level"] == level), default=0)
+        if n:
+            parts.append(f"\n{level} level, {n} examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)")
+            parts.append(markdown_table(summary, level, metrics))
+    return "\n".join(parts)
+
+
+def plot(summary: pa.Table, path: Path) -> None:
+    """precision@k and recall@k against k, one line per method, one row of panels per level (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary.to_pylist()
+    levels = [lv for lv in LEVELS if any(r["level"] == lv for r in rows)]
+    fig, axes = plt.subplots(max(len(levels), 1), 2, figsize=(11, 4 * max(len(levels), 1)), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for i, level in enumerate(levels):
+        for j, kind in enumerate(("precision", "recall")):
+            ax = axes[i, j]
+            for m_idx, method in enumerate(METHOD_NAMES):
+                pts = sorted(
+                    (int(r["metric"].split("@")[1]), r["mean"], r["ci_low"], r["ci_high"])
+                    for r in rows
+                    if r["level"] == level and r["method"] == method and r["metric"].startswith(kind + "@")
+                )
+                if not pts:
+                    continue
+                k, mean, lo, hi = (np.array(x, dtype=float) for x in zip(*pts))
+                color = "black" if method == "random" else colors((m_idx - 1) // 2)
+                style = "--" if method.endswith("/nosink") else "-"
+                ax.plot(k, mean, style, marker="o", color=color, label=method, lw=2 if method == "random" else 1.2)
+                ax.fill_between(k, lo, hi, color=color, alpha=0.08)
+            ax.set_title(f"{kind}@k, {level} level")
+            ax.set_xlabel("k")
+            ax.set_xscale("log")
+            ax.set_xticks(list(M.KS), [str(k) for k in M.KS])
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with _io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None) -> dict:
+    """summary.parquet, summary.md, precision_recall.png, explorer.html in `out`; returns {"text", "summary"}."""
+    out = Path(out)
+    summary = summarize(examples, attribution)
+    with _io.atomic_path(out / "summary.parquet") as tmp:
+        pq.write_table(summary, tmp)
+    text = summary_text(summary, examples, config)
+    full = summary_text(summary, examples, config, full=True)
+    cfg = json.dumps(config, sort_keys=True)
+    _io.write_text(out / "summary.md", f"# attnflow evaluation\n\nsettings: `{cfg}`\n\n{full}\n")
+    if len(summary):
+        plot(summary, out / "precision_recall.png")
+    write_explorer(out, examples, attribution, views_from or [out])
+    return {"text": text, "summary": summary}
+
+
+# --- explorer page -------------------------------------------------------------------------------
+EXPLORER_LIMIT = 500  # examples listed on the page (the tables hold all)
+
+
+def write_explorer(out: Path, examples: pa.Table, attribution: pa.Table, views_from: list[Path]) -> None:
+    """explorer.html: self-contained, offline; every text goes in through textContent (never markup)."""
+    ex_rows = examples.to_pylist()[:EXPLORER_LIMIT]
+    wanted = {r["index"] for r in ex_rows}
+    scores: dict[int, dict] = {}
+    for r in attribution.select(["index", "level", "method", "scores"]).to_pylist():
+        if r["index"] in wanted:
+            scores.setdefault(r["index"], {}).setdefault(r["level"], {})[r["method"]] = [
+                round(float(x), 6) for x in r["scores"]
+            ]
+    items = []
+    for r in ex_rows:
+        view = next(
+            (d / "views" / f"{r['index']:09d}" / "index.html" for d in views_from
+             if (d / "views" / f"{r['index']:09d}" / "index.html").is_file()),
+            None,
+        )  # fmt: skip
+        items.append(
+            {k: r[k] for k in ("index", "id", "status", "reason", "question", "answer", "prediction", "em", "f1")}
+            | {
+                "paragraphs": r["paragraphs"] or [],
+                "gold_paragraphs": r["gold_paragraphs"] or [],
+                "sentences": r["sentences"] or [],
+                "sentence_text": r["sentence_text"] or [],
+                "gold_sentences": r["gold_sentences"] or [],
+                "sentence_paragraph": _paragraph_of(r["sentences"] or []),
+                "scores": scores.get(r["index"], {}),
+                "view": None if view is None else os.path.relpath(view, out).replace(os.sep, "/"),
+            }
+        )
+    data = json.dumps({"methods": list(METHOD_NAMES), "examples": items, "total": examples.num_rows})
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")  # safe inside <script>
+    page = EXPLORER_HTML.replace("__DATA__", data).replace("__TITLE__", html.escape(f"attnflow evaluation: {out.name}"))
+    _io.write_text(out / "explorer.html", page)
+
+
+def _paragraph_of(names: list[str]) -> list[int]:
+    """Paragraph index of each sentence named "title [i]": sent_id 0 starts the next paragraph."""
+    starts = np.array([name.rsplit(" [", 1)[-1] == "0]" for name in names], dtype=np.int64)
+    return (np.cumsum(starts) - 1).tolist()
+
+
+EXPLORER_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>__TITLE__</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;display:flex;height:100vh}
+#list{width:28%;overflow:auto;border-right:1px solid #ccc}
+#list div{padding:6px 8px;border-bottom:1px solid #eee;cursor:pointer}
+#list div.sel{background:#e8f0ff}
+#list .bad{color:#999}
+#main{flex:1;overflow:auto;padding:12px 18px}
+.doc{border:1px solid #ccc;border-left:6px solid #ccc;margin:6px 0;padding:6px 8px;border-radius:4px}
+.doc.gold{border-left-color:#2a9d3a}
+.doc.top{background:#fff4d6}
+.doc.gold.top{background:#dcf5dc}
+.sent{padding:1px 2px;border-radius:2px}
+.sent.gold{text-decoration:underline 2px #2a9d3a}
+.bar{display:inline-block;height:8px;background:#e07b00;vertical-align:middle;margin-left:6px}
+.meta{color:#555}
+.key span{display:inline-block;padding:1px 6px;margin-right:6px;border-radius:3px}
+</style></head><body>
+<div id="list"></div>
+<div id="main">
+<p>Method: <select id="method"></select> &nbsp; top-k: <input id="k" type="number" min="1" max="10" value="2" style="width:3em">
+&nbsp; <span class="key"><span style="border-left:6px solid #2a9d3a">gold document</span><span style="background:#fff4d6">attributed (top-k)</span><span style="background:#dcf5dc">both</span><span style="text-decoration:underline 2px #2a9d3a">gold sentence</span></span></p>
+<div id="detail"></div>
+</div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const el = (tag, cls, text) => { const e = document.createElement(tag); if (cls) e.className = cls; if (text != null) e.textContent = String(text); return e; };
+const sel = document.getElementById("method"), kIn = document.getElementById("k");
+for (const m of D.methods) { const o = el("option", null, m); o.value = m; sel.appendChild(o); }
+sel.value = D.methods.includes("rollout/nosink") ? "rollout/nosink" : D.methods[0];
+let current = 0;
+const list = document.getElementById("list");
+list.appendChild(el("div", "meta", D.examples.length + " of " + D.total + " examples"));
+D.examples.forEach((ex, i) => {
+  const d = el("div", ex.status === "ok" ? "" : "bad", (ex.status === "ok" ? "" : "[" + ex.status + "] ") + ex.question);
+  d.onclick = () => { current = i; show(); };
+  d.dataset.i = i; list.appendChild(d);
+});
+function topk(scores, k) {
+  const order = scores.map((s, i) => [s, i]).sort((a, b) => b[0] - a[0] || a[1] - b[1]);
+  return new Set(order.slice(0, k).map(x => x[1]));
+}
+function show() {
+  for (const d of list.children) d.classList.toggle("sel", d.dataset.i == current);
+  const ex = D.examples[current], m = sel.value, k = Math.max(1, parseInt(kIn.value) || 1);
+  const box = document.getElementById("detail"); box.replaceChildren();
+  box.appendChild(el("h3", null, ex.question));
+  box.appendChild(el("p", "meta", "id " + ex.id + " · gold answer: " + ex.answer +
+    (ex.prediction != null ? " · model: " + ex.prediction + " (EM " + ex.em + ", F1 " + (ex.f1 == null ? "-" : ex.f1.toFixed(2)) + ")" : "")));
+  if (ex.status !== "ok") { box.appendChild(el("p", null, "skipped (" + ex.status + "): " + ex.reason)); return; }
+  if (ex.view) { const a = el("a", null, "attention view of this example"); a.href = ex.view; box.appendChild(a); }
+  const ps = (ex.scores.paragraph || {})[m] || [], ss = (ex.scores.sentence || {})[m] || [];
+  const top = topk(ps, k), pmax = Math.max(1e-12, ...ps), smax = Math.max(1e-12, ...ss);
+  let s = 0;
+  ex.paragraphs.forEach((title, p) => {
+    const d = el("div", "doc" + (ex.gold_paragraphs[p] ? " gold" : "") + (top.has(p) ? " top" : ""));
+    const h = el("div", null); h.appendChild(el("b", null, title));
+    h.appendChild(el("span", "meta", "  score " + (ps[p] ?? 0).toPrecision(3)));
+    const bar = el("span", "bar"); bar.style.width = (120 * (ps[p] ?? 0) / pmax) + "px"; h.appendChild(bar);
+    d.appendChild(h);
+    const body = el("div");
+    while (s < ex.sentences.length && ex.sentence_paragraph[s] === p) {
+      const t = el("span", "sent" + (ex.gold_sentences[s] ? " gold" : ""), ex.sentence_text[s]);
+      t.style.background = "rgba(224,123,0," + (0.6 * (ss[s] ?? 0) / smax).toFixed(3) + ")";
+      t.title = "score " + (ss[s] ?? 0).toPrecision(3);
+      body.appendChild(t); body.appendChild(document.createTextNode(" ")); s++;
+    }
+    d.appendChild(body); box.appendChild(d);
+  });
+}
+sel.onchange = show; kIn.oninput = show;
+if (D.examples.length) show();
+</script></body></html>
+"""

@@ -1,0 +1,55 @@
+"""`attnflow trace MODEL --prompt TEXT ... --out DIR`: load, record, save, print a one-line summary.
+
+    $ attnflow trace runs/tiny-llama --prompt "the cat sat" --heads mean --rows last --out trace/
+    recorded 1 prompt(s), 2 layers, heads=mean, rows=last: patterns (1, 2, 1, 1, 3) float16 -> trace/
+"""
+
+from __future__ import annotations
+
+from attnflow.errors import BadArgumentError
+
+
+def parse_rows(text: str | None):
+    """--rows: None, "last", "completion", or comma-separated integers."""
+    if text is None or text in ("last", "completion"):
+        return text
+    return _ints(text, "--rows", "last | completion | comma-separated positions like 0,-1")
+
+
+def parse_layers(text: str | None):
+    """--layers: None or comma-separated integers."""
+    return None if text is None else _ints(text, "--layers", "comma-separated layer indices like 0,-1")
+
+
+def _ints(text: str, flag: str, expected: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadArgumentError(f"{flag} {text!r} is not valid; use {expected}") from None
+
+
+def run_trace_command(args) -> int:
+    from attnflow.tracers import load, trace
+
+    rows = parse_rows(args.rows)
+    layers = parse_layers(args.layers)
+    model = load(args.model)
+    tr = trace(
+        model,
+        list(args.prompt),
+        max_new_tokens=args.max_new_tokens,
+        heads=args.heads,
+        rows=rows,
+        layers=layers,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        remote=bool(args.remote),
+        progress=not args.no_progress,
+    )
+    out = tr.save(args.out)
+    dtype = str(tr.patterns.dtype).removeprefix("torch.")
+    print(
+        f"recorded {tr.batch_size} prompt(s), {len(tr.layers)} layers, heads={tr.heads}, rows={args.rows or 'all'}: "
+        f"patterns {tuple(tr.patterns.shape)} {dtype} -> {out}"
+    )
+    return 0

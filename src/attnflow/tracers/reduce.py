@@ -1,0 +1,192 @@
+"""The math that runs inside a trace: attention probabilities from an `attention_interface` call.
+
+Only torch and einops are used here, so NDIF's server can run this module
+(`nnsight.register` it) and a remote trace sends back only the reduced result.
+
+    query [batch, head, query, d]  key [batch, kv_head, key, d]  ->  P [batch, head, row, key]
+
+`attention_pattern` recomputes `softmax(q·kᵀ·scaling + mask)` in float32 for the
+selected query rows only (gathered *before* the product, so memory is
+O(rows·seq) per head, not O(seq²)), honouring every variant transformers'
+attention interfaces honour: boolean or additive masks, `mask=None` with
+`is_causal`, sliding windows, logit soft-capping (Gemma 2), attention sinks
+(gpt-oss `s_aux`), additive position biases, and grouped-query attention.
+
+    >>> q = torch.randn(1, 4, 5, 8); k = torch.randn(1, 2, 5, 8)       # GQA: 4 query heads, 2 kv heads
+    >>> rows = torch.tensor([[3, 4]])                                    # query rows 3 and 4
+    >>> P = attention_pattern(q, k, None, 8**-0.5, is_causal=True, row_index=rows)
+    >>> P.shape, P.sum(-1)                                               # [batch, head, row, key], rows sum to 1
+    (torch.Size([1, 4, 2, 5]), tensor([[[1., 1.], [1., 1.], [1., 1.], [1., 1.]]]))
+    >>> P[0, 0, 0, 4]                                                    # row 3 cannot see key 4
+    tensor(0.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import einops
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: NDIF's server need not have jaxtyping
+    from jaxtyping import Bool, Float, Int
+
+
+def attention_pattern(
+    query: Float[Tensor, "batch head query d"],
+    key: Float[Tensor, "batch kv_head key d"],
+    mask: Tensor | None,
+    scaling: float | None = None,
+    *,
+    is_causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: Float[Tensor, "head"] | None = None,
+    position_bias: Tensor | None = None,
+    row_index: Int[Tensor, "batch row"] | None = None,
+) -> Float[Tensor, "batch head row key"]:
+    """Float32 attention probabilities of the query rows in `row_index` (all rows when None).
+
+    `mask` is what the model passed to its attention interface: boolean (True =
+    attend) or additive, broadcastable to [batch, head, query, key]; with
+    `mask=None` and `is_causal`, query i attends keys <= i (aligned to the last
+    key when there are more keys than queries).  `sliding_window=w` keeps keys
+    with `q - k < w`; `softcap=c` maps logits to `tanh(x / c) * c` before the
+    mask; `sinks` [head] adds one logit column that takes probability mass and
+    is dropped after the softmax.  `row_index` [batch, row] holds query indices,
+    -1 for "no row": those rows come back all zero.  Masked logits are set to
+    float32's finfo.min (not -inf), so a fully masked row is finite (uniform),
+    never NaN.
+    """
+    B, Hq, Q, d = query.shape
+    Bk, Hkv, K, dk = key.shape
+    if (Bk, dk) != (B, d) or Hq % Hkv:
+        raise ValueError(
+            f"query {tuple(query.shape)} and key {tuple(key.shape)} do not fit: need the same batch and head size, "
+            "and query heads a multiple of kv heads"
+        )
+    if row_index is None:
+        row_index = torch.arange(Q, device=query.device).expand(B, Q)
+    row_index = row_index.to(query.device)
+    present = row_index >= 0  # [batch, row]
+    rows = row_index.clamp(min=0)
+    R = rows.shape[1]
+
+    q = _gather_rows(query, rows).float()  # [batch, head, row, d]
+    q = einops.rearrange(q, "b (h g) r d -> b h g r d", h=Hkv)  # query head h*g+j reads kv head h (repeat_kv)
+    scores = torch.einsum("bhgrd,bhkd->bhgrk", q, key.float())
+    scores = einops.rearrange(scores, "b h g r k -> b (h g) r k")
+    scores = scores * (d**-0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if position_bias is not None:
+        scores = scores + _gather_rows(_broadcast(position_bias, B, Hq, Q, K), rows).float()
+
+    lowest = torch.finfo(torch.float32).min
+    if mask is not None:
+        m = _gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows)
+        scores = scores.masked_fill(~m, lowest) if m.dtype == torch.bool else scores + m.float()
+    allowed = _allowed_keys(rows, Q, K, causal=mask is None and is_causal, sliding_window=sliding_window)
+    scores = scores.masked_fill(~allowed.unsqueeze(1), lowest).clamp(min=lowest)  # clamp turns -inf into finfo.min
+
+    if sinks is not None:
+        sink = einops.repeat(sinks.float().to(scores.device), "h -> b h r 1", b=B, r=R)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return probs * present.view(B, 1, R, 1)
+
+
+def _gather_rows(x: Tensor, rows: Int[Tensor, "batch row"]) -> Tensor:
+    """x[b, h, rows[b, r], ...] for every b, h, r: [batch, h, query, *] -> [batch, h, row, *]."""
+    B, H = x.shape[:2]
+    idx = rows.view(B, 1, -1, *([1] * (x.ndim - 3))).expand(B, H, rows.shape[1], *x.shape[3:])
+    return x.gather(2, idx)
+
+
+def _broadcast(m: Tensor, B: int, H: int, Q: int, K: int) -> Tensor:
+    """A mask or bias of 2 to 4 dims ([query, key], [batch, query, key], [batch, head, query, key]) -> 4 dims."""
+    while m.ndim < 4:
+        m = m.unsqueeze(1) if m.ndim == 3 else m.unsqueeze(0)
+    return m.expand(B, H, Q, K)
+
+
+def _allowed_keys(
+    rows: Int[Tensor, "batch row"], Q: int, K: int, *, causal: bool, sliding_window: int | None
+) -> Bool[Tensor, "batch row key"]:
+    """Keys each selected row may see: causal (when no mask says so) and within the sliding window."""
+    pos = (rows + (K - Q)).unsqueeze(-1)  # absolute position of each query row; queries are the last Q keys
+    keys = torch.arange(K, device=rows.device).view(1, 1, K)
+    allowed = torch.ones(rows.shape + (K,), dtype=torch.bool, device=rows.device)
+    if causal and Q > 1:
+        allowed = allowed & (keys <= pos)
+    if sliding_window is not None:
+        allowed = allowed & (pos - keys < sliding_window)
+    return allowed
+
+
+def reduce_heads(
+    P: Float[Tensor, "batch head row key"], heads: str | Float[Tensor, "head"]
+) -> Float[Tensor, "batch head_out row key"]:
+    """Reduce the head dim: "all" keeps it, "mean"/"max" make it 1, a [head] weight vector averages with it.
+
+    Weights are used as given (the tracer normalises them to sum to 1 per layer),
+    so rows of a weighted result still sum to 1.
+
+        >>> reduce_heads(torch.ones(2, 4, 3, 5), "mean").shape
+        torch.Size([2, 1, 3, 5])
+    """
+    if isinstance(heads, Tensor):
+        return torch.einsum("bhrk,h->brk", P, heads.to(P)).unsqueeze(1)
+    if heads == "all":
+        return P
+    if heads == "mean":
+        return P.mean(dim=1, keepdim=True)
+    if heads == "max":
+        return P.amax(dim=1, keepdim=True)
+    raise ValueError(f"heads={heads!r}; use 'all', 'mean', 'max' or a tensor of weights")
+
+
+def to_storage(P: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast to the storage dtype (float16 by default) once every reduction is done in float32."""
+    return P.to(dtype)
+
+
+def interface_pattern(
+    args: tuple,
+    kwargs: dict,
+    *,
+    row_index: Int[Tensor, "batch row"],
+    heads: str | Float[Tensor, "head"],
+    dtype: torch.dtype,
+    is_causal: bool,
+) -> Float[Tensor, "batch head_out row key"]:
+    """The stored pattern of one layer from the `(args, kwargs)` of its `attention_interface(...)` call.
+
+    The call is `attention_interface(module, query, key, value, attention_mask, scaling=..., ...)`;
+    `is_causal` is the module's own flag (a kwarg of the same name overrides it,
+    as in transformers' sdpa interface).
+    """
+    names = ("module", "query", "key", "value", "attention_mask")
+    bound = dict(zip(names, args))
+    bound.update({n: kwargs[n] for n in names if n in kwargs})
+    causal = kwargs.get("is_causal")
+    P = attention_pattern(
+        bound["query"],
+        bound["key"],
+        bound.get("attention_mask"),
+        kwargs.get("scaling"),
+        is_causal=is_causal if causal is None else bool(causal),
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+        sinks=_first(kwargs.get("s_aux"), kwargs.get("sinks")),
+        position_bias=kwargs.get("position_bias"),
+        row_index=row_index,
+    )
+    return to_storage(reduce_heads(P, heads), dtype)
+
+
+def _first(*xs):
+    return next((x for x in xs if x is not None), None)
+

@@ -1,0 +1,47 @@
+"""Start and stop the loopback NDIF mock (`server.py`) from tests and benchmarks.
+
+    >>> with serve("tiny/dir", repo_id="attnflow-test/tiny") as mock:
+    ...     mock.url                # "http://127.0.0.1:<port>", for nnsight's CONFIG.API.HOST
+    ...     mock.stats()            # [{"request_bytes": ..., "result_bytes": ..., "attnflow_imported": False}, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+SERVER = Path(__file__).with_name("server.py")
+
+
+@dataclass
+class Mock:
+    url: str
+    process: subprocess.Popen
+
+    def stats(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.url}/stats", timeout=30) as response:
+            return json.loads(response.read())
+
+
+@contextmanager
+def serve(model_dir: str | os.PathLike, repo_id: str, *extra: str, timeout: float = 120.0) -> Iterator[Mock]:
+    """Run server.py on 127.0.0.1 serving `model_dir` as `repo_id`; `extra` are more server.py flags."""
+    cmd = [sys.executable, str(SERVER), "--model", str(model_dir), "--repo-id", repo_id, *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()  # "PORT <n>" once it listens, or EOF if it died
+        if not line.startswith("PORT "):
+            process.kill()
+            raise RuntimeError(f"the NDIF mock did not start: {line!r} {process.stderr.read()[-2000:]}")
+        yield Mock(f"http://127.0.0.1:{int(line.split()[1])}", process)
+    finally:
+        process.kill()
+        process.wait(timeout=timeout)

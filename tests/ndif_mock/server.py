@@ -1,0 +1,253 @@
+"""A loopback stand-in for NDIF's request endpoint, run as a subprocess where `import attnflow` fails.
+
+It speaks the protocol of nnsight 0.8.1's RemoteBackend and runs a request the
+way NDIF's model actor does (ndif `services/ray/deployments/modeling/base.py`):
+
+    GET  /subscribe        websocket: {"session_id": ...}, then status updates of the session's jobs
+    POST /request          multipart: data = RequestModel JSON (model_key, session_id, compress, env),
+                           blob = the serialized trace; headers ndif-api-key, nnsight-version, python-version
+    GET  /status, /env     the hosted deployment, the server's package versions
+    GET  /stats            sizes of every request and result blob, for the tests
+
+A job is `RequestModel.deserialize(blob, model._remoteable_persistent_objects())`,
+`tracer.execute(tracer.info.code)` inside a trace scope, the values the block
+`nnsight.save()`d collected from its frame, `torch.save`d and zstd-compressed
+when the request was.  The result goes back inline on the websocket, as NDIF
+does for small results.  attnflow is blocked before anything is imported, so a
+request that needs attnflow on the server fails here exactly as on NDIF.
+
+    python tests/ndif_mock/server.py --model DIR --repo-id org/name [--api-key K]
+                                     [--nnsight-version V] [--min-nnsight-version V]
+    -> prints "PORT <n>" once it listens on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+
+
+class _NoAttnflow(importlib.abc.MetaPathFinder):
+    """What a server without attnflow installed does on `import attnflow`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "attnflow" or name.startswith("attnflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (attnflow is not installed on this server)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NoAttnflow())
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import queue  # noqa: E402
+import struct  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+import uuid  # noqa: E402
+from email.parser import BytesParser  # noqa: E402
+from email.policy import HTTP  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+import nnsight  # noqa: E402
+import torch  # noqa: E402
+import zstandard  # noqa: E402
+from nnsight.schema.request import RequestModel  # noqa: E402
+from nnsight.schema.response import ResponseModel, Status  # noqa: E402
+from nnsight.tracing.tracer import _saves, dec, inc  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class State:
+    """The served model, its identity, the settings under test, and what was sent and returned."""
+
+    def __init__(self, args):
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        hf.requires_grad_(False)
+        self.model = nnsight.TransformersModel(hf, tokenizer=AutoTokenizer.from_pretrained(args.model))
+        self.repo_id = args.repo_id
+        self.api_key = args.api_key
+        self.nnsight_version = args.nnsight_version or nnsight.__version__
+        self.min_nnsight_version = args.min_nnsight_version
+        self.sessions: dict[str, queue.Queue] = {}
+        self.jobs: queue.Queue = queue.Queue()
+        self.stats: list[dict] = []
+        self.lock = threading.Lock()
+
+
+# --- websocket (RFC 6455), server side: unmasked frames out, masked frames in ---------------
+def ws_frame(payload: bytes, opcode: int) -> bytes:
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
+
+
+def ws_read(rfile) -> tuple[int, bytes]:
+    b0, b1 = rfile.read(2)
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", rfile.read(2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", rfile.read(8))
+    mask = rfile.read(4) if b1 & 0x80 else b"\0\0\0\0"
+    data = bytes(c ^ mask[i % 4] for i, c in enumerate(rfile.read(n)))
+    return b0 & 0x0F, data
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    state: State
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _json(self, code: int, obj) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        s = self.state
+        if self.path == "/subscribe" and self.headers.get("Upgrade", "").lower() == "websocket":
+            return self._subscribe()
+        if self.path == "/status":
+            key = {"repo_id": s.repo_id, "revision": "main"}
+            return self._json(200, {"deployments": {s.repo_id: {
+                "repo_id": s.repo_id, "model_key": json.dumps(key), "revision": "main",
+                "deployment_level": "HOT", "application_state": "RUNNING"}}})
+        if self.path == "/env":
+            return self._json(200, {"python_version": sys.version,
+                                    "packages": {"nnsight": s.nnsight_version, "torch": torch.__version__}})
+        if self.path == "/stats":
+            with s.lock:
+                return self._json(200, list(s.stats))
+        self._json(404, {"detail": f"no route {self.path}"})
+
+    def _subscribe(self):
+        accept = base64.b64encode(hashlib.sha1((self.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest())
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept.decode())
+        self.end_headers()
+        self.close_connection = True
+        session = str(uuid.uuid4())
+        updates = self.state.sessions.setdefault(session, queue.Queue())
+        self.wfile.write(ws_frame(json.dumps({"session_id": session}).encode(), 0x1))
+        while True:  # one job per blocking trace: stream its updates until it ends
+            message, opcode, final = updates.get()
+            self.wfile.write(ws_frame(message, opcode))
+            self.wfile.flush()
+            if final:
+                break
+        while True:  # answer the client's close frame, so its close() does not wait out a timeout
+            opcode, data = ws_read(self.rfile)
+            if opcode == 0x8:
+                self.wfile.write(ws_frame(data[:2], 0x8))
+                break
+        self.state.sessions.pop(session, None)
+
+    def do_POST(self):
+        s = self.state
+        if self.path != "/request":
+            return self._json(404, {"detail": f"no route {self.path}"})
+        if s.api_key is not None and self.headers.get("ndif-api-key", "") != s.api_key:
+            return self._json(401, {"detail": "Missing or invalid API key. Please visit https://login.ndif.us/ to create a new one."})
+        client = self.headers.get("nnsight-version", "")
+        if s.min_nnsight_version and _version(client) < _version(s.min_nnsight_version):
+            return self._json(400, {"detail": f"Client nnsight version {client} is incompatible with the server "
+                                              f"nnsight version. The minimum supported version is {s.min_nnsight_version}. "
+                                              "Please update nnsight to the latest version: `pip install --upgrade nnsight`"})
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        form = _multipart(self.headers["Content-Type"], body)
+        meta, blob = json.loads(form["data"]), form["blob"]
+        _, key = meta["model_key"].split(":", 1)
+        if json.loads(key).get("repo_id") != s.repo_id:
+            return self._json(400, {"detail": f"Model {key} is not deployed on this server"})
+        job = str(uuid.uuid4())
+        s.jobs.put((job, meta, blob))
+        self._json(200, ResponseModel(id=job, status=Status.RECEIVED, description="received").model_dump(mode="json"))
+
+
+def _version(v: str) -> tuple:
+    return tuple(int(p) for p in v.split(".")[:3] if p.isdigit()) if v else ()
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in msg.iter_parts()}
+
+
+# --- the worker: runs jobs one at a time against the served model ------------------------------
+def execute(state: State, meta: dict, blob: bytes) -> bytes:
+    """Run one request as NDIF's model actor does; the torch.save bytes of the saved values."""
+    state.model._remoteable_set_env(meta.get("env") or {})
+    tracer = RequestModel.deserialize(blob, state.model._remoteable_persistent_objects(), compress=meta["compress"])
+    inc()
+    try:
+        tracer.execute(tracer.info.code)
+        saves = _saves()
+        saved = {name: value for name, value in tracer.info.frame.f_locals.items() if id(value) in saves}
+    finally:
+        dec()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    data = buffer.getvalue()
+    return zstandard.ZstdCompressor(level=3).compress(data) if meta["compress"] else data
+
+
+def worker(state: State) -> None:
+    while True:
+        job, meta, blob = state.jobs.get()
+        updates = state.sessions.get(meta.get("session_id", ""))
+
+        def send(response: ResponseModel, final: bool, binary: bool = False) -> None:
+            if updates is not None:
+                message = response.pickle() if binary else response.model_dump_json().encode()
+                updates.put((message, 0x2 if binary else 0x1, final))
+
+        send(ResponseModel(id=job, status=Status.RUNNING, description="running"), False)
+        try:
+            result = execute(state, meta, blob)
+        except Exception:
+            send(ResponseModel(id=job, status=Status.ERROR, description=traceback.format_exc()), True)
+            continue
+        with state.lock:
+            state.stats.append({"job": job, "request_bytes": len(blob), "result_bytes": len(result),
+                                "compressed": bool(meta["compress"]), "attnflow_imported": "attnflow" in sys.modules})
+        send(ResponseModel(id=job, status=Status.COMPLETED, description="completed", data=result), True, binary=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, help="directory of the served HF model")
+    p.add_argument("--repo-id", required=True, help="the hub id this server claims to host")
+    p.add_argument("--api-key", default=None, help="require this ndif-api-key header")
+    p.add_argument("--nnsight-version", default=None, help="the nnsight version /env reports")
+    p.add_argument("--min-nnsight-version", default=None, help="reject older clients with 400, as NDIF does")
+    args = p.parse_args()
+    state = State(args)
+    Handler.state = state
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=worker, args=(state,), daemon=True).start()
+    print(f"PORT {server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""The HTML viewer in headless Chromium: hover intensities, layer/head switching, freezing, XSS, network.
+
+Needs Debian's browser: `apt-get install -y chromium chromium-driver` (CI installs it).
+Set ATTNFLOW_SCREENSHOT=docs/viewer.png to also write the README screenshot.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from attnflow.exporters import inline_html, to_html
+from attnflow.trace import AttentionTrace, Span
+
+from test_parquet import make_trace
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+        reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
+    ),
+]
+
+PAYLOADS = [
+    '<img src=x onerror="window.__pwned=1">',
+    "</script><script>window.__pwned=2</script>",
+    "<svg onload=\"window.__pwned=3\"></svg>",
+]
+READ_TOKENS = """
+return Array.from(document.querySelectorAll(arguments[0] + ' .tok')).map(t =>
+  [+t.dataset.pos, t.dataset.w === undefined ? null : t.dataset.w.split(' ').map(Number),
+   t.dataset.i === undefined ? null : t.dataset.i.split(' ').map(Number), t.textContent]);
+"""
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def driver():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="attnflow-chromium-")
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--window-size=1400,1000", f"--user-data-dir={profile}",
+    ):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)  # explicit driver: selenium-manager stays idle
+    d.set_script_timeout(20)
+    yield d
+    d.quit()
+
+
+@pytest.fixture(autouse=True)
+def clean_console(driver):
+    """Every test ends with no console error and no network request (file:// loads only)."""
+    yield
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+    import json
+
+    requests = []  # (url, document that asked)
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg["method"] == "Network.requestWillBeSent":
+            requests.append((msg["params"]["request"]["url"], msg["params"].get("documentURL", "")))
+    ours = [u for u, doc in requests if doc.startswith(("file://", "about:srcdoc"))]
+    assert ours and [u for u in ours if not u.startswith("file://")] == []
+    assert [u for u, _ in requests if u.startswith(("http:", "https:", "ws:", "wss:", "ftp:"))] == []
+
+
+def story_trace() -> tuple[AttentionTrace, torch.Tensor]:
+    """Two examples with markup and tokenizer markers in the text, and a causal flow [batch, query, key]."""
+    tr = make_trace([14, 9], layers=(0, 3, 5), heads=4, seed=7)
+    tr.tokens[0][:9] = ["<s>", "Ġthe", "Ġcat", "Ċ", "▁sat", "<0x0A>", PAYLOADS[0], PAYLOADS[1], PAYLOADS[2]]
+    tr.spans[0] = [Span("doc <b>1</b>", "document", 1, 6), Span(PAYLOADS[0], "document", 6, 9), Span("q", "question", 9, 11)]
+    tr.model_info = {"name": PAYLOADS[2], "num_layers": 6, "num_heads": 4}
+    F = tr.patterns.float().mean(2).cumsum(1)[:, -1]  # any causal matrix with unequal rows
+    return tr, F
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    tr, F = story_trace()
+    scores = pa.table(
+        {
+            "example": [0, 0, 0], "method": ["rollout"] * 3, "target": [12, 12, 12],
+            "source_span": [0, 1, 2], "score": [0.5, 0.125, 0.375], "rank": [1, 3, 2],
+        }
+    )
+    out = to_html(tr, tmp_path_factory.mktemp("story") / "view", flow={"rollout": F}, attributions=scores)
+    return tr, F, out
+
+
+def open_page(driver, path: Path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(path.as_uri())
+    wait_ready(driver)
+    assert driver.execute_script("return window.__pwned") is None
+    WebDriverWait(driver, 5)
+
+
+def wait_ready(driver):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.getElementById('app').dataset.state") == "ready")
+
+
+def hover(driver, panel: str, pos: int):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    tok = driver.find_element(By.CSS_SELECTOR, f'#{panel} .tok[data-pos="{pos}"]')
+    ActionChains(driver).move_to_element(tok).perform()
+    return tok
+
+
+def double_click(driver, panel: str, pos: int):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    tok = driver.find_element(By.CSS_SELECTOR, f'#{panel} .tok[data-pos="{pos}"]')
+    ActionChains(driver).double_click(tok).perform()
+
+
+def keys(driver, text: str):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    driver.execute_script("document.activeElement && document.activeElement.blur()")
+    ActionChains(driver).send_keys(text).perform()
+    wait_ready(driver)
+
+
+def tokens(driver, panel: str) -> dict:
+    return {p: (w, i, text) for p, w, i, text in driver.execute_script(READ_TOKENS, f"#{panel}")}
+
+
+def panel_attr(driver, panel: str, name: str) -> str:
+    return driver.execute_script(f"return document.getElementById('{panel}').dataset.{name}")
+
+
+# ----------------------------------------------------------------------------- checks
+def check_row(shown: dict, ref_rows: list[torch.Tensor], gamma=1.0, threshold=0.0, tol=None):
+    """Displayed weights of one hovered row equal `ref_rows` (one per series) within the uint8 step.
+
+    Each stored row is quantised against its own max, so the step is max/255 (error max/510).
+    """
+    n = len(ref_rows[0])
+    for p, (w, i, _) in shown.items():
+        if p >= n:
+            assert w is None, p
+            continue
+        assert len(w) == len(ref_rows)
+        for s, ref in enumerate(ref_rows):
+            step = float(ref.max()) / 510 if tol is None else tol
+            assert abs(w[s] - float(ref[p])) <= step + 1e-5, (p, s, w[s], float(ref[p]))
+    for s in range(len(ref_rows)):
+        top = max(w[s] for w, _, _ in shown.values() if w is not None)
+        for p, (w, i, _) in shown.items():
+            if w is not None:
+                expect = 0.0 if w[s] < threshold else (w[s] / top) ** gamma
+                assert abs(i[s] - expect) <= 1e-4, (p, s, i[s], expect)
+
+
+def test_text_markers_roles_spans_and_settings(driver, story):
+    tr, _, out = story
+    open_page(driver, out / "index.html")
+    shown = tokens(driver, "observer")
+    texts = [shown[p][2] for p in range(14)]
+    assert texts[:9] == ["<s>", " the", " cat", "\u21b5\n", " sat", "\u21b5\n", *PAYLOADS]
+    from selenium.webdriver.common.by import By
+
+    assert driver.find_elements(By.CSS_SELECTOR, "#app img, #app svg, #app script") == []
+    names = [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, "#observer .span-name")]
+    assert names == ["doc <b>1</b>", PAYLOADS[0], "q"]
+    roles = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#observer .tok')).map(t => t.classList.contains('completion'))"
+    )
+    assert roles == [p >= tr.prompt_lengths[0] for p in range(14)]
+    info = driver.find_element(By.ID, "info").get_attribute("textContent")
+    assert "settings.max_new_tokens" in info and PAYLOADS[2] in info
+    assert driver.title == "attnflow: " + PAYLOADS[2]
+    assert driver.execute_script("return window.__pwned") is None
+
+
+def test_hover_switch_layers_and_heads(driver, story):
+    tr, _, out = story
+    open_page(driver, out / "index.html")
+    P, _ = tr.example_patterns(0)  # [layer, head, query, key], every row recorded
+    hover(driver, "observer", 10)
+    check_row(tokens(driver, "observer"), [P[0, 0, 10, :11]])
+    keys(driver, "jl")  # next layer, next head
+    assert driver.execute_script("const a = document.getElementById('app'); return [a.dataset.layer, a.dataset.heads]") == ["3", "1"]
+    hover(driver, "observer", 12)
+    check_row(tokens(driver, "observer"), [P[1, 1, 12, :13]])
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "layer")).select_by_visible_text("layer 5")
+    wait_ready(driver)
+    head3 = driver.find_element(By.CSS_SELECTOR, 'button.head[data-head="3"]')
+    ActionChains(driver).key_down(Keys.SHIFT).click(head3).key_up(Keys.SHIFT).perform()  # overlay heads 1 and 3
+    wait_ready(driver)
+    assert driver.execute_script("return document.getElementById('app').dataset.heads") == "1 3"
+    hover(driver, "observer", 7)
+    check_row(tokens(driver, "observer"), [P[2, 1, 7, :8], P[2, 3, 7, :8]])
+    keys(driver, "m")  # mean over every head
+    hover(driver, "observer", 13)
+    rows = P[2, :, 13, :14]  # each head's row is quantised against its own max
+    check_row(tokens(driver, "observer"), [rows.mean(0)], tol=float(rows.amax(-1).mean()) / 510)
+    keys(driver, "kh")  # previous layer, previous head (from the mean: head 3)
+    assert driver.execute_script("const a = document.getElementById('app'); return [a.dataset.layer, a.dataset.heads]") == ["3", "3"]
+
+
+def test_observed_view_gamma_and_threshold(driver, story):
+    tr, _, out = story
+    open_page(driver, out / "index.html")
+    P, _ = tr.example_patterns(0)
+    hover(driver, "observed", 4)
+    shown = tokens(driver, "observed")
+    for p, (w, i, _) in shown.items():
+        if p < 4:
+            assert w is None
+        else:  # who attended to token 4: column 4 of every later row
+            assert abs(w[0] - float(P[0, 0, p, 4])) <= float(P[0, 0, p].max()) / 510 + 1e-5
+    driver.execute_script(
+        "for (const [id, v] of [['gamma', '0.5'], ['threshold', '0.05']]) {"
+        " const e = document.getElementById(id); e.value = v; e.dispatchEvent(new Event('input')); }"
+    )
+    hover(driver, "observer", 11)
+    check_row(tokens(driver, "observer"), [P[0, 0, 11, :12]], gamma=0.5, threshold=0.05)
+    assert tokens(driver, "observed")[9][1] is not None  # the observed view still shows token 4's column
+
+
+def test_freeze_each_view_independently(driver, story):
+    _, _, out = story
+    open_page(driver, out / "index.html")
+    double_click(driver, "observer", 5)
+    assert panel_attr(driver, "observer", "frozen") == "true" and panel_attr(driver, "observer", "focus") == "5"
+    hover(driver, "observer", 9)
+    assert panel_attr(driver, "observer", "focus") == "5"
+    hover(driver, "observed", 2)  # the other view still follows the mouse
+    assert panel_attr(driver, "observed", "focus") == "2" and panel_attr(driver, "observed", "frozen") == "false"
+    double_click(driver, "observed", 3)
+    hover(driver, "observed", 8)
+    assert panel_attr(driver, "observed", "focus") == "3" and panel_attr(driver, "observed", "frozen") == "true"
+    keys(driver, "j")  # a frozen view follows layer changes
+    assert tokens(driver, "observer")[5][1] is not None and panel_attr(driver, "observer", "focus") == "5"
+    double_click(driver, "observer", 6)
+    assert panel_attr(driver, "observer", "frozen") == "false"
+    hover(driver, "observer", 9)
+    assert panel_attr(driver, "observer", "focus") == "9"
+    assert panel_attr(driver, "observed", "focus") == "3" and panel_attr(driver, "observed", "frozen") == "true"
+    double_click(driver, "observed", 3)
+    hover(driver, "observed", 8)
+    assert panel_attr(driver, "observed", "focus") == "8" and panel_attr(driver, "observed", "frozen") == "false"
+
+
+def test_flow_view_bars_and_example_picker(driver, story):
+    tr, F, out = story
+    open_page(driver, out / "index.html")
+    hover(driver, "flow", 12)  # token 12 is produced by row 11
+    check_row(tokens(driver, "flow"), [F[0, 11, :12]])
+    bars = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#bars .bar-row')).map(b => +b.dataset.score)"
+    )
+    assert bars == pytest.approx([0.5, 0.125, 0.375])  # the attributions table for target 12
+    hover(driver, "flow", 8)  # no attribution rows: shares of the flow row per span
+    row = F[0, 7, :8].double()
+    want = [float(row[1:6].sum() / row.sum()), float(row[6:8].sum() / row.sum()), 0.0]
+    got = driver.execute_script("return Array.from(document.querySelectorAll('#bars .bar-row')).map(b => +b.dataset.score)")
+    assert got == pytest.approx(want, abs=3e-3)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "example")).select_by_index(1)
+    wait_ready(driver)
+    assert len(tokens(driver, "observer")) == 9
+    P1, _ = tr.example_patterns(1)  # unpadded: the viewer must drop example 1's 5 pad positions
+    hover(driver, "observer", 6)
+    check_row(tokens(driver, "observer"), [P1[0, 0, 6, :7]])
+    hover(driver, "flow", 5)
+    check_row(tokens(driver, "flow"), [F[1, 5 + 4, 5:10]])
+
+
+def test_split_shards_float16_rows_and_first_hover_time(driver, tmp_path):
+    tr = make_trace([150], layers=(0, 1), heads=3, rows=[list(range(0, 150, 3))], seed=11)
+    out = to_html(tr, tmp_path / "view", shard_bytes=4096, precision="float16")
+    assert len(list((out / "shards").iterdir())) > 12
+    open_page(driver, out / "index.html")
+    P, qs = tr.example_patterns(0)
+    j = qs.tolist().index(147)
+    hover(driver, "observer", 147)
+    shown = tokens(driver, "observer")
+    for p in range(148):
+        assert abs(shown[p][1][0] - float(P[0, 0, j, p])) <= float(P[0, 0, j].max()) * 2**-11 + 1e-6
+    hover(driver, "observer", 146)  # no recorded row: nothing shown
+    assert all(w is None for w, _, _ in tokens(driver, "observer").values())
+    hover(driver, "observed", 2)  # rows 3, 6, ... 147 from every row chunk
+    shown = tokens(driver, "observed")
+    assert [p for p, v in shown.items() if v[1] is not None] == [q for q in qs.tolist() if q >= 2]
+    for jj, q in enumerate(qs.tolist()):
+        if q >= 2:
+            assert abs(shown[q][1][0] - float(P[0, 0, jj, 2])) <= float(P[0, 0, jj].max()) * 2**-11 + 1e-6
+
+
+def test_inline_view_runs_nothing_from_tokens(driver, tmp_path):
+    tr, _ = story_trace()
+    page = tmp_path / "notebook.html"
+    page.write_text("<!DOCTYPE html><html><body>" + inline_html(tr) + "</body></html>")
+    driver.get(page.as_uri())
+    from selenium.webdriver.common.by import By
+
+    driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe.attnflow-inline"))
+    try:
+        wait_ready(driver)
+        shown = tokens(driver, "observer")
+        assert [shown[p][2] for p in (6, 7, 8)] == PAYLOADS  # the inline CSP allows inline scripts: escaping alone protects
+        assert driver.find_elements(By.CSS_SELECTOR, "#app img, #app svg") == []
+        hover(driver, "observer", 9)
+        P, _ = tr.example_patterns(0)
+        check_row(tokens(driver, "observer"), [P[0, 0, 9, :10]])
+        assert driver.execute_script("return window.__pwned") is None
+    finally:
+        driver.switch_to.default_content()
+    assert driver.execute_script("return window.__pwned") is None
+
+
+@pytest.mark.skipif(not os.environ.get("ATTNFLOW_SCREENSHOT"), reason="set ATTNFLOW_SCREENSHOT=docs/viewer.png to write it")
+def test_write_screenshot(driver, tmp_path):
+    from screenshot_trace import screenshot_trace
+
+    tr, flow = screenshot_trace()
+    out = to_html(tr, tmp_path / "view", flow=flow)
+    open_page(driver, out / "index.html")
+    driver.set_window_size(1500, 820)
+    keys(driver, "jjm")
+    double_click(driver, "observer", len(tr.tokens[0]) - 1)
+    hover(driver, "observed", 9)
+    double_click(driver, "observed", 9)
+    hover(driver, "flow", len(tr.tokens[0]) - 1)
+    double_click(driver, "flow", len(tr.tokens[0]) - 1)
+    driver.save_screenshot(os.environ["ATTNFLOW_SCREENSHOT"])

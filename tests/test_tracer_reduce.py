@@ -1,0 +1,155 @@
+"""reduce.attention_pattern against transformers' own eager attention functions, variant by variant."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
+from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+from attnflow.tracers.reduce import attention_pattern, interface_pattern, reduce_heads
+
+B, HQ, HKV, Q, D = 2, 4, 2, 6, 8
+LOW = torch.finfo(torch.float32).min
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, HQ, Q, D, generator=g) * 3
+    k = torch.randn(B, HKV, Q, D, generator=g) * 3
+    v = torch.randn(B, HKV, Q, D, generator=g)
+    return q, k, v
+
+
+def module(**kw):
+    return SimpleNamespace(num_key_value_groups=HQ // HKV, head_dim=D, training=False, **kw)
+
+
+def causal_bool(pad=(0, 2), window=None):
+    """[batch, 1, q, k] True = attend: causal, left padding `pad[b]`, optional sliding window."""
+    i = torch.arange(Q)
+    m = i.view(Q, 1) >= i.view(1, Q)
+    if window is not None:
+        m &= i.view(Q, 1) - i.view(1, Q) < window
+    m = m.expand(B, 1, Q, Q).clone()
+    for b, p in enumerate(pad):
+        m[b, :, :, :p] = False
+    return m
+
+
+def additive(mask):
+    return torch.zeros(mask.shape).masked_fill(~mask, LOW)
+
+
+def test_gqa_bool_and_additive_masks_match_eager(qkv):
+    q, k, v = qkv
+    mask = causal_bool()
+    _, ref = llama_eager(module(), q, k, v, additive(mask), scaling=D**-0.5)
+    for m in (mask, additive(mask)):
+        P = attention_pattern(q, k, m, D**-0.5)
+        assert P.dtype == torch.float32 and torch.isfinite(P).all()
+        assert (P - ref).abs().max() < 1e-6
+    # a fully masked (pad) row is finite: uniform, as in eager, never NaN; -1 rows are zero
+    P = attention_pattern(q, k, mask, D**-0.5, row_index=torch.tensor([[0, 1], [-1, 0]]))
+    assert torch.isfinite(P).all() and torch.allclose(P[1, :, 1], torch.full((HQ, Q), 1 / Q))
+    assert (P[1, :, 0] == 0).all()
+    inf_mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    assert torch.isfinite(attention_pattern(q, k, inf_mask, D**-0.5)).all()
+
+
+def test_no_mask_is_causal_and_not_causal(qkv):
+    q, k, v = qkv
+    _, ref = llama_eager(module(), q, k, v, additive(causal_bool(pad=(0, 0))), scaling=0.3)
+    assert (attention_pattern(q, k, None, 0.3, is_causal=True) - ref).abs().max() < 1e-6
+    _, full = llama_eager(module(), q, k, v, None, scaling=0.3)
+    assert (attention_pattern(q, k, None, 0.3, is_causal=False) - full).abs().max() < 1e-6
+    assert (attention_pattern(q, k, None, None) - attention_pattern(q, k, None, D**-0.5)).abs().max() == 0
+
+
+def test_sliding_window_without_mask_equals_window_mask(qkv):
+    q, k, v = qkv
+    mask = causal_bool(pad=(0, 0), window=3)
+    _, ref = llama_eager(module(), q, k, v, additive(mask), scaling=D**-0.5)
+    P = attention_pattern(q, k, None, D**-0.5, is_causal=True, sliding_window=3)
+    assert (P - ref).abs().max() < 1e-6
+    assert (P[..., 5, :3] == 0).all() and (P[..., 5, 3:] > 0).all()
+    # with a mask that already holds the window, applying it again changes nothing
+    assert (attention_pattern(q, k, mask, D**-0.5, sliding_window=3) - ref).abs().max() < 1e-6
+
+
+def test_softcap_matches_gemma2_eager(qkv):
+    q, k, v = qkv
+    mask = causal_bool()
+    _, ref = gemma2_eager(module(), q, k, v, additive(mask), scaling=0.5, softcap=2.0)
+    P = attention_pattern(q, k, mask, 0.5, softcap=2.0)
+    assert (P - ref).abs().max() < 1e-6
+    assert (attention_pattern(q, k, mask, 0.5) - P).abs().max() > 0.05  # the cap matters here
+
+
+def test_sinks_match_gpt_oss_eager(qkv):
+    q, k, v = qkv
+    sinks = torch.tensor([0.0, 2.0, -1.0, 5.0])
+    mask = causal_bool(pad=(0, 0))
+    _, ref = gpt_oss_eager(module(sinks=sinks), q, k, v, additive(mask), scaling=D**-0.5)
+    P = attention_pattern(q, k, mask, D**-0.5, sinks=sinks)
+    assert (P - ref).abs().max() < 1e-6
+    assert (P.sum(-1) <= 1 + 1e-6).all() and (P.sum(-1) < 0.9).any()  # the sink takes mass
+
+
+def test_row_index_gathers_rows_and_zeroes_missing(qkv):
+    q, k, _ = qkv
+    mask = causal_bool()
+    full = attention_pattern(q, k, mask, D**-0.5)
+    rows = torch.tensor([[-1, 0, 5], [3, 4, 5]])
+    P = attention_pattern(q, k, mask, D**-0.5, row_index=rows)
+    assert P.shape == (B, HQ, 3, Q)
+    assert (P[0, :, 0] == 0).all()
+    assert torch.equal(P[0, :, 1:], full[0, :, [0, 5]])
+    assert torch.equal(P[1], full[1, :, 3:])
+
+
+def test_position_bias_and_per_head_mask(qkv):
+    q, k, v = qkv
+    bias = torch.randn(1, HQ, Q, Q)
+    mask = causal_bool(pad=(0, 0))
+    _, ref = llama_eager(module(), q, k, v, additive(mask) + bias, scaling=D**-0.5)
+    assert (attention_pattern(q, k, mask, D**-0.5, position_bias=bias) - ref).abs().max() < 1e-6
+    per_head = additive(mask).expand(B, HQ, Q, Q) + bias
+    assert (attention_pattern(q, k, per_head, D**-0.5) - ref).abs().max() < 1e-6
+
+
+def test_interface_pattern_reads_call_arguments(qkv):
+    q, k, v = qkv
+    mask = causal_bool(pad=(0, 0))
+    args = (module(), q, k, v, mask)
+    got = interface_pattern(
+        args, {"scaling": 0.5, "softcap": 2.0, "dropout": 0.0}, row_index=torch.tensor([[5], [5]]),
+        heads="mean", dtype=torch.float16, is_causal=True,
+    )
+    want = attention_pattern(q, k, mask, 0.5, softcap=2.0)[:, :, 5:].mean(1, keepdim=True)
+    assert got.dtype == torch.float16 and got.shape == (B, 1, 1, Q)
+    assert (got.float() - want).abs().max() < 1e-3
+    # is_causal=False as a kwarg overrides the module flag
+    nc = interface_pattern(args[:4] + (None,), {"is_causal": False}, row_index=torch.tensor([[0], [0]]),
+                           heads="all", dtype=torch.float32, is_causal=True)
+    assert (nc[..., 0, 1:] > 0).all()
+
+
+def test_reduce_heads():
+    P = torch.rand(2, 4, 3, 5)
+    assert torch.equal(reduce_heads(P, "all"), P)
+    assert torch.allclose(reduce_heads(P, "mean")[:, 0], P.mean(1))
+    assert torch.equal(reduce_heads(P, "max")[:, 0], P.amax(1))
+    w = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    assert torch.allclose(reduce_heads(P, w)[:, 0], (P[:, 0] + P[:, 1]) / 2)
+    with pytest.raises(ValueError):
+        reduce_heads(P, "median")
+
+
+def test_shape_mismatch_names_shapes():
+    with pytest.raises(ValueError, match=r"\(1, 3, 2, 8\)"):
+        attention_pattern(torch.zeros(1, 3, 2, 8), torch.zeros(1, 2, 2, 8), None)

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -69,8 +69,8 @@ def to_html(
 
     `flow` and `attributions` follow `to_parquet`: a dict method -> Tensor [batch, query, key]
     (or (Tensor [batch, rows, key], query positions [batch, rows])), and the table
-    `attnflow.attribute` returns.  Every file written is at most `shard_bytes` long except
-    index.html, whose size grows with the number of tokens only.
+    `attnflow.attribute` returns.  Every shard file is at most `shard_bytes` long; index.html
+    grows with the number of tokens only.
 
     >>> to_html(tr, "view/", shard_bytes=2**20)
     PosixPath('view')
@@ -80,7 +80,10 @@ def to_html(
     meta, shards = build(trace, shard_bytes, flow, attributions, precision)
     with _io.atomic_dir(path) as tmp:
         for shard in shards:
-            _io.write_text(tmp / shard.file, shard.text)
+            text = shard.text
+            if len(text) > shard_bytes:  # plan() bounds every shard; this would be a bug
+                raise AssertionError(f"shard {shard.file} has {len(text)} bytes > shard_bytes={shard_bytes}")
+            _io.write_text(tmp / shard.file, text)
         for name in ("viewer.js", "viewer.css"):
             _io.write_text(tmp / name, _static(name))
         _io.write_text(tmp / "index.html", page(meta))
@@ -105,7 +108,7 @@ def inline_html(trace: AttentionTrace, flow: FlowArg | None = None, attributions
             "and open <code>view/index.html</code>, or select fewer layers, rows or heads.</div>"
         )
     meta, shards = build(trace, 2**62, flow, attributions, "uint8")
-    meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in shards}
+    meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in list(shards)}
     doc = page(meta, inline=True)
     return (
         '<iframe class="attnflow-inline" style="width:100%;height:560px;border:1px solid #ccc;resize:vertical" '
@@ -150,7 +153,9 @@ class Shard:
         return f'attnflowShard({_json(self.header)},"{self.data}","{self.scales}");\n'
 
 
-def plan(widths: list[int], n_heads: int, shard_bytes: int, value_bytes: int) -> list[tuple[int, int, int, int]]:
+def plan(
+    widths: list[int], n_heads: int, shard_bytes: int, value_bytes: int, header_bytes: int = HEADER_BYTES
+) -> list[tuple[int, int, int, int]]:
     """Split (heads, rows) into (h0, h1, r0, r1) blocks whose shard file fits in `shard_bytes`.
 
     Groups of <= 8 heads first; halve the group while a block is too large; with one head,
@@ -163,25 +168,24 @@ def plan(widths: list[int], n_heads: int, shard_bytes: int, value_bytes: int) ->
     >>> plan([1, 2, 3, 4], n_heads=1, shard_bytes=HEADER_BYTES + 20, value_bytes=1)  # then row chunks
     [(0, 1, 0, 2), (0, 1, 2, 3), (0, 1, 3, 4)]
     """
-    def size(g, ws):
-        return HEADER_BYTES + _b64_len(g * sum(ws) * value_bytes) + _b64_len(g * len(ws) * 4)
+
+    def size(g: int, values: int, rows: int) -> int:
+        return header_bytes + _b64_len(g * values * value_bytes) + _b64_len(g * rows * 4)
 
     g = min(MAX_GROUP, n_heads)
-    while g > 1 and size(g, widths) > shard_bytes:
+    while g > 1 and size(g, sum(widths), len(widths)) > shard_bytes:
         g = (g + 1) // 2
     groups = [(h, min(h + g, n_heads)) for h in range(0, n_heads, g)]
-    if size(g, widths) <= shard_bytes:
+    if size(g, sum(widths), len(widths)) <= shard_bytes:
         return [(h0, h1, 0, len(widths)) for h0, h1 in groups]
-    chunks, r0, acc = [], 0, []
+    chunks, r0, values = [], 0, 0
     for r, w in enumerate(widths):
-        if acc and size(1, acc + [w]) > shard_bytes:
+        if size(1, w, 1) > shard_bytes:
+            raise BadArgumentError(f"shard_bytes={shard_bytes} cannot hold one row of {w} keys; use at least {size(1, w, 1)}")
+        if r > r0 and size(1, values + w, r - r0 + 1) > shard_bytes:
             chunks.append((r0, r))
-            r0, acc = r, []
-        if size(1, [w]) > shard_bytes:
-            raise BadArgumentError(
-                f"shard_bytes={shard_bytes} cannot hold one row of {w} keys; use at least {size(1, [w])}"
-            )
-        acc.append(w)
+            r0, values = r, 0
+        values += w
     chunks.append((r0, len(widths)))
     return [(h0, h1, a, b) for h0, h1 in groups for a, b in chunks]
 
@@ -191,55 +195,79 @@ def encode(
 ) -> tuple[bytes, bytes]:
     """Quantise each row's prefix `rows[h, r, :widths[r]]` against its max; (values, float32 scales).
 
+    Keys past a row's width must be zero (causal rows, or rows built so), so the max runs over
+    the whole row.  uint8 codes are `round(w / max * 255)`; float16 values are `w / max`.
+
     >>> encode(torch.tensor([[[1.0, 0.0], [0.25, 0.5]]]), torch.tensor([1, 2]), "uint8")
     (b'\\xff\\x80\\xff', b'\\x00\\x00\\x80?\\x00\\x00\\x00?')
     """
-    rows = rows.float().clamp(min=0)
-    take = torch.arange(rows.shape[-1]).view(1, -1) < widths.view(-1, 1)  # [row, key]
-    scales = (rows * take).amax(-1)  # [head, row]
-    unit = rows / scales.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    H, R, N = rows.shape
+    take = torch.nonzero((torch.arange(N).view(1, -1) < widths.view(-1, 1)).flatten()).squeeze(1)
+    values = rows.reshape(H, R * N).index_select(1, take).float()  # [head, stored]: row prefixes in turn
+    scales = rows.amax(-1).float().clamp(min=0)  # [head, row]
+    row_of = torch.repeat_interleave(torch.arange(R), widths)  # [stored]
+    inv = 1 / scales.clamp(min=torch.finfo(torch.float32).tiny)
     if precision == "uint8":
-        codes = (unit * 255).round().clamp(0, 255).to(torch.uint8)
+        codes = values.mul_((inv * 255)[:, row_of]).clamp_(0, 255).add_(0.5).to(torch.uint8)  # add + truncate = round
     else:
-        codes = unit.to(torch.float16)
-    values = codes[:, take]  # [head, stored]: per head, row prefixes one after another
-    return _le_bytes(values), _le_bytes(scales.to(torch.float32))
+        codes = values.mul_(inv[:, row_of]).clamp_(0, 1).to(torch.float16)
+    return _le_bytes(codes), _le_bytes(scales)
 
 
-def build(trace: AttentionTrace, shard_bytes: int, flow, attributions, precision: str) -> tuple[dict, list[Shard]]:
-    """The page's JSON metadata and every shard, in memory."""
+def build(
+    trace: AttentionTrace, shard_bytes: int, flow, attributions, precision: str
+) -> tuple[dict, Iterator[Shard]]:
+    """The page's JSON metadata and a generator of shards, made one at a time so memory stays at one layer.
+
+    Flow and attributions are validated here, before anything is written; `meta["shards"]`
+    is complete once the generator is exhausted.
+    """
     causal = is_causal(trace)
     meta = metadata(trace, causal, precision)
-    shards: list[Shard] = []
-    value_bytes = PRECISIONS[precision]
-    for b, ex in enumerate(meta["examples"]):
-        pad = trace.pad_offsets[b]
-        keep = trace.query_positions[b] >= 0
-        widths = _widths(ex["rows"], ex["length"], causal)
-        blocks = plan(widths.tolist(), trace.patterns.shape[2], shard_bytes, value_bytes)
-        for li in range(len(trace.layers)):
-            A = trace.patterns[b, li][:, keep, pad:]  # [head, row, key], unpadded
-            for h0, h1, r0, r1 in blocks:
-                head = {"kind": "attn", "example": b, "layer": li, "heads": list(range(h0, h1)), "r0": r0, "r1": r1}
-                shards.append(_shard(head, A[h0:h1, r0:r1], widths[r0:r1], precision))
+    meta["shards"] = []
+    flows = {}
     if flow:
         tab = flow_table(trace, flow)
         for b, ex in enumerate(meta["examples"]):
             ex["flow"] = {}
             for m in flow:
-                rows, F, is_causal_m = _flow_rows(tab, trace, b, m)
-                ex["flow"][m] = {"rows": rows.tolist(), "causal": is_causal_m}
-                widths = _widths(ex["flow"][m]["rows"], ex["length"], is_causal_m)
-                for _, _, r0, r1 in plan(widths.tolist(), 1, shard_bytes, value_bytes):
-                    head = {"kind": "flow", "example": b, "method": m, "heads": [0], "r0": r0, "r1": r1}
-                    shards.append(_shard(head, F[None, r0:r1], widths[r0:r1], precision))
+                rows, F, causal_m = _flow_rows(tab, trace, b, m)
+                ex["flow"][m] = {"rows": rows.tolist(), "causal": causal_m}
+                flows[b, m] = F
         meta["flow_methods"] = list(flow)
-    meta["shards"] = [{k: v for k, v in s.header.items() if k != "enc"} for s in shards]
     if attributions is not None:
         tab = attribution_table(attributions)
-        cols = ["example", "method", "target", "source_span", "score", "rank"]
-        meta["attributions"] = {c: tab[c].to_pylist() for c in cols}
-    return meta, shards
+        if "source_span" in tab.column_names:  # the viewer charts spans; token scores show as the flow row
+            cols = ["example", "method", "target", "source_span", "score", "rank"]
+            meta["attributions"] = {c: tab[c].to_pylist() for c in cols}
+
+    def shards() -> Iterator[Shard]:
+        value_bytes = PRECISIONS[precision]
+        for b, ex in enumerate(meta["examples"]):
+            pad = trace.pad_offsets[b]
+            keep = trace.query_positions[b] >= 0
+            widths = _widths(ex["rows"], ex["length"], causal)
+            blocks = plan(widths.tolist(), trace.patterns.shape[2], shard_bytes, value_bytes)
+            for li in range(len(trace.layers)):
+                A = trace.patterns[b, li][:, keep, pad:]  # [head, row, key], unpadded
+                for h0, h1, r0, r1 in blocks:
+                    head = {"kind": "attn", "example": b, "layer": li, "heads": list(range(h0, h1)), "r0": r0, "r1": r1}
+                    yield _shard(head, A[h0:h1, r0:r1], widths[r0:r1], precision, f"l{li}")
+        for (b, m), F in flows.items():
+            tag = f"f{list(flow).index(m)}"  # the method's index: its name may not suit a file name
+            info = meta["examples"][b]["flow"][m]
+            widths = _widths(info["rows"], meta["examples"][b]["length"], info["causal"])
+            header_bytes = HEADER_BYTES + len(_json(m))  # the method's name is in the header
+            for _, _, r0, r1 in plan(widths.tolist(), 1, shard_bytes, value_bytes, header_bytes):
+                head = {"kind": "flow", "example": b, "method": m, "heads": [0], "r0": r0, "r1": r1}
+                yield _shard(head, F[None, r0:r1], widths[r0:r1], precision, tag)
+
+    def listed() -> Iterator[Shard]:
+        for shard in shards():
+            meta["shards"].append({k: v for k, v in shard.header.items() if k != "enc"})
+            yield shard
+
+    return meta, listed()
 
 
 def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
@@ -292,20 +320,12 @@ def _flow_rows(tab, trace: AttentionTrace, b: int, method: str) -> tuple[Tensor,
     return q, F, causal
 
 
-def _shard(header: dict, rows: Tensor, widths: Tensor, precision: str) -> Shard:
-    header = {"id": _shard_id(header), **header, "enc": precision}
+def _shard(header: dict, rows: Tensor, widths: Tensor, precision: str, tag: str) -> Shard:
+    """Encode one block; its id (and file name) is e{example}-{tag}-h{first}-{last}-r{r0}-{r1}."""
+    h = header
+    header = {"id": f"e{h['example']}-{tag}-h{h['heads'][0]}-{h['heads'][-1]}-r{h['r0']}-{h['r1']}", **h, "enc": precision}
     values, scales = encode(rows, widths, precision)
     return Shard(header, base64.b64encode(values).decode("ascii"), base64.b64encode(scales).decode("ascii"))
-
-
-def _shard_id(h: dict) -> str:
-    what = f"l{h['layer']}" if h["kind"] == "attn" else f"f{_safe(h['method'])}"
-    return f"e{h['example']}-{what}-h{h['heads'][0]}-{h['heads'][-1]}-r{h['r0']}-{h['r1']}"
-
-
-def _safe(name: str) -> str:
-    """A file-name-safe, collision-free spelling of a flow method name."""
-    return "".join(c if c.isalnum() else f"_{ord(c):x}_" for c in name)
 
 
 def _widths(rows: list[int], length: int, causal: bool) -> Tensor:

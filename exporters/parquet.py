@@ -153,6 +153,7 @@ def _flow_rows(trace: AttentionTrace, method: str, value) -> pa.Table:
 def attribution_table(scores: Any) -> pa.Table:
     """Validate the table `attnflow.attribute` returned and cast it to the v1 column types.
 
+    Token-level scores (`sources="tokens"`) carry `source_token` in place of `source_span`.
     Columns beyond the six of the schema are kept after them, unchanged.
     """
     if not isinstance(scores, pa.Table):
@@ -165,13 +166,16 @@ def attribution_table(scores: Any) -> pa.Table:
                 f"attributions is a {type(scores).__name__}; pass the pyarrow Table or pandas DataFrame attnflow.attribute returned"
             )
         scores = pa.Table.from_pandas(scores, preserve_index=False)
-    missing = [n for n in ATTRIBUTION_SCHEMA.names if n not in scores.column_names]
+    schema = ATTRIBUTION_SCHEMA
+    if "source_span" not in scores.column_names and "source_token" in scores.column_names:
+        schema = schema.set(3, pa.field("source_token", pa.int32()))
+    missing = [n for n in schema.names if n not in scores.column_names]
     if missing:
         raise DataError(
-            f"attributions lacks column(s) {', '.join(missing)}; it needs {', '.join(ATTRIBUTION_SCHEMA.names)}"
+            f"attributions lacks column(s) {', '.join(missing)}; it needs {', '.join(schema.names)}"
         )
     cols = {}
-    for f in ATTRIBUTION_SCHEMA:
+    for f in schema:
         try:
             cols[f.name] = scores[f.name].cast(f.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:

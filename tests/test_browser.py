@@ -244,7 +244,7 @@ def test_observed_view_gamma_and_threshold(driver, story):
     )
     hover(driver, "observer", 11)
     check_row(tokens(driver, "observer"), [P[0, 0, 11, :12]], gamma=0.5, threshold=0.05)
-    assert tokens(driver, "observed")[9][1] is not None  # the observed view still shows token 4's column
+    assert all(w is None for w, _, _ in tokens(driver, "observed").values())  # unfrozen: cleared when left
 
 
 def test_freeze_each_view_independently(driver, story):
@@ -298,7 +298,26 @@ def test_flow_view_bars_and_example_picker(driver, story):
     check_row(tokens(driver, "flow"), [F[1, 5 + 4, 5:10]])
 
 
-def test_split_shards_float16_rows_and_first_hover_time(driver, tmp_path):
+def test_attributions_without_flow(driver, tmp_path):
+    tr, _ = story_trace()
+    scores = pa.table(
+        {
+            "example": [0] * 6, "method": ["flow"] * 6, "target": [12, 12, 12, -1, -1, -1],
+            "source_span": [0, 1, 2, 0, 1, 2], "score": [0.2, 0.6, 0.2, 0.1, 0.3, 0.6], "rank": [2, 1, 3, 3, 2, 1],
+        }
+    )
+    out = to_html(tr, tmp_path / "view", attributions=scores)
+    open_page(driver, out / "index.html")
+    read_bars = "return Array.from(document.querySelectorAll('#bars .bar-row')).map(b => +b.dataset.score)"
+    assert driver.execute_script(read_bars) == pytest.approx([0.1, 0.3, 0.6])  # nothing hovered: all targets
+    hover(driver, "flow", 12)
+    assert driver.execute_script(read_bars) == pytest.approx([0.2, 0.6, 0.2])
+    shown = tokens(driver, "flow")  # tokens shaded by their span's score, outside spans nothing
+    assert [shown[p][0] for p in (0, 1, 5, 6, 8, 9, 10, 11)] == [None, [0.2], [0.2], [0.6], [0.6], [0.2], [0.2], None]
+    assert shown[6][1] == [1.0] and shown[1][1] == pytest.approx([1 / 3], abs=1e-4)
+
+
+def test_split_shards_float16_and_missing_rows(driver, tmp_path):
     tr = make_trace([150], layers=(0, 1), heads=3, rows=[list(range(0, 150, 3))], seed=11)
     out = to_html(tr, tmp_path / "view", shard_bytes=4096, precision="float16")
     assert len(list((out / "shards").iterdir())) > 12
@@ -308,15 +327,15 @@ def test_split_shards_float16_rows_and_first_hover_time(driver, tmp_path):
     hover(driver, "observer", 147)
     shown = tokens(driver, "observer")
     for p in range(148):
-        assert abs(shown[p][1][0] - float(P[0, 0, j, p])) <= float(P[0, 0, j].max()) * 2**-11 + 1e-6
+        assert abs(shown[p][0][0] - float(P[0, 0, j, p])) <= float(P[0, 0, j].max()) * 2**-11 + 1e-6
     hover(driver, "observer", 146)  # no recorded row: nothing shown
     assert all(w is None for w, _, _ in tokens(driver, "observer").values())
     hover(driver, "observed", 2)  # rows 3, 6, ... 147 from every row chunk
     shown = tokens(driver, "observed")
-    assert [p for p, v in shown.items() if v[1] is not None] == [q for q in qs.tolist() if q >= 2]
+    assert [p for p, v in shown.items() if v[0] is not None] == [q for q in qs.tolist() if q >= 2]
     for jj, q in enumerate(qs.tolist()):
         if q >= 2:
-            assert abs(shown[q][1][0] - float(P[0, 0, jj, 2])) <= float(P[0, 0, jj].max()) * 2**-11 + 1e-6
+            assert abs(shown[q][0][0] - float(P[0, 0, jj, 2])) <= float(P[0, 0, jj].max()) * 2**-11 + 1e-6
 
 
 def test_inline_view_runs_nothing_from_tokens(driver, tmp_path):
@@ -329,10 +348,11 @@ def test_inline_view_runs_nothing_from_tokens(driver, tmp_path):
     driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe.attnflow-inline"))
     try:
         wait_ready(driver)
+        hover(driver, "observer", 9)  # a round trip to the page, so an error event of a broken image has fired
+        assert driver.execute_script("return window.__pwned") is None
         shown = tokens(driver, "observer")
         assert [shown[p][2] for p in (6, 7, 8)] == PAYLOADS  # the inline CSP allows inline scripts: escaping alone protects
         assert driver.find_elements(By.CSS_SELECTOR, "#app img, #app svg") == []
-        hover(driver, "observer", 9)
         P, _ = tr.example_patterns(0)
         check_row(tokens(driver, "observer"), [P[0, 0, 9, :10]])
         assert driver.execute_script("return window.__pwned") is None
@@ -341,18 +361,73 @@ def test_inline_view_runs_nothing_from_tokens(driver, tmp_path):
     assert driver.execute_script("return window.__pwned") is None
 
 
+def screenshot_trace() -> tuple[AttentionTrace, dict]:
+    """A document-QA prompt with hand-made heads (previous token, sink, retrieval, induction) and its rollout."""
+    text = (
+        "<|endoftext|> Document 1 : Alice lives in Paris and works as a baker .\n"
+        "Document 2 : Bob lives in Rome and works as a painter .\n"
+        "Question : Where does Bob live ?\nAnswer :"
+    )
+    words = text.replace("\n", " \n ").split(" ")
+    toks, line_start = [], True
+    for w in words:
+        if not w:
+            continue
+        toks.append("Ċ" if w == "\n" else (w if line_start or w.startswith("<|") else "Ġ" + w))
+        line_start = w == "\n"
+    toks += ["ĠRome", "Ġ."]
+    N, L, H = len(toks), 4, 4
+    plain = [t.lstrip("Ġ") for t in toks]
+    doc1, doc2, q0 = plain.index("Document"), plain.index("Document", 3), plain.index("Question")
+    bob_doc, rome_doc, bob_q = plain.index("Bob"), plain.index("Rome"), plain.index("Bob", q0)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(L, H, N, N, generator=g) * 0.4
+    idx = torch.arange(N)
+    logits[:, 0, idx[1:], idx[:-1]] += 5  # head 0: previous token
+    logits[:, 1, :, 0] += 4  # head 1: the BOS sink
+    for q in range(N):  # head 2: induction, the token after an earlier copy of the current one
+        for k in range(1, q):
+            if plain[k - 1] == plain[q]:
+                logits[:, 2, q, k] += 5
+    logits[1:, 3, bob_q, bob_doc] += 6  # head 3: the question finds Bob's document ...
+    logits[1:, 3, q0:, doc2:q0] += 1.5
+    logits[2:, 3, N - 3, rome_doc] += 7  # ... and the answer row reads the city
+    logits[2:, :, N - 3, rome_doc] += 5  # every head of the top layers reads it
+    A = logits.masked_fill(idx.view(1, -1) > idx.view(-1, 1), float("-inf")).softmax(-1)
+    R = torch.eye(N)
+    for layer in range(L):  # rollout with alpha 0.5 over the head mean
+        Ahat = 0.5 * A[layer].mean(0) + 0.5 * torch.eye(N)
+        R = (Ahat / Ahat.sum(-1, keepdim=True)) @ R
+    tr = AttentionTrace(
+        patterns=A.unsqueeze(0),
+        input_ids=idx.view(1, N),
+        attention_mask=torch.ones(1, N, dtype=torch.long),
+        query_positions=idx.view(1, N),
+        tokens=[toks],
+        prompt_lengths=[N - 2],
+        layers=list(range(L)),
+        spans=[[Span("Document 1", "document", doc1, doc2), Span("Document 2", "document", doc2, q0),
+                Span("question", "question", q0, N - 2)]],
+        model_info={"name": "toy heads (illustration)", "num_layers": L, "num_heads": H},
+        settings={"dtype": "float32", "rows": "all", "max_new_tokens": 2},
+    )
+    return tr, {"rollout": R.unsqueeze(0)}
+
+
 @pytest.mark.skipif(not os.environ.get("ATTNFLOW_SCREENSHOT"), reason="set ATTNFLOW_SCREENSHOT=docs/viewer.png to write it")
 def test_write_screenshot(driver, tmp_path):
-    from screenshot_trace import screenshot_trace
-
     tr, flow = screenshot_trace()
+    n = len(tr.tokens[0])
     out = to_html(tr, tmp_path / "view", flow=flow)
     open_page(driver, out / "index.html")
-    driver.set_window_size(1500, 820)
-    keys(driver, "jjm")
-    double_click(driver, "observer", len(tr.tokens[0]) - 1)
-    hover(driver, "observed", 9)
-    double_click(driver, "observed", 9)
-    hover(driver, "flow", len(tr.tokens[0]) - 1)
-    double_click(driver, "flow", len(tr.tokens[0]) - 1)
+    driver.set_window_size(1500, 660)
+    keys(driver, "jjlll")  # layer 2, head 3
+    double_click(driver, "observer", n - 3)
+    rome = [t.lstrip("Ġ") for t in tr.tokens[0]].index("Rome")
+    double_click(driver, "observed", rome)
+    double_click(driver, "flow", n - 2)
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.TAG_NAME, "h1").click()
     driver.save_screenshot(os.environ["ATTNFLOW_SCREENSHOT"])
+    assert panel_attr(driver, "flow", "frozen") == "true"

@@ -270,6 +270,12 @@ def test_accumulator_bottom_up_and_top_down(patterns):
         ref = reference(patterns, LENGTHS, method, heads=WEIGHTS, alpha=0.3, exclude=(0,))
         check(acc.result(), ref, torch.float64)
 
+        bottom_rows = F.FlowAccumulator(method, alpha=0.3, heads=w, rows=[-1, -2])
+        for l in range(L):
+            bottom_rows.add(A[:, l])
+        ref = reference(patterns, LENGTHS, method, heads=WEIGHTS, alpha=0.3, rows=[-1, -2])
+        check(bottom_rows.result(), ref, torch.float64)
+
         top = F.FlowAccumulator(method, alpha=0.3, heads=w, rows=[-1, -2], top_down=True)
         for l in reversed(range(L)):
             top.add(A[:, l], layer=l)
@@ -355,3 +361,19 @@ def test_cuda_matches_cpu(patterns):
             gpu = F.compose(A.cuda(), method, rows=rows, exclude_keys=(0,))
             assert gpu.device.type == "cuda"
             torch.testing.assert_close(gpu.cpu(), F.compose(A, method, rows=rows, exclude_keys=(0,)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_layer_loop_never_synchronises(patterns):
+    A = torch.tensor(patterns, dtype=torch.float16, device="cuda")
+    for method, top_down in (("rollout", True), ("flow", False), ("sum", False)):
+        acc = F.FlowAccumulator(method, rows=[-1, 2] if top_down else None, exclude_keys=(0,), top_down=top_down)
+        order = list(reversed(range(L))) if top_down else list(range(L))
+        acc.add(A[:, order[0]], layer=order[0])  # the first layer sets up masks and row indices
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for l in order[1:]:
+                acc.add(A[:, l], layer=l)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert acc.result().dtype == torch.float32

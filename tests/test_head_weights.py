@@ -77,6 +77,15 @@ def test_gpt2_c_proj_conv1d_row_blocks(gpt2):
     assert got.argmax(-1).tolist() == [2] * LAYERS  # GPT-2's MLP c_proj is not mistaken for attention
 
 
+def test_wrapped_model_is_unwrapped(llama):
+    import types
+
+    wrapper = types.SimpleNamespace(_module=llama)  # what nnsight.TransformersModel keeps
+    torch.testing.assert_close(F.head_weights_from_o_proj(wrapper), F.head_weights_from_o_proj(llama))
+    with pytest.raises(BadArgumentError, match="needs a torch module"):
+        F.head_weights_from_o_proj(object())
+
+
 def test_weights_feed_rollout(llama):
     w = F.head_weights_from_o_proj(llama)
     A = torch.rand(2, LAYERS, HEADS, 5, 5).tril()

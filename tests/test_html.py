@@ -165,6 +165,8 @@ def test_render_command(tmp_path, capsys):
     assert meta["examples"][0]["tokens"] == tr.tokens[0]
     assert cli_main(["render", str(tmp_path / "missing"), "--out", str(tmp_path / "v2")]) == 2
     assert "no saved trace" in capsys.readouterr().err
+    assert cli_main(["render", str(tmp_path / "run"), "--out", str(tmp_path / "v2"), "--shard-bytes", "10"]) == 2
+    assert "shard_bytes=10 is too small" in capsys.readouterr().err and not (tmp_path / "v2").exists()
 
 
 def test_inline_html_small_and_refused(monkeypatch):

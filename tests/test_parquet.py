@@ -223,6 +223,16 @@ def test_attributions_table(tmp_path, kind):
     assert top == [(0, 1), (1, 0)]
 
 
+def test_token_level_attributions(tmp_path):
+    tr = make_trace([5, 3])
+    rows = attribution_rows()
+    rows["source_token"] = rows.pop("source_span")
+    to_parquet(tr, tmp_path / "run", attributions=pa.table(rows))
+    tab = read_attributions(tmp_path / "run")
+    assert tab.column_names[:6] == ["example", "method", "target", "source_token", "score", "rank"]
+    assert tab.schema.field("source_token").type == pa.int32()
+
+
 def test_bad_attributions_leave_existing_output(tmp_path):
     tr = make_trace([5, 3])
     to_parquet(tr, tmp_path / "run")

@@ -103,6 +103,14 @@ def test_reductions_match_eager(family):
     for i, E in enumerate(expected):
         assert (sub.item(i).patterns[0] - E[[0, 2]]).abs().max() <= TOL
 
+    calls = []
+    hook = model.model.norm.register_forward_hook(lambda *a: calls.append(1))
+    first = af.trace(model, PROMPTS, layers=[0], dtype=torch.float32, progress=False)
+    hook.remove()
+    assert calls == []  # the forward stopped after layer 0
+    for i, E in enumerate(expected):
+        assert (first.item(i).patterns[0] - E[:1]).abs().max() <= TOL
+
     both = af.trace(model, PROMPTS, rows="last", heads="mean", layers=[-1], dtype=torch.float32, progress=False)
     for i, E in enumerate(expected):
         assert (both.item(i).patterns[0, 0, 0, 0] - E[2, :, -1].mean(0)).abs().max() <= TOL

@@ -70,6 +70,15 @@ def test_no_mask_is_causal_and_not_causal(qkv):
     assert (attention_pattern(q, k, None, None) - attention_pattern(q, k, None, D**-0.5)).abs().max() == 0
 
 
+def test_flash_style_padding_mask(qkv):
+    q, k, v = qkv
+    mask = causal_bool(pad=(0, 2))
+    padding = torch.tensor([[1] * Q, [0, 0] + [1] * (Q - 2)])  # [batch, key], as flash attention gets it
+    want = attention_pattern(q, k, mask, D**-0.5)[:, :, 2:]
+    rows = torch.arange(2, Q).expand(B, Q - 2)  # the real rows of both examples
+    assert (attention_pattern(q, k, padding, D**-0.5, is_causal=True, row_index=rows) - want).abs().max() < 1e-6
+
+
 def test_sliding_window_without_mask_equals_window_mask(qkv):
     q, k, v = qkv
     mask = causal_bool(pad=(0, 0), window=3)
@@ -108,8 +117,8 @@ def test_row_index_gathers_rows_and_zeroes_missing(qkv):
     P = attention_pattern(q, k, mask, D**-0.5, row_index=rows)
     assert P.shape == (B, HQ, 3, Q)
     assert (P[0, :, 0] == 0).all()
-    assert torch.equal(P[0, :, 1:], full[0, :, [0, 5]])
-    assert torch.equal(P[1], full[1, :, 3:])
+    assert torch.allclose(P[0, :, 1:], full[0, :, [0, 5]], atol=1e-6)
+    assert torch.allclose(P[1], full[1, :, 3:], atol=1e-6)
 
 
 def test_position_bias_and_per_head_mask(qkv):

@@ -16,7 +16,9 @@
   const meta = JSON.parse(document.getElementById("attnflow-data").textContent);
   const app = document.getElementById("app");
   const H = meta.num_heads;
-  const PANELS = meta.flow_methods.length ? ["observer", "observed", "flow"] : ["observer", "observed"];
+  const AT = meta.attributions || null; // columns of the attributions table (span sources only)
+  const METHODS = meta.flow_methods.concat(AT ? Array.from(new Set(AT.method)).filter((m) => meta.flow_methods.indexOf(m) < 0) : []);
+  const PANELS = METHODS.length ? ["observer", "observed", "flow"] : ["observer", "observed"];
   const MEMORY_LIMIT = 768 * 2 ** 20; // bytes of decoded shards kept before older layers are dropped
 
   const state = {
@@ -27,7 +29,7 @@
     gamma: 1,
     threshold: 0,
     normalize: true,
-    method: meta.flow_methods[0] || null,
+    method: METHODS[0] || null,
     focus: { observer: null, observed: null, flow: null },
     frozen: { observer: false, observed: false, flow: false },
   };
@@ -230,6 +232,16 @@
     const head = el("header");
     const name = meta.model_info.name || "attention";
     head.appendChild(el("h1", {}, "attnflow \u00b7 " + name));
+    const rows = meta.examples.map((ex) => ex.rows.length).reduce((a, b) => a + b, 0);
+    const tokens = meta.examples.map((ex) => ex.length).reduce((a, b) => a + b, 0);
+    const summary = [
+      meta.layers.length + " layers",
+      meta.heads === "all" ? H + " heads" : "heads: " + meta.heads,
+      meta.examples.length + (meta.examples.length > 1 ? " examples" : " example"),
+      rows === tokens ? "every query row" : rows + " of " + tokens + " query rows",
+      meta.dtype + " recorded, " + meta.precision + " shown",
+    ];
+    head.appendChild(el("span", { id: "summary", class: "hint" }, summary.join(" \u00b7 ")));
     head.appendChild(infoBlock());
     app.appendChild(head);
     app.appendChild(controls());
@@ -267,7 +279,6 @@
           "m mean of heads, Esc unfreeze. Shift-click heads to overlay them."
       )
     );
-    fillTokens();
   }
 
   function infoBlock() {
@@ -339,11 +350,12 @@
       paintAll();
     });
     bar.appendChild(label("scale to max", norm));
-    if (meta.flow_methods.length) {
+    if (METHODS.length) {
       const m = el("select", { id: "method", "aria-label": "flow method" });
-      meta.flow_methods.forEach((name) => m.appendChild(el("option", { value: name }, name)));
+      METHODS.forEach((name) => m.appendChild(el("option", { value: name }, name)));
       m.addEventListener("change", () => {
         state.method = m.value;
+        fillTokens();
         refresh();
       });
       bar.appendChild(label("flow", m));
@@ -371,47 +383,47 @@
     return { wrap: wrap, input: input };
   }
 
+  // The text is built once into a fragment and cloned into each panel (fast for long traces).
   function fillTokens() {
     const ex = meta.examples[state.example];
     const owner = new Int32Array(ex.length).fill(-1); // first span listed wins, as in the tokens table
     for (let s = ex.spans.length - 1; s >= 0; s--)
       for (let p = ex.spans[s].start; p < Math.min(ex.spans[s].end, ex.length); p++) owner[p] = s;
-    const rowSet = new Set(ex.rows);
-    for (const name of PANELS) {
+    const text = document.createDocumentFragment();
+    let box = text;
+    let boxSpan = -1;
+    for (let p = 0; p < ex.length; p++) {
+      if (owner[p] !== boxSpan) {
+        boxSpan = owner[p];
+        if (boxSpan < 0) box = text;
+        else {
+          const sp = ex.spans[boxSpan];
+          box = el("span", { class: "span-box kind-" + sp.kind, "data-span": boxSpan });
+          box.style.setProperty("--c", "hsl(" + hue(boxSpan + 3) + " 45% 50%)");
+          box.appendChild(el("span", { class: "span-name" }, sp.name));
+          text.appendChild(box);
+        }
+      }
+      if (p === ex.prompt_length && p > 0) box.appendChild(el("span", { class: "completion-mark", title: "completion starts" }, "\u25b8"));
+      const tok = ex.tokens[p];
+      let shown = displayText(tok);
+      const t = el("span", { class: p >= ex.prompt_length ? "tok completion" : "tok", "data-pos": p });
+      if (isSpecial(tok)) t.classList.add("special");
+      if (shown === "") {
+        shown = "\u2205";
+        t.classList.add("empty");
+      }
+      t.textContent = shown.indexOf("\n") >= 0 ? shown.replace(/\n/g, "\u21b5\n") : shown;
+      box.appendChild(t);
+    }
+    PANELS.forEach((name, i) => {
       const panel = ui.panels[name];
       panel.body.textContent = "";
-      panel.toks = [];
-      const produced = name === "flow" && state.method ? new Set(ex.flow[state.method].rows.map((q) => q + 1)) : null;
-      let box = panel.body;
-      let boxSpan = -1;
-      for (let p = 0; p < ex.length; p++) {
-        if (owner[p] !== boxSpan) {
-          boxSpan = owner[p];
-          if (boxSpan < 0) box = panel.body;
-          else {
-            const sp = ex.spans[boxSpan];
-            box = el("span", { class: "span-box kind-" + sp.kind, "data-span": boxSpan });
-            box.style.setProperty("--c", "hsl(" + hue(boxSpan + 3) + " 45% 50%)");
-            box.appendChild(el("span", { class: "span-name" }, sp.name));
-            panel.body.appendChild(box);
-          }
-        }
-        if (p === ex.prompt_length && p > 0) box.appendChild(el("span", { class: "completion-mark", title: "completion starts" }, "\u25b8"));
-        const tok = ex.tokens[p];
-        let text = displayText(tok);
-        const t = el("span", { class: "tok", "data-pos": p, title: p + ": " + tok });
-        if (p >= ex.prompt_length) t.classList.add("completion");
-        if (isSpecial(tok)) t.classList.add("special");
-        if (name !== "flow" ? rowSet.has(p) : produced.has(p)) t.classList.add("has-row");
-        if (text === "") {
-          text = "\u2205";
-          t.classList.add("empty");
-        }
-        t.textContent = text.indexOf("\n") >= 0 ? text.replace(/\n/g, "\u21b5\n") : text;
-        box.appendChild(t);
-        panel.toks.push(t);
-      }
-    }
+      panel.body.appendChild(i === PANELS.length - 1 ? text : text.cloneNode(true));
+      panel.toks = Array.from(panel.body.querySelectorAll(".tok"));
+      const rows = name === "flow" ? explained() : new Set(ex.rows);
+      for (const p of rows) if (panel.toks[p]) panel.toks[p].classList.add("has-row");
+    });
   }
 
   // ---------------------------------------------------------------- interaction
@@ -420,7 +432,9 @@
     const sec = () => panel().section;
     sec().addEventListener("mouseover", (ev) => {
       const t = ev.target.closest ? ev.target.closest(".tok") : null;
-      if (!t || state.frozen[name]) return;
+      if (!t) return;
+      if (!t.title) t.title = t.dataset.pos + ": " + meta.examples[state.example].tokens[+t.dataset.pos]; // the raw token
+      if (state.frozen[name]) return;
       state.focus[name] = +t.dataset.pos;
       paint(name);
     });
@@ -526,13 +540,13 @@
     evict();
     const heads = state.mean ? range(H) : state.heads;
     const jobs = [ensure("attn", state.example, state.layer, heads)];
-    if (state.method) jobs.push(ensure("flow", state.example, state.method, [0]));
+    if (hasFlow()) jobs.push(ensure("flow", state.example, state.method, [0]));
     Promise.all(jobs).then(
       () => {
         if (gen !== generation) return;
-        paintAll();
-        ui.status.textContent = "";
         app.dataset.state = "ready";
+        ui.status.textContent = "";
+        paintAll();
       },
       (err) => {
         ui.status.textContent = err.message;
@@ -552,7 +566,7 @@
     const list = name === "flow" ? ["flow"] : selectedSeries();
     let ws = [];
     if (pos !== null && app.dataset.state !== "loading") {
-      if (name === "flow") ws = [series("flow", state.method, 0, pos - 1, "row")];
+      if (name === "flow") ws = [hasFlow() ? series("flow", state.method, 0, pos - 1, "row") : spanShading(pos)];
       else ws = list.map((s) => series("attn", state.layer, s, pos, name === "observer" ? "row" : "column"));
     }
     const scales = ws.map((w) => {
@@ -584,6 +598,45 @@
     if (name === "flow") bars(pos, ws[0]);
   }
 
+  function hasFlow() {
+    const ex = meta.examples[state.example];
+    return !!(state.method && ex.flow && ex.flow[state.method]);
+  }
+
+  // positions whose token the current method explains: produced by a flow row, or an attribution target
+  function explained() {
+    const ex = meta.examples[state.example];
+    if (hasFlow()) return new Set(ex.flow[state.method].rows.map((q) => q + 1));
+    const out = new Set();
+    if (AT) for (let i = 0; i < AT.example.length; i++) if (AT.example[i] === state.example && AT.method[i] === state.method) out.add(AT.target[i]);
+    return out;
+  }
+
+  // {span: score} of the attributions table for one target (-1: the target rows reduced together)
+  function attributed(target) {
+    const found = {};
+    let any = false;
+    if (AT)
+      for (let i = 0; i < AT.example.length; i++)
+        if (AT.example[i] === state.example && AT.target[i] === target && AT.method[i] === state.method) {
+          found[AT.source_span[i]] = AT.score[i];
+          any = true;
+        }
+    return any ? found : null;
+  }
+
+  // without a flow row: each token shaded by its span's attribution score
+  function spanShading(pos) {
+    const ex = meta.examples[state.example];
+    const out = new Float64Array(ex.length).fill(NaN);
+    const found = attributed(pos);
+    if (!found) return out;
+    ex.spans.forEach((sp, s) => {
+      for (let p = sp.start; p < Math.min(sp.end, ex.length); p++) if (isNaN(out[p])) out[p] = found[s] || 0;
+    });
+    return out;
+  }
+
   function background(list, ik) {
     if (list.length === 1) return colour(list[0], ik[0].toFixed(3));
     const n = list.length;
@@ -597,27 +650,24 @@
   function bars(pos, w) {
     ui.bars.textContent = "";
     const ex = meta.examples[state.example];
-    if (pos === null || !w || !ex.spans.length) {
-      ui.bars.appendChild(el("p", { class: "hint" }, ex.spans.length ? "hover an output token" : "this example has no spans"));
+    if (!ex.spans.length) {
+      ui.bars.appendChild(el("p", { class: "hint" }, "this example has no spans"));
       return;
     }
     let scores = null;
     let source = "flow row summed over each span's tokens, as a share of the row";
-    const at = meta.attributions;
-    if (at) {
-      const found = {};
-      for (let i = 0; i < at.example.length; i++)
-        if (at.example[i] === state.example && at.target[i] === pos && at.method[i] === state.method) found[at.source_span[i]] = at.score[i];
-      if (Object.keys(found).length) {
-        scores = ex.spans.map((_, s) => found[s] || 0);
-        source = "attributions table (" + state.method + ")";
-      }
-    }
-    if (!scores) {
+    const found = attributed(pos === null ? -1 : pos);
+    if (found) {
+      scores = ex.spans.map((_, s) => found[s] || 0);
+      source = "attributions table (" + state.method + (pos === null ? ", all targets together)" : ", token " + pos + ")");
+    } else if (pos === null || !w) {
+      ui.bars.appendChild(el("p", { class: "hint" }, "hover an output token"));
+      return;
+    } else {
       let total = 0;
       for (const v of w) if (!isNaN(v)) total += v;
-      if (!total) {
-        ui.bars.appendChild(el("p", { class: "hint" }, "no flow row produces this token"));
+      if (!total || !hasFlow()) {
+        ui.bars.appendChild(el("p", { class: "hint" }, "nothing explains this token"));
         return;
       }
       scores = ex.spans.map((sp) => {
@@ -643,5 +693,6 @@
   }
 
   build();
-  refresh();
+  refresh(); // adds the first shards' <script> tags before the text is laid out
+  fillTokens();
 })();

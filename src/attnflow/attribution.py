@@ -1,5 +1,358 @@
-"""Placeholder: the flow helper writes this module (issue 3)."""
+"""Attribute output tokens to source spans (documents, sentences) or tokens, from composed flow rows.
+
+    >>> tr = af.trace(model, prompts, max_new_tokens=3)
+    >>> af.attribute(tr, method="rollout", sources="spans", targets="completion").to_pandas()
+       example   method  target  source_span     score  rank
+    0        0  rollout      -1            0  0.412...     1
+    1        0  rollout      -1            1  0.211...     2
+
+Alignment: the token at position `t + 1` is produced by query row `t`
+(`producing_row(t + 1) == t`), so the scores for an output token at `t + 1` come
+from row `t` of the composed matrix.  `target` in the table is the unpadded
+position of the produced token; `targets="last"` explains the token after the
+trace (position `n`, produced by the last row `n - 1`).
+
+A score is a source's *share* of the target row: each composed row is divided by
+its total over the example's keys (a rollout row already sums to 1, an
+unnormalised flow row sums to 2^L, so "flow" and "flow_normalized" give the same
+shares on row-stochastic patterns), then summed over a span's tokens and, with
+`reduce`, averaged (or summed) over the target rows.  Ranks are 1 for the highest
+score within an (example, target) group, ties broken by span (or token) order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import torch
+from einops import einsum
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from attnflow import flow as F
+from attnflow.errors import BadArgumentError
+from attnflow.trace import SPAN_KINDS, AttentionTrace, Span
+
+__all__ = [
+    "attribute",
+    "flow_rows",
+    "producing_row",
+    "produced_position",
+    "rank_scores",
+    "reduce_targets",
+    "span_matrix",
+    "span_scores",
+    "target_flow",
+    "target_positions",
+]
+
+SOURCE_COLUMNS = {"spans": "source_span", "tokens": "source_token"}
 
 
-def attribute(*args, **kwargs):
-    raise NotImplementedError("attnflow.attribute is being written (issue 3)")
+def attribution_schema(sources: str = "spans") -> pa.Schema:
+    """The attributions table's columns (exporters/SCHEMA.md); `source_token` replaces `source_span` for tokens."""
+    return pa.schema(
+        [
+            ("example", pa.int32()),
+            ("method", pa.string()),
+            ("target", pa.int32()),
+            (SOURCE_COLUMNS[sources], pa.int32()),
+            ("score", pa.float32()),
+            ("rank", pa.int32()),
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------
+# alignment
+# ------------------------------------------------------------------------------------
+def producing_row(position: int | Tensor) -> int | Tensor:
+    """The query row whose output is the token at `position`: `position - 1`.
+
+        >>> producing_row(5)
+        4
+    """
+    return position - 1
+
+
+def produced_position(row: int | Tensor) -> int | Tensor:
+    """The position of the token query row `row` produces: `row + 1`.
+
+        >>> produced_position(torch.tensor([3, 4]))
+        tensor([4, 5])
+    """
+    return row + 1
+
+
+def target_positions(trace: AttentionTrace, targets: str | Sequence[int] = "completion") -> list[list[int]]:
+    """Unpadded positions of the produced tokens to explain, per example.
+
+    `"completion"`: the completion's tokens `prompt_length .. n-1` (the first is
+    produced by the prompt's last row); `"last"`: the token after the trace, `n`;
+    a list of positions in `1 .. n` (negative ones count from the end: -1 is the
+    trace's last token), the same for every example.
+
+        >>> target_positions(tr, "completion")        # prompts of 4 and 2 tokens, 2 generated each
+        [[4, 5], [2, 3]]
+        >>> target_positions(tr, "last")
+        [[6], [4]]
+    """
+    out = []
+    for b, n in enumerate(trace.lengths):
+        if isinstance(targets, str):
+            if targets == "last":
+                out.append([n])
+            elif targets == "completion":
+                p = trace.prompt_lengths[b]
+                if p >= n:
+                    raise BadArgumentError(
+                        f"example {b} has no completion tokens (prompt length {p}, {n} tokens); use targets='last' or record with max_new_tokens"
+                    )
+                out.append(list(range(max(p, 1), n)))
+            else:
+                raise BadArgumentError(f"targets={targets!r}; use 'completion', 'last' or a list of token positions")
+        else:
+            pos = []
+            for t in targets:
+                t = int(t)
+                u = n + t if t < 0 else t
+                if not 1 <= u <= n:
+                    raise BadArgumentError(
+                        f"target position {t} is out of range for example {b} ({n} tokens); use 1..{n} (position 0 is produced by no row)"
+                    )
+                pos.append(u)
+            out.append(pos)
+    return out
+
+
+# ------------------------------------------------------------------------------------
+# scores
+# ------------------------------------------------------------------------------------
+def span_matrix(spans: Sequence[Span], n_keys: int, device=None) -> Float[Tensor, "key span"]:
+    """Membership `[key, span]`: 1 where key lies in `[span.start, span.end)` (clipped to `n_keys`).
+
+        >>> span_matrix([Span("a", "document", 0, 2), Span("b", "question", 1, 3)], 3)
+        tensor([[1., 0.],
+                [1., 1.],
+                [0., 1.]])
+    """
+    keys = torch.arange(n_keys, device=device).view(-1, 1)
+    starts = torch.tensor([s.start for s in spans], device=device, dtype=torch.long).view(1, -1)
+    ends = torch.tensor([s.end for s in spans], device=device, dtype=torch.long).view(1, -1)
+    return ((keys >= starts) & (keys < ends)).float()
+
+
+def span_scores(rows: Float[Tensor, "*batch target key"], spans: Sequence[Span]) -> Float[Tensor, "*batch target span"]:
+    """Sum each target row over each span's tokens (keys are unpadded positions).
+
+        >>> span_scores(torch.tensor([[0.5, 0.3, 0.2]]), [Span("a", "document", 0, 2), Span("b", "question", 2, 3)])
+        tensor([[0.8000, 0.2000]])
+    """
+    M = span_matrix(spans, rows.shape[-1], rows.device).to(rows.dtype)
+    return einsum(rows, M, "... target key, key span -> ... target span")
+
+
+def reduce_targets(scores: Float[Tensor, "*batch target source"], reduce: str | None = "mean") -> Float[Tensor, "*batch target source"]:
+    """Mean or sum over the target dim (kept, of size 1), or the scores as they are for `None`.
+
+        >>> reduce_targets(torch.tensor([[1., 0.], [0., 1.]]), "mean")
+        tensor([[0.5000, 0.5000]])
+    """
+    if reduce is None:
+        return scores
+    if reduce == "mean":
+        return scores.mean(-2, keepdim=True)
+    if reduce == "sum":
+        return scores.sum(-2, keepdim=True)
+    raise BadArgumentError(f"reduce={reduce!r}; use 'mean', 'sum' or None")
+
+
+def rank_scores(scores: Float[Tensor, "*batch source"]) -> Int[Tensor, "*batch source"]:
+    """Rank along the last dim: 1 = highest; ties keep source order (a stable sort).
+
+        >>> rank_scores(torch.tensor([0.2, 0.5, 0.2, 0.1]))     # the tie at 0.2: index 0 first
+        tensor([2, 1, 3, 4])
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(1, scores.shape[-1] + 1, device=scores.device).expand_as(order)
+    return ranks.scatter_(-1, order, positions)
+
+
+# ------------------------------------------------------------------------------------
+# composing a trace
+# ------------------------------------------------------------------------------------
+def flow_rows(
+    trace: AttentionTrace,
+    method: str = "flow",
+    *,
+    alpha: float = 0.5,
+    exclude_keys: Sequence[int] = (),
+    heads: F.Heads = "mean",
+) -> Float[Tensor, "batch query key"]:
+    """The composed matrix of every recorded query row, in the trace's padded coordinates.
+
+    Rows line up with `trace.query_positions` and keys with `trace.input_ids`, so
+    the result goes straight to the exporters:
+
+        >>> R = flow_rows(tr, "rollout", exclude_keys=(0,))          # [batch, query, key]
+        >>> af.exporters.to_parquet(tr, "run/", flow={"rollout": R})
+
+    Composed methods need a trace recorded with every query row and every layer;
+    `method="raw"` (the last recorded layer) works on any trace.
+    """
+    _check_method(method)
+    _check_composable(trace, method)
+    return F.compose(trace.patterns, method, **_flow_kwargs(trace, method, alpha, exclude_keys, heads))
+
+
+def target_flow(
+    trace: AttentionTrace,
+    rows: Sequence[Sequence[int]],
+    method: str = "flow",
+    *,
+    alpha: float = 0.5,
+    exclude_keys: Sequence[int] = (),
+    heads: F.Heads = "mean",
+) -> Float[Tensor, "batch target key"]:
+    """Composed rows `rows[b]` (unpadded query rows) of each example: `[batch, max |rows|, key]`.
+
+    Only those rows are computed (top-down, `O(L·|T|·N²)`).  Keys are padded
+    positions; example b's rows beyond `len(rows[b])` repeat its last row (ignore them).
+    """
+    _check_method(method)
+    _check_composable(trace, method)
+    B = trace.batch_size
+    T = max((len(r) for r in rows), default=0)
+    if T == 0:
+        raise BadArgumentError("no target rows to compose; every example needs at least one target")
+    pads = trace.pad_offsets
+    idx = torch.tensor([[pads[b] + r[min(j, len(r) - 1)] for j in range(T)] if r else [0] * T for b, r in enumerate(rows)])
+    if method == "raw":
+        idx = _query_index(trace, idx)
+    kw = _flow_kwargs(trace, method, alpha, exclude_keys, heads)
+    return F.compose(trace.patterns, method, rows=idx.to(trace.patterns.device), **kw)
+
+
+def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]) -> Int[Tensor, "batch target"]:
+    """Index in the trace's query dim of each padded row position; error if a row was not recorded."""
+    qpos = trace.query_positions.cpu()
+    hit = qpos.unsqueeze(1) == padded_rows.unsqueeze(-1)  # [batch, target, query]
+    missing = ~hit.any(-1)
+    if missing.any():
+        b, j = (int(v) for v in missing.nonzero()[0])
+        row = int(padded_rows[b, j]) - trace.pad_offsets[b]
+        raise BadArgumentError(f"query row {row} of example {b} was not recorded; record it (e.g. rows=None) or pick recorded targets")
+    return hit.long().argmax(-1)
+
+
+def _flow_kwargs(trace: AttentionTrace, method: str, alpha, exclude_keys, heads) -> dict:
+    kw = {"heads": _trace_heads(trace, heads), "exclude_keys": tuple(exclude_keys)}
+    kw["key_mask"] = trace.attention_mask.to(trace.patterns.device)
+    if method == "rollout":
+        kw["alpha"] = alpha
+    return kw
+
+
+def _trace_heads(trace: AttentionTrace, heads: F.Heads) -> F.Heads:
+    if isinstance(heads, str):
+        return heads
+    if trace.patterns.shape[2] == 1 and trace.heads != "all":
+        raise BadArgumentError(f"the trace's heads were reduced when recorded (heads={trace.heads!r}); pass heads='mean'")
+    if heads.ndim == 2 and heads.shape[0] != len(trace.layers) and heads.shape[0] > max(trace.layers):
+        return heads[list(trace.layers)]  # weights for every model layer: keep the recorded ones
+    return heads
+
+
+def _check_method(method: str) -> None:
+    if method not in F.METHODS:
+        raise BadArgumentError(f"method={method!r}; use one of {', '.join(F.METHODS)}")
+
+
+def _check_composable(trace: AttentionTrace, method: str) -> None:
+    """Composed methods need every query row and every layer; say how to record them."""
+    if method == "raw":
+        return
+    B, S = trace.input_ids.shape
+    all_rows = torch.where(trace.attention_mask.cpu() != 0, torch.arange(S), -1)
+    full_rows = trace.patterns.shape[3] == S and torch.equal(trace.query_positions.cpu(), all_rows)
+    num_layers = trace.model_info.get("num_layers")
+    full_layers = num_layers is None or list(trace.layers) == list(range(int(num_layers)))
+    if not (full_rows and full_layers):
+        what = "a subset of query rows" if not full_rows else f"layers {list(trace.layers)} of {num_layers}"
+        raise BadArgumentError(
+            f"method={method!r} composes every layer over every row, but this trace holds {what}; "
+            "record with rows=None and layers=None (all layers), or use method='raw'"
+        )
+
+
+# ------------------------------------------------------------------------------------
+# the table
+# ------------------------------------------------------------------------------------
+def attribute(
+    trace: AttentionTrace,
+    method: str = "flow",
+    sources: str = "spans",
+    targets: str | Sequence[int] = "completion",
+    reduce: str | None = "mean",
+    alpha: float = 0.5,
+    exclude_keys: Sequence[int] = (),
+    heads: F.Heads = "mean",
+    span_kind: str | None = None,
+) -> pa.Table:
+    """Score sources (spans or tokens) for target tokens: a pyarrow Table (`.to_pandas()` for a DataFrame).
+
+    Columns: example int32, method string, target int32 (unpadded position of the
+    produced token; -1 when `reduce` merged the targets), `source_span` int32
+    (index into `trace.spans[example]`, the spans table's `span_id`) or
+    `source_token` int32 (unpadded key position), score float32 (the source's
+    share of the target row), rank int32 (1 = best within example and target).
+
+        >>> tr.spans[0]
+        [Span(name='doc 0', kind='document', start=0, end=3), Span(name='doc 1', kind='document', start=3, end=6)]
+        >>> af.attribute(tr, method="rollout", span_kind="document").to_pydict()
+        {'example': [0, 0], 'method': ['rollout', 'rollout'], 'target': [-1, -1],
+         'source_span': [0, 1], 'score': [0.61, 0.27], 'rank': [1, 2]}
+
+    Only the target rows are composed (top-down).  `method` is one of rollout,
+    flow, flow_normalized, sum, raw; `alpha` applies to rollout; `exclude_keys`
+    (e.g. `(0,)` for the BOS sink) and `heads` are passed to `attnflow.flow`.
+    """
+    _check_method(method)
+    if sources not in SOURCE_COLUMNS:
+        raise BadArgumentError(f"sources={sources!r}; use 'spans' or 'tokens'")
+    if span_kind is not None and span_kind not in SPAN_KINDS:
+        raise BadArgumentError(f"span_kind={span_kind!r}; use one of {', '.join(SPAN_KINDS)} or None")
+    reduce_targets(torch.zeros(1, 1), reduce)  # validates `reduce`
+    positions = target_positions(trace, targets)
+    spans = [[(i, s) for i, s in enumerate(ex) if span_kind is None or s.kind == span_kind] for ex in trace.spans]
+    if sources == "spans" and not any(spans):
+        kind = f" of kind {span_kind!r}" if span_kind else ""
+        raise BadArgumentError(f"the trace has no spans{kind}; use sources='tokens' or give the trace spans")
+
+    rows = [[producing_row(t) for t in ts] for ts in positions]
+    R = target_flow(trace, rows, method, alpha=alpha, exclude_keys=exclude_keys, heads=heads).detach().float().cpu()
+    table = {name: [] for name in attribution_schema(sources).names}
+    for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
+        X = R[b, : len(rows[b]), pad : pad + n]  # [target, key], unpadded keys
+        X = X / torch.where(X.sum(-1, keepdim=True) != 0, X.sum(-1, keepdim=True), 1.0)  # shares of each row
+        if sources == "spans":
+            ids = [i for i, _ in spans[b]]
+            if not ids:
+                continue
+            scores = span_scores(X, [s for _, s in spans[b]])
+        else:
+            ids = list(range(n))
+            scores = X
+        scores = reduce_targets(scores, reduce)
+        ranks = rank_scores(scores)
+        target_col = [-1] if reduce is not None else positions[b]
+        for j, t in enumerate(target_col):
+            table["example"] += [b] * len(ids)
+            table["method"] += [method] * len(ids)
+            table["target"] += [t] * len(ids)
+            table[SOURCE_COLUMNS[sources]] += ids
+            table["score"] += scores[j].tolist()
+            table["rank"] += ranks[j].tolist()
+    return pa.table(table, schema=attribution_schema(sources))

@@ -129,7 +129,7 @@ def _reduce_layer(A_l: Float[Tensor, "*batch head query key"], heads: Heads, w_l
     return torch.mean(A_l, dim=-3, dtype=dtype)
 
 
-def head_weights_from_o_proj(model: nn.Module) -> Float[Tensor, "layer head"]:
+def head_weights_from_o_proj(model: nn.Module | object) -> Float[Tensor, "layer head"]:
     """Per-head weights from the output projection: ‖W_O[:, head h's columns]‖_F, normalised per layer.
 
     Head h writes to the residual stream through the input features
@@ -140,10 +140,16 @@ def head_weights_from_o_proj(model: nn.Module) -> Float[Tensor, "layer head"]:
     generically: modules whose class name contains "Attention" (or that have
     `head_dim`) and own one of `o_proj`, `out_proj`, `c_proj`, `dense`, or a 3-D `W_O`.
 
-        >>> model = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, ...))
-        >>> w = head_weights_from_o_proj(model)           # [layer, head], rows sum to 1
-        >>> rollout(tr.patterns, heads=w)
+        >>> cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64)
+        >>> w = head_weights_from_o_proj(AutoModelForCausalLM.from_config(cfg))
+        >>> w.shape, w.sum(-1)                            # [layer, head], each layer sums to 1
+        (torch.Size([2, 4]), tensor([1.0000, 1.0000]))
+        >>> R = rollout(tr.patterns, heads=w)             # tr recorded with heads="all"
     """
+    if not isinstance(model, nn.Module):  # an nnsight model wraps the HF module
+        model = getattr(model, "_module", None) or getattr(model, "_model", None)
+    if not isinstance(model, nn.Module):
+        raise BadArgumentError("head_weights_from_o_proj needs a torch module (an HF or TransformerLens model, or an nnsight wrapper of one)")
     rows = []
     for module in model.modules():
         block = _o_proj_blocks(module, model)
@@ -199,6 +205,8 @@ class FlowAccumulator:
     (`top_down=True`, with `rows`) keeps only `E_T Â_L ··· Â_l  [*batch, rows, key]`:
     add layers from the last to the first, `O(|T|·N²)` per layer.
 
+        >>> A = torch.rand(2, 4, 8, 5, 5).tril()
+        >>> A = A / A.sum(-1, keepdim=True)
         >>> acc = FlowAccumulator("rollout", alpha=0.5)
         >>> for l in range(A.shape[1]):
         ...     acc.add(A[:, l])                     # [batch, head, query, key]
@@ -277,6 +285,9 @@ class FlowAccumulator:
             )
         self.real = _real_positions(row_sums, P, self.key_mask)  # [*batch, N]
         self.keep, self._drop_pos, self._drop_valid = _excluded(self.real, self.exclude_keys)
+        # without excluded keys or a key_mask, pad key columns of P are zero (pad keys are known
+        # only from P's own zero rows), so masking them again would be a no-op
+        self._mask_keys = bool(self.exclude_keys) or self.key_mask is not None
         self._idx = None if self.rows is None else _row_index(self.rows, P.shape[:-2], N, P.device)
 
     def _gains(self, P: Tensor) -> tuple[Tensor, Tensor]:
@@ -303,16 +314,20 @@ class FlowAccumulator:
             if self.top_down:
                 idx = self._idx
                 rows_P = _take_rows(P, idx)
-                eye = torch.nn.functional.one_hot(idx, P.shape[-1]).to(P.dtype)
+                eye = (idx[..., None] == torch.arange(P.shape[-1], device=P.device)).to(P.dtype)  # no one_hot: it syncs
                 self.state = _take(g, idx)[..., None] * rows_P * keep[..., None, :] + _take(h, idx)[..., None] * eye
             else:
                 self.state = g[..., :, None] * P * keep[..., None, :] + torch.diag_embed(h)
-        elif self.top_down:  # Y ← Y·M
+        elif self.top_down:  # Y ← Y·M, in few kernels: (Y·diag(g))·P·diag(keep) + Y·diag(h)
             Y = self.state
-            self.state = ((Y * g[..., None, :]) @ P) * keep[..., None, :] + Y * h[..., None, :]
-        else:  # X ← M·X
+            out = (Y * g[..., None, :]) @ P
+            if self._mask_keys:
+                out.mul_(keep[..., None, :])
+            self.state = out.addcmul_(Y, h[..., None, :])
+        else:  # X ← M·X = diag(g)·P·(diag(keep)·X) + diag(h)·X
             X = self.state
-            self.state = g[..., :, None] * (P @ (keep[..., :, None] * X)) + h[..., :, None] * X
+            out = P @ (keep[..., :, None] * X) if self._mask_keys else P @ X
+            self.state = out.mul_(g[..., :, None]).addcmul_(X, h[..., :, None])
 
     def _add_sum(self, P: Tensor) -> None:
         row_sums = P.sum(-1)
@@ -440,7 +455,9 @@ def raw(
 def compose(A: Float[Tensor, "*batch layer head query key"], method: str = "rollout", **kw) -> Float[Tensor, "*batch query key"]:
     """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw.
 
+        >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]]]])
         >>> compose(A, "flow_normalized", rows=[-1])      # == residual_flow(A, normalize=True, rows=[-1])
+        tensor([[[0.2500, 0.7500]]])
     """
     if method == "rollout":
         return rollout(A, **kw)
@@ -542,12 +559,17 @@ def _excluded(real: Float[Tensor, "*batch key"], exclude_keys: Sequence[int]) ->
 
 
 def _row_index(rows, batch_shape: torch.Size, N: int, device) -> Int[Tensor, "*batch rows"] | Int[Tensor, "rows"]:
-    """Rows as a non-negative LongTensor, `[rows]` (shared) or `[*batch, rows]` (per example)."""
-    idx = torch.as_tensor(rows, dtype=torch.long, device=device) if not isinstance(rows, Tensor) else rows.to(device).long()
+    """Rows as a non-negative LongTensor, `[rows]` (shared) or `[*batch, rows]` (per example).
+
+    A Python list is range-checked (on the host); so is a CPU tensor.  A GPU tensor is not,
+    to keep the loop free of host synchronisation.
+    """
+    idx = rows.long() if isinstance(rows, Tensor) else torch.as_tensor(list(rows), dtype=torch.long)
     if idx.ndim == 0 or (idx.ndim > 1 and tuple(idx.shape[:-1]) != tuple(batch_shape)):
         raise ShapeError(f"rows has shape {tuple(idx.shape)}, expected (rows,) or {(*batch_shape, 'rows')}")
-    if idx.numel() and bool(((idx < -N) | (idx >= N)).any()):
+    if idx.numel() and idx.device.type == "cpu" and bool(((idx < -N) | (idx >= N)).any()):
         raise BadArgumentError(f"rows must lie in [-{N}, {N}) for {N} query rows")
+    idx = idx.to(device)
     return idx % N
 
 

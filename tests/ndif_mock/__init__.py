@@ -3,6 +3,7 @@
     >>> with serve("tiny/dir", repo_id="attnflow-test/tiny") as mock:
     ...     mock.url                # "http://127.0.0.1:<port>", for nnsight's CONFIG.API.HOST
     ...     mock.stats()            # [{"request_bytes": ..., "result_bytes": ..., "attnflow_imported": False}, ...]
+    ...     mock.configure(nnsight_version="0.7.0")   # pretend the server runs another nnsight
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ class Mock:
     process: subprocess.Popen
 
     def stats(self) -> list[dict]:
+        """One entry per completed job: request_bytes, result_bytes, compressed, attnflow_imported."""
         with urllib.request.urlopen(f"{self.url}/stats", timeout=30) as response:
             return json.loads(response.read())
+
+    def configure(self, nnsight_version: str | None = None, min_nnsight_version: str | None = None) -> None:
+        """Set the nnsight version /env reports and the minimum /request accepts (None: this one, no minimum)."""
+        body = json.dumps({"nnsight_version": nnsight_version, "min_nnsight_version": min_nnsight_version}).encode()
+        request = urllib.request.Request(f"{self.url}/admin", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30):
+            pass
 
 
 @contextmanager

@@ -8,6 +8,7 @@ way NDIF's model actor does (ndif `services/ray/deployments/modeling/base.py`):
                            blob = the serialized trace; headers ndif-api-key, nnsight-version, python-version
     GET  /status, /env     the hosted deployment, the server's package versions
     GET  /stats            sizes of every request and result blob, for the tests
+    POST /admin            {"nnsight_version", "min_nnsight_version"}: what /env reports and /request requires
 
 A job is `RequestModel.deserialize(blob, model._remoteable_persistent_objects())`,
 `tracer.execute(tracer.info.code)` inside a trace scope, the values the block
@@ -163,6 +164,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         s = self.state
+        if self.path == "/admin":  # tests switch the server's reported and required versions
+            settings = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            s.nnsight_version = settings.get("nnsight_version") or nnsight.__version__
+            s.min_nnsight_version = settings.get("min_nnsight_version")
+            return self._json(200, {"ok": True})
         if self.path != "/request":
             return self._json(404, {"detail": f"no route {self.path}"})
         if s.api_key is not None and self.headers.get("ndif-api-key", "") != s.api_key:

@@ -9,7 +9,7 @@ every question has exactly one answer supported by the documents.
 
 A two-hop question goes through a "works with" link: with the documents
 `alice works with bob .` and `bob lives in paris .`, the question
-`where does the colleague of alice live ?` has the answer `paris`, and nothing
+`what is the city of the colleague of alice ?` has the answer `paris`, and nothing
 states where alice herself lives, so both documents are needed.
 
     >>> ex = generate(1, seed=0)[0]
@@ -17,7 +17,7 @@ states where alice herself lives, so both documents are needed.
     >>> print(text)                                    # doctest: +SKIP
     doc1 : bob owns a cat .
     doc2 : alice lives in paris .
-    question : where does alice live ?
+    question : what is the city of alice ?
     answer :
     >>> ex.answer, ex.support                          # doctest: +SKIP
     ('paris', [1])
@@ -39,7 +39,7 @@ ENTITIES = (
 RELATIONS = {
     "lives": (
         "lives in",
-        "where does {} live ?",
+        "what is the city of {} ?",
         ("paris", "london", "rome", "berlin", "madrid", "vienna", "oslo", "lisbon", "athens", "prague"),
     ),
     "job": (
@@ -49,12 +49,12 @@ RELATIONS = {
     ),
     "pet": (
         "owns a",
-        "what animal does {} own ?",
+        "what is the pet of {} ?",
         ("cat", "dog", "horse", "rabbit", "parrot", "goat", "turtle", "snake", "hamster", "duck"),
     ),
     "music": (
         "plays the",
-        "what instrument does {} play ?",
+        "what is the instrument of {} ?",
         ("piano", "violin", "guitar", "drums", "flute", "cello", "harp", "trumpet", "banjo", "organ"),
     ),
 }
@@ -113,10 +113,10 @@ class _Facts:
 
 
 def _distractor(rng: random.Random, focus: list[str], relation: str) -> tuple[str, str, str]:
-    """A fact near the question: its relation about another entity, or its entities with another relation."""
+    """A fact near the question: mostly its relation about another entity, else its entities with another relation."""
     kind = rng.random()
-    entity = rng.choice(focus) if kind < 0.35 else rng.choice(ENTITIES)
-    if kind < 0.35 or kind >= 0.85:
+    entity = rng.choice(focus) if kind < 0.25 else rng.choice(ENTITIES)
+    if kind < 0.25 or kind >= 0.85:
         relation = rng.choice([*RELATIONS, "link"])
     if relation == "link":
         return (entity, "link", rng.choice(ENTITIES))

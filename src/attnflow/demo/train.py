@@ -29,14 +29,15 @@ from attnflow.demo import task
 from attnflow.demo.tokenizer import build_tokenizer
 
 TRAIN_SEED_BASE = 10**6  # training batches use seeds >= 10**6; held-out evaluation uses small seeds
-EVAL_SEED = 7  # the held-out set logged during training and reported in the model card
+EVAL_SEED = 7  # the held-out set logged during training
+REPORT_SEED = 2024  # the held-out sets of the model card (and of tests/test_demo_model.py)
 
 
 def make_config(tok: PreTrainedTokenizerFast, args: argparse.Namespace) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
+        intermediate_size=args.ffn,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
@@ -111,7 +112,7 @@ def docs_at(step: int, args: argparse.Namespace) -> tuple[int, int]:
     """Curriculum: the largest number of documents grows from 2 to the task's maximum over `--grow` of the run."""
     grown = min(1.0, step / max(1, args.grow * args.steps))
     high = 2 + round(grown * (args.max_docs - 2))
-    return (1, high) if high < args.max_docs else (args.min_docs, args.max_docs)
+    return (min(2, args.min_docs), high) if high < args.max_docs else (args.min_docs, args.max_docs)
 
 
 def batch_at(step: int, tok: PreTrainedTokenizerFast, args: argparse.Namespace) -> dict[str, Tensor]:
@@ -163,18 +164,83 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def save(model, tok: PreTrainedTokenizerFast, out: Path, args: argparse.Namespace, result: dict) -> None:
+    """The HF folder (safetensors, tokenizer, generation config), training_log.json and MODEL_CARD.md, swapped in whole."""
     from transformers import GenerationConfig
 
-    out.mkdir(parents=True, exist_ok=True)
+    from attnflow import _io
+
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         do_sample=False, max_new_tokens=2,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    result = {**result, "accuracy": {
+        f"single_hop_seed{REPORT_SEED}": answer_accuracy(model, tok, task.generate(200, REPORT_SEED)),
+        f"two_hop_seed{REPORT_SEED + 1}": answer_accuracy(model, tok, task.generate(200, REPORT_SEED + 1, two_hop=True)),
+    }}
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     meta = {"settings": settings, "torch": torch.__version__, "python": platform.python_version(), **result}
-    (out / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
+    with _io.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "MODEL_CARD.md").write_text(model_card(model, tok, meta))
+
+
+def model_card(model, tok: PreTrainedTokenizerFast, meta: dict) -> str:
+    cfg, st, acc = model.config, meta["settings"], meta["accuracy"]
+    n_params = sum(p.numel() for p in model.parameters())
+    last = meta["log"][-1] if meta["log"] else {}
+    return f"""# attnflow demo model
+
+A {cfg.num_hidden_layers}-layer Llama trained from scratch on the synthetic multi-document QA task of
+`attnflow.demo.task`: every document states one fact (`alice lives in paris .`), a question asks for
+one (entity, relation) pair (`what is the city of alice ?`) or, two-hop, for a fact about the colleague
+of an entity (`what is the city of the colleague of alice ?` needs `alice works with bob .` and
+`bob lives in rome .`).  The generator knows which documents support each answer, so attribution
+methods can be scored against the truth.
+
+## Accuracy (greedy, held-out seeds; training draws from seeds >= 10**6)
+
+| questions | documents | examples | accuracy |
+|---|---|---|---|
+| single-hop (seed {REPORT_SEED}) | {task.MIN_DOCS}-{task.DEFAULT_MAX_DOCS} | 200 | {acc[f"single_hop_seed{REPORT_SEED}"]:.1%} |
+| two-hop (seed {REPORT_SEED + 1}) | {task.MIN_DOCS}-{task.DEFAULT_MAX_DOCS} | 200 | {acc[f"two_hop_seed{REPORT_SEED + 1}"]:.1%} |
+
+An answer counts when the first generated token is the answer and the second is `</s>`.
+The last training log line: `{json.dumps(last)}`.
+
+## Architecture
+
+LlamaForCausalLM: {cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, MLP width {cfg.intermediate_size},
+{cfg.num_attention_heads} query heads and {cfg.num_key_value_heads} key/value heads (grouped-query attention),
+head size {cfg.hidden_size // cfg.num_attention_heads}, rotary position embeddings (theta {cfg.rope_theta if hasattr(cfg, "rope_theta") else "default"}),
+RMSNorm, SwiGLU MLP, untied embeddings, {cfg.max_position_embeddings} positions, {n_params:,} parameters (float32).
+Tokenizer: word level (`tokenizers` WordLevel, whitespace split), {len(tok)} tokens, `<s>` prepended, left padding.
+
+## Task settings
+
+{len(task.ENTITIES)} entities, {len(task.RELATIONS)} relations with {len(next(iter(task.RELATIONS.values()))[2])} values each,
+plus the symmetric link `works with`; {task.MIN_DOCS}-{task.DEFAULT_MAX_DOCS} documents per prompt, one fact each.
+Distractors mostly state the asked relation about other people, or other relations of the people in the question;
+no (entity, relation) pair is stated twice, so every question has exactly one supported answer.
+
+## Training
+
+`python -m attnflow.demo.train --out src/attnflow/demo/model {" ".join(f"--{k.replace('_', '-')} {v}" for k, v in st.items() if v is not None)}`
+
+- seed {st["seed"]}; {meta["steps_done"]} steps of {st["batch"]} prompts; each prompt is followed by up to {st["questions"]}
+  questions about its documents, and the loss is the cross-entropy of the answer tokens and `</s>` only.
+- {st["two_hop_frac"]:.0%} of the prompts' first questions are two-hop; the number of documents grows from 2 to
+  {st["max_docs"]} over the first {st["grow"]:.0%} of the steps.
+- AdamW (betas 0.9, 0.98, weight decay {st["weight_decay"]} on matrices), peak learning rate {st["lr"]},
+  {st["warmup"]} warm-up steps then cosine decay to 5%, gradient clipping at 1.0.
+- CPU, {st["threads"]} torch thread(s), torch {meta["torch"]}, Python {meta["python"]}; wall time {meta["wall_minutes"]} minutes
+  (on a CPU shared with other jobs).
+- The run is a fixed number of steps with batches drawn from seeded generators, so the same command
+  reproduces the weights on the same software (floating-point results can differ across torch versions and thread counts).
+
+`training_log.json` holds the settings and the held-out accuracy logged during training.
+"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -191,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--ffn", type=int, default=256, help="MLP width")
     p.add_argument("--min-docs", type=int, default=task.MIN_DOCS)
     p.add_argument("--max-docs", type=int, default=task.DEFAULT_MAX_DOCS)
     p.add_argument("--grow", type=float, default=0.3, help="fraction of the run over which documents grow to --max-docs")

@@ -1,1 +1,14 @@
-"""Document-QA attribution evaluation (issue 7)."""
+"""Document-QA attribution evaluation: does attention flow point at the documents an answer came from?
+
+    attnflow eval demo --out runs/demo --limit 200            # the embedded model organism
+    attnflow eval hotpotqa --model M --data hotpot_dev_distractor_v1.json --out runs/hp
+
+Modules, in the order data flows:
+
+    datasets.py   HotPotQA (official JSON, HF parquet/jsonl) and the demo task -> QAExample; bad rows -> Problem
+    prompts.py    rendered prompt, chat template, token spans per paragraph and sentence (from offsets), gold labels
+    methods.py    random, raw, sum, rollout, flow, flow_normalized (each with and without the BOS sink) -> span scores
+    metrics.py    precision@k, recall@k, MRR, nDCG, AUROC (tie rules documented there), EM/F1, bootstrap CIs
+    runner.py     resumable, shardable runner writing Parquet parts; `attnflow eval ...` commands
+    report.py     summary table (printed, summary.parquet, summary.md), precision/recall plot, explorer.html
+"""

@@ -77,6 +77,8 @@ def render_hotpotqa(example: QAExample) -> Rendered:
 
     Question: <question>
     Answer:
+
+    A paragraph's range covers its header line and its sentences; a sentence's, its text only.
     """
     text = INSTRUCTION + "\n\n"
     paragraphs, sentences = [], []

@@ -104,6 +104,9 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
             + ", ".join(f"{k.upper()} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for k, r in ans.items())
         )
     metrics = M.metric_names() if full else HEADLINE
+    parts.append(
+        "note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike"
+    )
     for level in LEVELS:
         n = max((r["n"] for r in summary.to_pylist() if r["level"] == level), default=0)
         if n:
@@ -146,9 +149,9 @@ def plot(summary: pa.Table, path: Path) -> None:
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
     axes[0, 1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.95, bottom=0.07, hspace=0.3, wspace=0.15)
     with _io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
 
 
@@ -252,8 +255,11 @@ sel.value = D.methods.includes("rollout/nosink") ? "rollout/nosink" : D.methods[
 let current = 0;
 const list = document.getElementById("list");
 list.appendChild(el("div", "meta", D.examples.length + " of " + D.total + " examples"));
+const marks = [];
 D.examples.forEach((ex, i) => {
-  const d = el("div", ex.status === "ok" ? "" : "bad", (ex.status === "ok" ? "" : "[" + ex.status + "] ") + ex.question);
+  const d = el("div", ex.status === "ok" ? "" : "bad");
+  const mark = el("span", "meta"); marks.push(mark); d.appendChild(mark);
+  d.appendChild(document.createTextNode((ex.status === "ok" ? "" : "[" + ex.status + "] ") + ex.question));
   d.onclick = () => { current = i; show(); };
   d.dataset.i = i; list.appendChild(d);
 });
@@ -261,7 +267,15 @@ function topk(scores, k) {
   const order = scores.map((s, i) => [s, i]).sort((a, b) => b[0] - a[0] || a[1] - b[1]);
   return new Set(order.slice(0, k).map(x => x[1]));
 }
+function markList() {  // is the top-ranked paragraph gold, for the chosen method?
+  D.examples.forEach((ex, i) => {
+    const ps = (ex.scores.paragraph || {})[sel.value];
+    marks[i].textContent = !ps ? "" : (ex.gold_paragraphs[[...topk(ps, 1)][0]] ? "\u2713 " : "\u2717 ");
+    marks[i].style.color = marks[i].textContent.startsWith("\u2713") ? "#2a9d3a" : "#c0392b";
+  });
+}
 function show() {
+  markList();
   for (const d of list.children) d.classList.toggle("sel", d.dataset.i == current);
   const ex = D.examples[current], m = sel.value, k = Math.max(1, parseInt(kIn.value) || 1);
   const box = document.getElementById("detail"); box.replaceChildren();

@@ -234,7 +234,7 @@ def evaluate(
                 pq.write_table(table, tmp / f"{name}.parquet")
         bar.update(len(batch))
     bar.close()
-    examples_t, attribution_t = collect(parts, [b for b in todo], jobs, problems)
+    examples_t, attribution_t = collect(parts, todo, jobs, problems)
     write_table(examples_t, out / "examples.parquet")
     write_table(attribution_t, out / "attribution.parquet")
     if not report:
@@ -246,6 +246,13 @@ def evaluate(
 
 def prepare_out(out: Path, config: RunConfig, resume: bool) -> None:
     """Create `out`, or check that the run there has the same settings when resuming."""
+    check_out(out, config, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    _io.write_json(out / "config.json", config.to_json())
+
+
+def check_out(out: Path, config: RunConfig, resume: bool) -> None:
+    """DataError unless `out` is new, empty, or (with resume) a run with the same settings."""
     cfg_file = out / "config.json"
     if cfg_file.is_file():
         if not resume:
@@ -256,10 +263,8 @@ def prepare_out(out: Path, config: RunConfig, resume: bool) -> None:
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             raise DataError(f"cannot resume {out} with other settings ({changes}); use the original ones or a new --out")
-    elif out.exists() and any(out.iterdir()) and not resume:
-        raise DataError(f"{out} exists and is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    _io.write_json(cfg_file, config.to_json())
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and holds no evaluation; choose another --out")
 
 
 def _check_part(path: Path, batch: list[Job]) -> None:
@@ -450,8 +455,7 @@ def run_eval_command(args) -> int:
     """`attnflow eval hotpotqa|demo`: evaluate, write the report, print the summary table."""
     config = config_from_args(args)
     out = Path(args.out)
-    if (out / "config.json").is_file() and not args.resume:
-        raise DataError(f"{out} already holds an evaluation; pass --resume to continue it or choose another --out")
+    check_out(out, config, args.resume)  # before the slow part
     examples, problems = select_examples(config)
     for pr in problems[:20]:
         print(f"attnflow: skipping malformed example {pr.id} (row {pr.index}): {pr.reason}", file=sys.stderr)
@@ -491,12 +495,14 @@ def merge_command(args) -> int:
         if {k: v for k, v in c.items() if k != "shard"} != base:
             raise DataError(f"shard run {d} has other settings than {args.shards[0]}; merge runs of one evaluation")
     shards = [parse_shard(c["shard"]) for c in configs]
+    names = [c["shard"] for c in configs]
+    if len({n for _, n in shards}) != 1 or any(c["shard"] is None for c in configs):
+        raise DataError(f"shards {names} do not split one run; merge the --shard i/N runs of one N")
     if len(set(shards)) != len(shards):
-        raise DataError(f"the same shard is given twice ({[c['shard'] for c in configs]}); give each shard once")
-    total = {n for _, n in shards}
-    if len(total) == 1 and len(shards) < total.pop():
-        missing = sorted(set(range(shards[0][1])) - {i for i, _ in shards})
-        print(f"attnflow: warning: merging without shards {missing}", file=sys.stderr)
+        raise DataError(f"the same shard is given twice ({names}); give each shard once")
+    missing = sorted(set(range(shards[0][1])) - {i for i, _ in shards})
+    if missing:
+        print(f"attnflow: warning: merging without shards {missing} of {shards[0][1]}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     merged = dict(base, shard=None, merged_from=[c["shard"] for c in configs])

@@ -29,11 +29,24 @@ def _ints(text: str, flag: str, expected: str) -> list[int]:
 
 
 def run_trace_command(args) -> int:
-    from attnflow.tracers import load, trace
+    from attnflow.tracers import inputs, load, trace
+    from attnflow.tracers.nnsight import storage_dtype
 
-    rows = parse_rows(args.rows)
+    # cheap checks before the model loads, so a typo fails fast
+    rows = inputs.check_rows(parse_rows(args.rows), has_completion=bool(args.max_new_tokens))
     layers = parse_layers(args.layers)
-    model = load(args.model)
+    inputs.check_heads(args.heads, 0, 0, [])
+    storage_dtype(args.dtype)
+    if args.no_progress:  # also transformers' "Loading weights" bar
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    if args.remote:  # NDIF holds the weights: open only the config and tokenizer here
+        from attnflow.tracers.remote import load as load_remote
+
+        model = load_remote(args.model)
+    else:
+        model = load(args.model)
     tr = trace(
         model,
         list(args.prompt),

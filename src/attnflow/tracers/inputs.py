@@ -8,15 +8,17 @@ where the tokenizer adds one), a chat as a list of `{"role", "content"}` dicts
 token ids (used exactly as given: no BOS added).  `completions=` appends given
 text or ids (teacher forcing); `prompt_lengths` mark the boundary.
 
-    >>> enc = encode(["the cat", [1, 5, 6, 7]], tok, completions=[" sat", [8]])
+    >>> tok("the cat")["input_ids"]                     # a word-level tokenizer that adds no BOS
+    [4, 6]
+    >>> enc = encode(["the cat", [1, 5, 6, 7]], tok, completions=["sat", [8]])
     >>> enc.sequences, enc.prompt_lengths
-    ([[1, 4, 5, 6], [1, 5, 6, 7, 8]], [3, 4])
+    ([[4, 6, 8], [1, 5, 6, 7, 8]], [2, 4])
     >>> ids, mask = left_pad(enc.sequences, pad_id=0)
     >>> mask
-    tensor([[0, 1, 1, 1, 1],
+    tensor([[0, 0, 1, 1, 1],
             [1, 1, 1, 1, 1]])
     >>> position_ids(mask)
-    tensor([[0, 0, 1, 2, 3],
+    tensor([[0, 0, 0, 1, 2],
             [0, 1, 2, 3, 4]])
 
 Query rows (`rows=`) are unpadded positions of each example: None = every
@@ -68,7 +70,7 @@ def as_prompt_list(prompts: Any) -> list:
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
-            raise PromptError("no prompts given; pass a string, a chat, token ids, or a list of them")
+            raise PromptError("the prompt list is empty; pass a string, a chat, token ids, or a list of them")
         return [p.tolist() if isinstance(p, Tensor) else p for p in prompts]
     raise PromptError(f"prompts of type {type(prompts).__name__}; pass a string, a chat, token ids, or a list of them")
 
@@ -273,7 +275,7 @@ def row_index(positions: Sequence[Sequence[int]], lengths: Sequence[int], seq: i
 
         >>> row_index([[0, 1, 2], [2]], lengths=[3, 4], seq=4)
         tensor([[ 1,  2,  3],
-                [-1, -1,  3]])
+                [-1, -1,  2]])
     """
     R = max((len(p) for p in positions), default=0)
     index = torch.full((len(positions), R), -1, dtype=torch.long)

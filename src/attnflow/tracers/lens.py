@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from attnflow.errors import BadArgumentError, PromptError, UnsupportedModelError
 from attnflow.trace import AttentionTrace
 from attnflow.tracers import inputs, reduce
+from attnflow.tracers.nnsight import storage_dtype
 
 LENS_CLASSES = ("TransformerBridge", "HookedTransformer")
 
@@ -72,17 +73,16 @@ def trace_lens(
             "drop remote= or trace the HF model (or its hub id) instead"
         )
     if max_new_tokens is not None and completions is not None:
-        raise BadArgumentError("pass max_new_tokens= or completions=, not both")
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise BadArgumentError(f"max_new_tokens={max_new_tokens!r}; use a positive integer or None")
+        raise BadArgumentError("pass either max_new_tokens= (generate) or completions= (teacher forcing), not both")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+        raise BadArgumentError(f"max_new_tokens={max_new_tokens!r}; use a non-negative integer")
+    dtype = storage_dtype(dtype)
     cfg = model.cfg
     num_layers, num_heads = int(cfg.n_layers), int(cfg.n_heads)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     layer_ids = inputs.check_layers(layers, num_layers)
     head_mode = inputs.check_heads(heads, num_layers, num_heads, layer_ids)
     row_mode = inputs.check_rows(rows, has_completion=bool(max_new_tokens) or completions is not None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise BadArgumentError(f"dtype={dtype!r}; use a floating torch dtype such as torch.float16")
 
     enc = encode(model, prompts, tok, completions)
     n_ctx = getattr(cfg, "n_ctx", None)
@@ -91,7 +91,7 @@ def trace_lens(
     chunks = inputs.chunks(len(enc.sequences), batch_size)
     with torch.no_grad():
         if max_new_tokens:
-            enc = generate(model, enc, max_new_tokens, pad_id, chunks, eos_id=getattr(tok, "eos_token_id", None))
+            enc = generate(model, enc, max_new_tokens, pad_id, chunks, eos_ids=_eos_ids(model, tok))
         lengths = enc.lengths
         positions = inputs.row_positions(row_mode, lengths, enc.prompt_lengths)
         seq = max(lengths)
@@ -117,12 +117,15 @@ def trace_lens(
         spans=inputs.check_spans(spans, lengths),
         model_info=_model_info(model),
         settings={
-            "tracer": "lens",
-            "hook": "blocks.{layer}.attn.hook_pattern",
-            "rows": row_mode if not isinstance(row_mode, list) else list(row_mode),
+            "heads": inputs.head_label(head_mode),
+            "rows": row_mode,
+            "layers": layer_ids,
             "dtype": str(dtype).removeprefix("torch."),
             "max_new_tokens": max_new_tokens,
+            "teacher_forced": completions is not None,
             "pad_token_id": pad_id,
+            "remote": False,
+            "hook": "blocks.{layer}.attn.hook_pattern",
             "prepend_bos": bool(getattr(cfg, "default_prepend_bos", True)),
         },
     )
@@ -221,33 +224,47 @@ def select(
 
 
 def generate(
-    model: Any, enc: inputs.Encoded, max_new_tokens: int, pad_id: int, chunks: list[range], eos_id: int | None
+    model: Any, enc: inputs.Encoded, max_new_tokens: int, pad_id: int, chunks: list[range], eos_ids: set[int]
 ) -> inputs.Encoded:
-    """Greedy completions (argmax of the last row, recomputed each step), cut after the first EOS."""
+    """Greedy completions (argmax of the last row, recomputed each step), cut after the first EOS.
+
+    The same tokens as the nnsight tracer's `hf.generate(do_sample=False)`: full
+    forward passes instead of a KV cache, so nothing depends on TransformerLens's
+    generation loop.
+    """
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
     device = _device(model)
     out = [list(s) for s in enc.sequences]
     for chunk in chunks:
         ids, mask = inputs.left_pad([enc.sequences[i] for i in chunk], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        done = torch.zeros(len(chunk), dtype=torch.bool)
         new = []
         for _ in range(max_new_tokens):
-            logits = model(ids, attention_mask=mask, return_type="logits")
-            nxt = logits[:, -1].argmax(-1)
-            new.append(nxt)
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-                if bool(done.all()):
-                    break
+            nxt = model(ids, attention_mask=mask, return_type="logits")[:, -1].argmax(-1)
+            new.append(nxt.cpu())
+            done = done | torch.isin(new[-1], eos)
+            if bool(done.all()):
+                break
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        steps = torch.stack(new, dim=1).tolist()
+        steps = torch.stack(new, dim=1).tolist() if new else [[] for _ in chunk]
         for b, i in enumerate(chunk):
-            completion = steps[b]
-            if eos_id is not None and eos_id in completion:
-                completion = completion[: completion.index(eos_id) + 1]
-            out[i] = out[i] + completion
+            stop = next((j + 1 for j, t in enumerate(steps[b]) if t in eos_ids), len(steps[b]))
+            out[i] = out[i] + steps[b][:stop]
     return inputs.Encoded(out, list(enc.prompt_lengths))
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: the wrapped HF model's generation config (as hf.generate uses), else the tokenizer's."""
+    try:
+        config = getattr(model.original_model, "generation_config", None)
+    except Exception:  # a native bridge or a HookedTransformer: no HF model inside
+        config = None
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
 def _device(model: Any) -> torch.device:
@@ -258,13 +275,20 @@ def _device(model: Any) -> torch.device:
 
 
 def _model_info(model: Any) -> dict:
+    """The keys of the nnsight tracer's model_info, from the TransformerLens config."""
     cfg = model.cfg
+    heads = int(cfg.n_heads)
     return {
         "name": str(getattr(cfg, "model_name", None) or type(model).__name__),
-        "source": "transformer_lens",
-        "class": type(model).__name__,
-        "architecture": str(getattr(cfg, "architecture", None) or ""),
+        "architecture": str(getattr(cfg, "architecture", None) or type(model).__name__),
+        "model_type": getattr(cfg, "original_architecture", None),
         "num_layers": int(cfg.n_layers),
-        "num_heads": int(cfg.n_heads),
-        "max_positions": int(getattr(cfg, "n_ctx", 0) or 0),
+        "num_heads": heads,
+        "num_kv_heads": int(getattr(cfg, "n_key_value_heads", None) or heads),
+        "max_positions": getattr(cfg, "n_ctx", None),
+        "vocab_size": getattr(cfg, "d_vocab", None),
+        "attn_implementation": "eager",
+        "attention_module": "blocks.{layer}.attn",
+        "class": type(model).__name__,
+        "source": "transformer_lens",
     }

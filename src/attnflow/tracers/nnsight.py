@@ -88,8 +88,12 @@ def attention_sites(nn_model: Any, hf: torch.nn.Module) -> list[Site]:
                 sites.append(Site(path, names[-1], bool(getattr(module, "is_causal", True)), type(module).__name__))
     if not sites:
         attn = sorted({type(m).__name__ for _, m in hf.named_modules() if "attention" in type(m).__name__.lower()})
-        where = f"its attention modules ({', '.join(attn)})" if attn else f"{type(hf).__name__}"
-        raise UnsupportedModelError(f"{where} have no attention_interface call site; attnflow supports {SUPPORTED}")
+        what = (
+            f"the attention modules of {type(hf).__name__} ({', '.join(attn)}) have no attention_interface call site"
+            if attn
+            else f"{type(hf).__name__} has no attention module with an attention_interface call site"
+        )
+        raise UnsupportedModelError(f"{what}; attnflow records {SUPPORTED}")
     return sites
 
 
@@ -164,9 +168,12 @@ def record(
     ops = [sites[layer].op for layer in layers]
     causal = [sites[layer].is_causal for layer in layers]
     weights = [heads if isinstance(heads, str) else heads[i] for i in range(len(layers))]
+    stop_early = layers[-1] < len(sites) - 1  # nothing to read past the last requested layer
     extra = ndif.trace_kwargs(nn_model, remote)  # {} locally; a checked RemoteBackend for NDIF
     with torch.no_grad(), ndif.translate_errors(extra):
-        with nn_model.trace(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), **extra):
+        with nn_model.trace(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), **extra
+        ) as tracer:
             out = []
             for i in range(len(envoys)):
                 args, kwargs = getattr(envoys[i].source, ops[i]).inputs
@@ -176,6 +183,8 @@ def record(
                     )
                 )
             patterns = torch.stack(out, dim=1).save()
+            if stop_early:
+                tracer.stop()
     return patterns.detach().cpu()
 
 
@@ -213,7 +222,7 @@ def generate(
     return inputs.Encoded(seqs, list(enc.prompt_lengths))
 
 
-def _storage_dtype(dtype: Any) -> torch.dtype:
+def storage_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     if dtype in DTYPES.values():
@@ -241,7 +250,7 @@ def trace_nnsight(
     nn_model, hf, tok = as_nnsight(model, tokenizer)
     sites = attention_sites(nn_model, hf)
     info = model_info(hf, sites)
-    dtype = _storage_dtype(dtype)
+    dtype = storage_dtype(dtype)
     layer_ids = inputs.check_layers(layers, len(sites))
     head_spec = inputs.check_heads(heads, len(sites), info["num_heads"], layer_ids)
     if max_new_tokens is not None and completions is not None:
@@ -283,7 +292,8 @@ def trace_nnsight(
     input_ids, attention_mask = inputs.left_pad(enc.sequences, pad_id)
     S = input_ids.shape[1]
     R = max(len(p) for p in positions)
-    patterns = torch.cat([_pad_left(p, R, S) for p in parts])
+    parts = [_pad_left(p, R, S) for p in parts]
+    patterns = parts[0] if len(parts) == 1 else torch.cat(parts)
     return AttentionTrace(
         patterns=patterns,
         input_ids=input_ids,
@@ -310,6 +320,8 @@ def trace_nnsight(
 
 def _pad_left(p: Tensor, rows: int, seq: int) -> Tensor:
     """Zero-pad a chunk's [batch, layer, head, row, key] on the left of its row and key dims."""
+    if p.shape[-2:] == (rows, seq):
+        return p
     return torch.nn.functional.pad(p, (seq - p.shape[-1], 0, rows - p.shape[-2], 0))
 
 

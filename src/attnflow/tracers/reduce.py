@@ -49,9 +49,10 @@ def attention_pattern(
     """Float32 attention probabilities of the query rows in `row_index` (all rows when None).
 
     `mask` is what the model passed to its attention interface: boolean (True =
-    attend) or additive, broadcastable to [batch, head, query, key]; with
-    `mask=None` and `is_causal`, query i attends keys <= i (aligned to the last
-    key when there are more keys than queries).  `sliding_window=w` keeps keys
+    attend) or additive, [batch, head or 1, query, key]; or flash attention's
+    [batch, key] padding mask (1 = real key), which leaves causality to
+    `is_causal`.  With `mask=None` and `is_causal`, query i attends keys <= i
+    (aligned to the last key when there are more keys than queries).  `sliding_window=w` keeps keys
     with `q - k < w`; `softcap=c` maps logits to `tanh(x / c) * c` before the
     mask; `sinks` [head] adds one logit column that takes probability mass and
     is dropped after the softmax.  `row_index` [batch, row] holds query indices,
@@ -73,29 +74,38 @@ def attention_pattern(
     rows = row_index.clamp(min=0)
     R = rows.shape[1]
 
-    q = _gather_rows(query, rows).float()  # [batch, head, row, d]
+    q = _gather_rows(query, rows).float() * (d**-0.5 if scaling is None else scaling)
     q = einops.rearrange(q, "b (h g) r d -> b h g r d", h=Hkv)  # query head h*g+j reads kv head h (repeat_kv)
     scores = torch.einsum("bhgrd,bhkd->bhgrk", q, key.float())
     scores = einops.rearrange(scores, "b h g r k -> b (h g) r k")
-    scores = scores * (d**-0.5 if scaling is None else scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
-        scores = scores + _gather_rows(_broadcast(position_bias, B, Hq, Q, K), rows).float()
+        scores += _gather_rows(_broadcast(position_bias, B, Hq, Q, K), rows).float()
 
     lowest = torch.finfo(torch.float32).min
-    if mask is not None:
+    padding_only = mask is not None and mask.ndim == 2  # flash attention's [batch, key] mask: causality not in it
+    keep = _allowed_keys(rows, Q, K, causal=(mask is None or padding_only) and is_causal, sliding_window=sliding_window)
+    keep = None if keep is None else keep.unsqueeze(1)  # [batch, 1, row, key]
+    if padding_only:
+        real = mask[:, -K:].bool().view(B, 1, 1, K)
+        keep = real if keep is None else keep & real
+    elif mask is not None:
         m = _gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows)
-        scores = scores.masked_fill(~m, lowest) if m.dtype == torch.bool else scores + m.float()
-    allowed = _allowed_keys(rows, Q, K, causal=mask is None and is_causal, sliding_window=sliding_window)
-    scores = scores.masked_fill(~allowed.unsqueeze(1), lowest).clamp(min=lowest)  # clamp turns -inf into finfo.min
+        if m.dtype == torch.bool:
+            keep = m if keep is None else keep & m
+        else:
+            scores += m.float()
+            scores.clamp_(min=lowest)  # an additive -inf becomes finfo.min: a fully masked row stays finite
+    if keep is not None:
+        scores.masked_fill_(~keep, lowest)
 
     if sinks is not None:
         sink = einops.repeat(sinks.float().to(scores.device), "h -> b h r 1", b=B, r=R)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    return probs * present.view(B, 1, R, 1)
+    return probs.mul_(present.view(B, 1, R, 1))
 
 
 def _gather_rows(x: Tensor, rows: Int[Tensor, "batch row"]) -> Tensor:
@@ -114,13 +124,14 @@ def _broadcast(m: Tensor, B: int, H: int, Q: int, K: int) -> Tensor:
 
 def _allowed_keys(
     rows: Int[Tensor, "batch row"], Q: int, K: int, *, causal: bool, sliding_window: int | None
-) -> Bool[Tensor, "batch row key"]:
-    """Keys each selected row may see: causal (when no mask says so) and within the sliding window."""
+) -> Bool[Tensor, "batch row key"] | None:
+    """Keys each selected row may see when no mask says so (causal) or within the sliding window; None = all."""
+    causal = causal and Q > 1
+    if not causal and sliding_window is None:
+        return None
     pos = (rows + (K - Q)).unsqueeze(-1)  # absolute position of each query row; queries are the last Q keys
     keys = torch.arange(K, device=rows.device).view(1, 1, K)
-    allowed = torch.ones(rows.shape + (K,), dtype=torch.bool, device=rows.device)
-    if causal and Q > 1:
-        allowed = allowed & (keys <= pos)
+    allowed = keys <= pos if causal else torch.ones_like(keys - pos, dtype=torch.bool)
     if sliding_window is not None:
         allowed = allowed & (pos - keys < sliding_window)
     return allowed

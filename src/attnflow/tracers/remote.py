@@ -146,9 +146,10 @@ def generate(model: Any, input_ids: Any, attention_mask: Any, *, remote: Any, **
 def load(name: str) -> Any:
     """An nnsight TransformersModel of hub id `name` for remote runs: config and tokenizer only, no weights."""
     import nnsight
+    from transformers import AutoTokenizer
 
-    try:
-        return nnsight.TransformersModel(name)
+    try:  # a causal LM: the task is known, so nothing asks the hub for it
+        return nnsight.TransformersModel(name, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(name))
     except Exception as err:
         raise RemoteError(f"cannot open {name!r} for a remote run ({_first_line(err)}); pass a hub id like org/name") from err
 
@@ -225,7 +226,7 @@ def explain(message: str, url: str = "NDIF") -> str:
     """One line saying what a server's error message means and what to do."""
     import nnsight
 
-    detail = _last_line(message)
+    detail = _last_line(message).removeprefix("Failed to send request: ")
     low = message.lower()
     if "api key" in low or "401" in low:
         return f"NDIF at {url} rejected the API key ({detail}); {KEY_HELP}"

@@ -1,0 +1,155 @@
+"""What recording attention costs: attnflow.trace against a plain forward and eager output_attentions.
+
+    python bench/capture.py            # seq 128, 512, 1024; batch 4; 5 timed repeats
+    python bench/capture.py --quick    # 3 repeats (a few minutes on 2 CPU cores)
+
+For a small random Llama (sdpa), prints the median wall time and the peak extra
+memory of
+
+    plain       model(ids) under the default sdpa kernel
+    eager       the same weights, eager attention, output_attentions=True
+    trace-all   attnflow.trace(model, ids, heads="all")              (float16 storage)
+    mean-last   attnflow.trace(model, ids, heads="mean", rows="last")
+
+(`model` wrapped in nnsight once, as `af.load` returns it).
+
+each as a ratio to `plain`.  Memory: on CUDA, torch.cuda.max_memory_allocated
+above what was allocated before the call.  On CPU, the peak of torch's CPU
+allocator over the call, from the profiler's memory events ("Total Allocated"
+of each [memory] event, minus its value before the first one): this counts
+every tensor torch allocates, in every thread, and nothing else — RSS would mix
+in the allocator's caching, and tracemalloc does not see torch's allocations.
+Memory is measured in its own untimed run, because the profiler slows the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import attnflow as af
+
+
+def build(device: str, layers: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=2048,
+    )
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).eval().to(device)
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval().to(device)
+    eager.load_state_dict(model.state_dict())
+    return model, eager
+
+
+def methods(model, eager, ids):
+    import nnsight
+
+    wrapped = nnsight.NNsight(model)  # wrapped once, as af.load's model is: wrapping costs ~10 ms per call
+    def plain():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    def eager_attn():
+        with torch.no_grad():
+            return eager(input_ids=ids, output_attentions=True).attentions
+
+    def trace_all():
+        return af.trace(wrapped, ids, heads="all", progress=False, batch_size=len(ids))
+
+    def mean_last():
+        return af.trace(wrapped, ids, heads="mean", rows="last", progress=False, batch_size=len(ids))
+
+    return {"plain": plain, "eager": eager_attn, "trace-all": trace_all, "mean-last": mean_last}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_times(fns: dict, repeats: int, device: str) -> dict:
+    """Median wall time of each function; methods take turns in every repeat, so drifting load hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (first-call costs: nnsight source instrumentation, kernel selection)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            out = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+            del out
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_bytes(fn, device: str) -> int:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        sync(device)
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = [e["args"] for e in json.load(open(f.name))["traceEvents"] if e.get("name") == "[memory]"]
+    events = [e for e in events if e.get("Device Type", 0) == 0]
+    if not events:
+        return 0
+    base = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - base
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="3 timed repeats instead of 5")
+    p.add_argument("--seqs", default="128,512,1024")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 5
+    model, eager = build(args.device, args.layers)
+    cfg = model.config
+    print(
+        f"Llama {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads ({cfg.num_key_value_heads} kv), "
+        f"hidden {cfg.hidden_size}, {model.config._attn_implementation}; batch {args.batch}; device {args.device}; "
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}; median of {repeats}"
+    )
+    header = f"{'seq':>5} {'method':<10} {'time s':>9} {'x plain':>8} {'peak MB':>9} {'x plain':>8}"
+    print(header)
+    print("-" * len(header))
+    for seq in [int(s) for s in args.seqs.split(",")]:
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, seq), generator=torch.Generator().manual_seed(seq))
+        ids = ids.to(args.device)
+        fns = methods(model, eager, ids)
+        times = median_times(fns, repeats, args.device)
+        rows = {name: (times[name], peak_bytes(fn, args.device)) for name, fn in fns.items()}
+        t0, m0 = rows["plain"]
+        for name, (t, m) in rows.items():
+            print(f"{seq:>5} {name:<10} {t:>9.4f} {t / t0:>8.2f} {m / 2**20:>9.1f} {m / m0:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""Benchmark attnflow.flow.rollout against the per-example loop existing tools use.
+
+    python bench/flow.py            # CPU table, then the same on CUDA when a GPU is present
+    python bench/flow.py --quick    # N = 256, 1024 and H=16 at N=512, one repeat for the slow columns
+    python bench/flow.py --device cpu
+
+Float32 patterns, B=8, L=24, heads already averaged (H=1), N = 256, 1024, 2048,
+plus one row with H=16 at N=512 so the head reduction is timed too.  Columns
+(median wall time; CUDA timed with CUDA events):
+
+    naive   per example, per layer: mean heads, 0.5·A + 0.5·I, rows renormalised
+            (keepdim), R = Â @ R on full N×N matrices; then the last 32 rows
+    full    attnflow rollout, every row (batched, one layer loop)
+    rows    attnflow rollout, the last 32 rows only (top-down, O(L·|T|·N²))
+    floor   the larger of  FLOPs / matmul rate  and  input bytes (read once) / copy bandwidth,
+            both measured in this run on this device (the matmul rate from a large square
+            float32 matmul, the copy bandwidth from a large tensor copy, bytes copied per second)
+
+Ratios: `x naive` is naive time / this time (higher is better); `x floor` is this
+time / its floor (1.0 would be perfect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from attnflow import flow as F
+
+B, L, T = 8, 24, 32
+
+
+def make_patterns(N: int, H: int, device) -> torch.Tensor:
+    """Random causal row-stochastic float32 patterns [B, L, H, N, N], built in place to spare memory."""
+    g = torch.Generator(device=device).manual_seed(0)
+    A = torch.rand(B, L, H, N, N, generator=g, device=device)
+    A.tril_()
+    A.div_(A.sum(-1, keepdim=True))
+    return A
+
+
+def naive_rollout(A: torch.Tensor, rows: int) -> torch.Tensor:
+    """The per-example loop: full N×N products per layer, heads averaged first."""
+    out = []
+    for b in range(A.shape[0]):
+        N = A.shape[-1]
+        eye = torch.eye(N, device=A.device)
+        R = eye
+        for l in range(A.shape[1]):
+            a = A[b, l].mean(0)
+            a = 0.5 * a + 0.5 * eye
+            a = a / a.sum(-1, keepdim=True)
+            R = a @ R
+        out.append(R[-rows:])
+    return torch.stack(out)
+
+
+class Timer:
+    """Median wall time of `fn` over `repeats` runs (CUDA events on a GPU), after `warmup` runs."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, repeats: int, warmup: int = 0) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def machine_rates(device: torch.device, timer: Timer) -> tuple[float, float]:
+    """(matmul FLOP/s from a large square float32 matmul, copy bytes/s from a large tensor copy)."""
+    n = 8192 if device.type == "cuda" else 2048
+    x = torch.rand(n, n, device=device)
+    y = torch.rand(n, n, device=device)
+    mm = timer(lambda: x @ y, repeats=5, warmup=1)
+    src = torch.rand(2**27 if device.type == "cuda" else 2**26, device=device)  # 512 MiB / 256 MiB
+    dst = torch.empty_like(src)
+    cp = timer(lambda: dst.copy_(src), repeats=5, warmup=1)
+    return 2 * n**3 / mm, src.numel() * 4 / cp
+
+
+def floor(flops: float, bytes_read: float, rates: tuple[float, float]) -> float:
+    return max(flops / rates[0], bytes_read / rates[1])
+
+
+def run(device: torch.device, quick: bool) -> None:
+    timer = Timer(device)
+    rates = machine_rates(device, timer)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    print(f"\n## {name}: matmul {rates[0] / 1e9:.0f} GFLOP/s, copy {rates[1] / 1e9:.1f} GB/s  (B={B}, L={L}, float32, rows = last {T})")
+    print(
+        f"| {'N':>5} | {'H':>2} | {'naive s':>8} | {'full s':>8} | {'x naive':>7} | {'full floor s':>12} | {'x floor':>7} "
+        f"| {'rows s':>8} | {'x naive':>7} | {'rows floor s':>12} | {'x floor':>7} |"
+    )
+    print("|" + "|".join("-" * (w + 2) for w in (5, 2, 8, 8, 7, 12, 7, 8, 7, 12, 7)) + "|")
+    shapes = [(256, 1), (512, 16), (1024, 1)] + ([] if quick else [(2048, 1)])
+    for N, H in shapes:
+        slow_repeats = 1 if quick or N >= 2048 else 3
+        A = make_patterns(N, H, device)
+        rows = list(range(N - T, N))
+        check = (F.rollout(A[:1, :4], rows=rows) - naive_rollout(A[:1, :4], T)).abs().max()  # cheap sanity check
+        assert float(check) < 1e-4, f"rows mode disagrees with the naive loop by {float(check)}"
+        t_naive = timer(lambda: naive_rollout(A, T), repeats=slow_repeats, warmup=0 if N >= 1024 else 1)
+        t_full = timer(lambda: F.rollout(A), repeats=slow_repeats, warmup=0 if N >= 1024 else 1)
+        t_rows = timer(lambda: F.rollout(A, rows=rows), repeats=3 if N >= 2048 else 7, warmup=1)
+        bytes_read = A.numel() * A.element_size()
+        reduce_flops = B * L * H * N * N if H > 1 else 0
+        f_full = floor(2 * B * L * N**3 + reduce_flops, bytes_read, rates)
+        f_rows = floor(2 * B * L * T * N**2 + reduce_flops, bytes_read, rates)
+        print(
+            f"| {N:>5} | {H:>2} | {t_naive:>8.3f} | {t_full:>8.3f} | {t_naive / t_full:>7.1f} | {f_full:>12.3f} | {t_full / f_full:>7.2f} "
+            f"| {t_rows:>8.4f} | {t_naive / t_rows:>7.1f} | {f_rows:>12.4f} | {t_rows / f_rows:>7.2f} |",
+            flush=True,
+        )
+        del A
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="skip N=2048 and time the slow columns once")
+    p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device in ("all", "cpu"):
+        run(torch.device("cpu"), args.quick)
+    if args.device in ("all", "cuda"):
+        if torch.cuda.is_available():
+            run(torch.device("cuda"), args.quick)
+        else:
+            print("\n(no CUDA device: GPU table skipped)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Bytes a remote recording sends back: every head and row vs heads="mean", rows="completion".
+
+    python bench/remote.py                 # through the loopback NDIF mock (tests/ndif_mock), as sent on the wire
+    python bench/remote.py --via local     # nnsight's local round trip; result bytes as NDIF would store them
+    python bench/remote.py --seq 2048 --layers 8 --heads 16
+
+A small random Llama (float32 weights, GQA) reads one prompt of `seq - 16`
+token ids followed by a 16-token completion (teacher forcing), `seq` tokens in
+all.  Each row of the table is one `attnflow.trace(..., remote=...)` call,
+float16 storage:
+
+    shape      the patterns that come back: batch layer head query key
+    raw        their size in memory (float16)
+    result     bytes of the result blob (torch.save of the saved values, zstd-compressed
+               as NDIF compresses it when the request asked for compression, nnsight's default)
+    request    bytes of the serialised request (the trace block, its inputs, attnflow's
+               registered helpers); the same for both rows
+    seconds    wall time of the call
+
+The ratio is result(all) / result(mean, completion): O(layers·heads·seq²) against
+O(layers·rows·seq), because the reduction runs on the server, inside the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models, ndif_mock
+
+import attnflow as af  # noqa: E402
+
+COMPLETION = 16
+REPO = "attnflow-bench/small-llama"
+
+
+def small_model(seq: int, layers: int, heads: int):
+    from tiny_models import tiny_model
+
+    return tiny_model(
+        "llama", num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+        hidden_size=16 * heads, max_position_embeddings=seq,
+    )
+
+
+def zstd_bytes(value: torch.Tensor) -> int:
+    """What NDIF stores for a saved tensor: torch.save of the saves dict, zstd level 3."""
+    import zstandard
+
+    buffer = io.BytesIO()
+    torch.save({"patterns": value}, buffer)
+    return len(zstandard.ZstdCompressor(level=3).compress(buffer.getvalue()))
+
+
+CONFIGS = [("all", None), ("mean", "completion")]
+
+
+def run(via: str, seq: int, layers: int, heads: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, 100, (seq - COMPLETION,), generator=g).tolist()
+    completion = torch.randint(4, 100, (COMPLETION,), generator=g).tolist()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from tiny_models import tiny_tokenizer
+
+        small_model(seq, layers, heads).save_pretrained(tmp)
+        tiny_tokenizer().save_pretrained(tmp)
+        model = af.load(tmp)
+        if via == "local":
+            for head_mode, row_mode in CONFIGS:
+                t = time.perf_counter()
+                tr = af.trace(model, [prompt], completions=[completion], heads=head_mode, rows=row_mode,
+                              remote="local", progress=False)
+                rows.append(dict(heads=head_mode, rows=row_mode, shape=tuple(tr.patterns.shape), raw=tr.patterns.nbytes,
+                                 result=zstd_bytes(tr.patterns), request=None, seconds=time.perf_counter() - t))
+            return rows
+
+        import nnsight
+        from ndif_mock import serve
+        from nnsight.modeling import huggingface as nnsight_hf
+
+        nnsight_hf._ID_CACHE[tmp] = REPO  # the hub's canonical id for this directory, answered offline
+        nnsight.CONFIG.APP.REMOTE_LOGGING = False
+        os.environ["NDIF_API_KEY"] = "bench"
+        with serve(tmp, REPO) as mock:
+            nnsight.CONFIG.API.HOST = mock.url
+            for head_mode, row_mode in CONFIGS:
+                t = time.perf_counter()
+                tr = af.trace(model, [prompt], completions=[completion], heads=head_mode, rows=row_mode,
+                              remote=True, progress=False)
+                job = mock.stats()[-1]
+                rows.append(dict(heads=head_mode, rows=row_mode, shape=tuple(tr.patterns.shape), raw=tr.patterns.nbytes,
+                                 result=job["result_bytes"], request=job["request_bytes"],
+                                 seconds=time.perf_counter() - t))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--via", choices=("mock", "local"), default="mock")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    args = p.parse_args()
+    rows = run(args.via, args.seq, args.layers, args.heads)
+    print(f"small Llama: {args.layers} layers x {args.heads} heads, seq {args.seq} "
+          f"({args.seq - COMPLETION} prompt + {COMPLETION} completion), float16 storage, via {args.via}")
+    print(f"{'heads':<6} {'rows':<11} {'shape':<24} {'raw bytes':>12} {'result bytes':>13} {'request bytes':>14} {'seconds':>8}")
+    for r in rows:
+        request = "-" if r["request"] is None else f"{r['request']:,}"
+        print(f"{r['heads']:<6} {str(r['rows'] or 'all'):<11} {str(r['shape']):<24} {r['raw']:>12,} {r['result']:>13,} "
+              f"{request:>14} {r['seconds']:>8.2f}")
+    full, small = rows
+    print(f"ratio  result(all) / result(mean, completion) = {full['result'] / small['result']:,.0f}x "
+          f"(raw: {full['raw'] / small['raw']:,.0f}x)")
+
+
+if __name__ == "__main__":
+    main()

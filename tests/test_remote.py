@@ -1,0 +1,205 @@
+"""Remote recording: nnsight's local round trip, and a loopback NDIF that has no attnflow.
+
+`remote="local"` serialises each trace the way a remote request is serialised,
+deserialises it with user modules hidden, and runs it: it must equal the local
+trace exactly.  `ndif_mock/server.py` goes further: a separate process where
+`import attnflow` fails deserialises the request as NDIF does and runs it on its
+own copy of the weights, so equality with a local run proves a real server could
+run attnflow's request.  The errors a user meets before and after sending (no
+key, a bad key, a model the host does not serve, mismatched nnsight versions, an
+unreachable host) each come back as one-line RemoteErrors.
+"""
+
+from __future__ import annotations
+
+import cloudpickle
+import nnsight
+import pytest
+import torch
+from ndif_mock import serve
+from nnsight.modeling import huggingface as nnsight_hf
+from tiny_models import prompts_ids, tiny_model, tiny_tokenizer
+
+import attnflow as af
+from attnflow.cli import main as cli
+from attnflow.errors import BadArgumentError, RemoteError
+from attnflow.tracers import reduce, remote
+
+REPO = "attnflow-test/tiny-llama"  # the hub id the mock claims to host
+KEY = "0b6c7c8e-5a1f-4c0e-9d0c-3f0f3c1d2e4a"
+PROMPTS = prompts_ids((6, 11))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return af.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def mock(model_dir):
+    with serve(model_dir, REPO, "--api-key", KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def ndif(mock, model_dir, monkeypatch):
+    """nnsight's client pointed at the mock, with the right key; the hub id lookup answered offline."""
+    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", mock.url)
+    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
+    monkeypatch.setenv("NDIF_API_KEY", KEY)
+    monkeypatch.delenv("NDIF_HOST", raising=False)
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(model_dir), REPO)  # what HfApi().model_info(...).id would say
+    monkeypatch.setattr(remote, "_CHECKED", set())
+    mock.configure()
+    return mock
+
+
+def same(a: af.AttentionTrace, b: af.AttentionTrace) -> None:
+    assert torch.equal(a.patterns, b.patterns)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.query_positions, b.query_positions)
+    assert a.prompt_lengths == b.prompt_lengths
+
+
+CASES = [
+    dict(),
+    dict(heads="mean", rows="last"),
+    dict(heads="max", rows=[0, -1], layers=[-1]),
+]
+
+
+# --- nnsight's local serialisation round trip ----------------------------------------------------
+@pytest.mark.parametrize("kwargs", CASES, ids=["all", "mean-last", "max-rows-layer"])
+def test_remote_local_equals_local(model, kwargs):
+    local = af.trace(model, PROMPTS, dtype=torch.float32, progress=False, **kwargs)
+    rt = af.trace(model, PROMPTS, dtype=torch.float32, progress=False, remote="local", **kwargs)
+    same(local, rt)
+    assert rt.patterns.abs().sum() > 0
+
+
+def test_remote_local_generation_equals_local(model):
+    kw = dict(max_new_tokens=4, heads="mean", rows="completion", progress=False, dtype=torch.float32)
+    local = af.trace(model, PROMPTS, **kw)
+    rt = af.trace(model, PROMPTS, remote="local", **kw)
+    same(local, rt)
+    assert [len(t) for t in rt.tokens] == [len(t) for t in local.tokens]
+    assert all(n > p for n, p in zip(rt.lengths, rt.prompt_lengths))
+
+
+# --- the loopback NDIF without attnflow -------------------------------------------------------------
+def test_mock_ndif_runs_attnflow_request_without_attnflow(model, ndif, capsys):
+    before = len(ndif.stats())
+    local = af.trace(model, PROMPTS, dtype=torch.float32, progress=False)
+    got = af.trace(model, PROMPTS, dtype=torch.float32, progress=False, remote=True)
+    same(local, got)
+    reduced_local = af.trace(model, PROMPTS, heads="mean", rows="last", progress=False)
+    reduced = af.trace(model, PROMPTS, heads="mean", rows="last", progress=False, remote=True)
+    same(reduced_local, reduced)
+    jobs = ndif.stats()[before:]
+    assert len(jobs) == 2 and not any(j["attnflow_imported"] for j in jobs)
+    full, small = jobs
+    with capsys.disabled():
+        print(f"\n[mock NDIF] heads=all rows=all: request {full['request_bytes']} B, result {full['result_bytes']} B; "
+              f"heads=mean rows=last (float16): request {small['request_bytes']} B, result {small['result_bytes']} B")
+    assert small["result_bytes"] * 4 < full["result_bytes"]  # only the reduced rows come back
+
+
+def test_mock_ndif_generation_equals_local(model, ndif):
+    kw = dict(max_new_tokens=3, heads="mean", rows="completion", progress=False, dtype=torch.float32)
+    same(af.trace(model, PROMPTS, **kw), af.trace(model, PROMPTS, remote=True, **kw))
+
+
+def test_mock_rejects_request_without_registered_helpers(model, ndif, monkeypatch):
+    """Control: unregistered, reduce.py is pickled by reference and the server cannot import it."""
+    monkeypatch.setattr(remote, "register", lambda: None)
+    cloudpickle.unregister_pickle_by_value(reduce)
+    try:
+        with pytest.raises(RemoteError, match="no attnflow"):
+            af.trace(model, PROMPTS, heads="mean", rows="last", progress=False, remote=True)
+    finally:
+        cloudpickle.register_pickle_by_value(reduce)
+
+
+def test_cli_trace_remote_without_local_weights(model, model_dir, ndif, tmp_path):
+    """`attnflow trace --remote` opens config and tokenizer only; the mock's weights do the work."""
+    args = ["trace", str(model_dir), "--prompt", "the cat sat on the mat", "--prompt", "bob lives in paris",
+            "--heads", "mean", "--dtype", "float32", "--no-progress"]
+    assert cli(args + ["--remote", "--out", str(tmp_path / "remote")]) == 0
+    assert cli(args + ["--out", str(tmp_path / "local")]) == 0
+    same(af.AttentionTrace.load(tmp_path / "local"), af.AttentionTrace.load(tmp_path / "remote"))
+
+
+# --- errors -------------------------------------------------------------------------------------
+def test_missing_api_key(model, ndif, monkeypatch):
+    monkeypatch.delenv("NDIF_API_KEY")
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
+    with pytest.raises(RemoteError, match="no NDIF API key: set NDIF_API_KEY"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_api_key_from_nnsight_config(model, ndif, monkeypatch):
+    monkeypatch.delenv("NDIF_API_KEY")
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", KEY)
+    assert af.trace(model, PROMPTS, heads="mean", rows="last", progress=False, remote=True).patterns.shape[:3] == (2, 2, 1)
+
+
+def test_wrong_api_key(model, ndif, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "not-a-key")
+    with pytest.raises(RemoteError, match="rejected the API key"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_model_not_hosted(model, model_dir, ndif, monkeypatch):
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(model_dir), "someone/not-hosted")
+    with pytest.raises(RemoteError, match=r"does not host 'someone/not-hosted' \(it hosts attnflow-test/tiny-llama\)"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_server_runs_other_nnsight(model, ndif):
+    ndif.configure(nnsight_version="0.7.2")
+    with pytest.raises(RemoteError, match=rf"runs nnsight 0.7.2 but this client has nnsight {nnsight.__version__}"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_server_refuses_old_client(model, ndif):
+    ndif.configure(min_nnsight_version="99.0")  # same minor in /env, but the request gate says no
+    with pytest.raises(RemoteError, match="refused this client .*minimum supported version is 99.0"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_unreachable_host(model, ndif):
+    with pytest.raises(RemoteError, match="cannot reach NDIF at http://127.0.0.1:9"):
+        af.trace(model, PROMPTS, progress=False, remote="http://127.0.0.1:9")
+
+
+def test_local_model_path_cannot_be_named(model, model_dir, ndif, monkeypatch):
+    monkeypatch.delitem(nnsight_hf._ID_CACHE, str(model_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RemoteError, match="NDIF cannot name the model"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_plain_pretrained_model_cannot_go_remote(ndif):
+    with pytest.raises(RemoteError, match="cannot run on NDIF"):
+        af.trace(tiny_model("llama"), PROMPTS, progress=False, remote=True)
+
+
+def test_bad_remote_value(model):
+    with pytest.raises(BadArgumentError, match="remote='ndif'"):
+        af.trace(model, PROMPTS, progress=False, remote="ndif")
+
+
+def test_server_messages_are_explained():
+    assert "rejected the API key" in remote.explain("Failed to send request: Missing or invalid API key.")
+    assert "refused this client" in remote.explain(
+        "Client nnsight version 0.5.0 is incompatible with the server nnsight version. The minimum supported version is 0.6"
+    )
+    assert remote.explain("Traceback (most recent call last):\n  ...\nValueError: boom") .endswith("failed: ValueError: boom")

@@ -101,7 +101,7 @@ def browser_timing(N: int, L: int, H: int, shard_bytes: int, work: Path) -> dict
 
     tr = random_trace(L, H, N, seed=1)
     out = to_html(tr, work / f"view{N}", shard_bytes=shard_bytes)
-    del tr
+    tr = None  # free it before opening the browser
     opts = Options()
     opts.binary_location = "/usr/bin/chromium"
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -189,7 +189,7 @@ def main(argv=None) -> None:
         if shard_max:
             ok = "ok" if shard_max <= args.shard_bytes else "OVER"
             print(f"  {name}: largest shard {shard_max:,} bytes <= shard_bytes {args.shard_bytes:,}: {ok}")
-    del tr
+    tr = None  # free the patterns before the browser timing
 
     if not args.no_browser:
         if not Path("/usr/bin/chromium").exists():

@@ -31,12 +31,14 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from attnflow import _io
 from attnflow.errors import BadArgumentError, DataError
@@ -64,22 +66,24 @@ def to_html(
     flow: FlowArg | None = None,
     attributions: Any = None,
     precision: str = "uint8",
+    progress: bool = False,
 ) -> Path:
     """Write an offline, sharded viewer of `trace` under `path` (replaced whole); open `path/index.html`.
 
     `flow` and `attributions` follow `to_parquet`: a dict method -> Tensor [batch, query, key]
     (or (Tensor [batch, rows, key], query positions [batch, rows])), and the table
     `attnflow.attribute` returns.  Every shard file is at most `shard_bytes` long; index.html
-    grows with the number of tokens only.
+    grows with the number of tokens only.  `progress=True` shows a progress bar over the shards.
 
     >>> to_html(tr, "view/", shard_bytes=2**20)
     PosixPath('view')
     """
     path = Path(path)
     _check(shard_bytes, precision)
-    meta, shards = build(trace, shard_bytes, flow, attributions, precision)
+    meta, jobs = build(trace, shard_bytes, flow, attributions, precision)
     with _io.atomic_dir(path) as tmp:
-        for shard in shards:
+        for job in tqdm(jobs, desc="attnflow: shards", unit="shard", disable=not progress, leave=False):
+            shard = job()
             text = shard.text
             if len(text) > shard_bytes:  # plan() bounds every shard; this would be a bug
                 raise AssertionError(f"shard {shard.file} has {len(text)} bytes > shard_bytes={shard_bytes}")
@@ -107,8 +111,8 @@ def inline_html(trace: AttentionTrace, flow: FlowArg | None = None, attributions
             f"{INLINE_LIMIT / 2**20:.0f} MiB). Write it with <code>attnflow.exporters.to_html(trace, 'view/')</code> "
             "and open <code>view/index.html</code>, or select fewer layers, rows or heads.</div>"
         )
-    meta, shards = build(trace, 2**62, flow, attributions, "uint8")
-    meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in list(shards)}
+    meta, jobs = build(trace, 2**62, flow, attributions, "uint8")
+    meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in (job() for job in jobs)}
     doc = page(meta, inline=True)
     return (
         '<iframe class="attnflow-inline" style="width:100%;height:560px;border:1px solid #ccc;resize:vertical" '
@@ -128,7 +132,7 @@ def render_command(args) -> int:
         tab = read_flow(src)
         flow = {m: flow_tensor(tab, tr, m) for m in sorted(set(tab["method"].to_pylist()))}
     attributions = read_attributions(src) if (src / "attributions").is_dir() else None
-    out = to_html(tr, args.out, shard_bytes=args.shard_bytes, flow=flow, attributions=attributions)
+    out = to_html(tr, args.out, shard_bytes=args.shard_bytes, flow=flow, attributions=attributions, progress=True)
     files = list(out.rglob("*"))
     size = sum(f.stat().st_size for f in files if f.is_file())
     print(f"wrote {out / 'index.html'} ({len(files)} files, {size / 2**20:.1f} MiB)")
@@ -216,61 +220,51 @@ def encode(
 
 def build(
     trace: AttentionTrace, shard_bytes: int, flow, attributions, precision: str
-) -> tuple[dict, Iterator[Shard]]:
-    """The page's JSON metadata and a generator of shards, made one at a time so memory stays at one layer.
+) -> tuple[dict, list[Callable[[], Shard]]]:
+    """The page's JSON metadata (with the list of shards) and one deferred encoder per shard.
 
-    Flow and attributions are validated here, before anything is written; `meta["shards"]`
-    is complete once the generator is exhausted.
+    Flow and attributions are validated here, before anything is written; shards are
+    encoded one at a time, when called, so memory stays at one block.
     """
     causal = is_causal(trace)
     meta = metadata(trace, causal, precision)
-    meta["shards"] = []
-    flows = {}
+    value_bytes = PRECISIONS[precision]
+    jobs: list[Callable[[], Shard]] = []
+    for b, ex in enumerate(meta["examples"]):
+        pad = trace.pad_offsets[b]
+        rows = torch.nonzero(trace.query_positions[b] >= 0).squeeze(1)
+        widths = _widths(ex["rows"], ex["length"], causal)
+        for h0, h1, r0, r1 in plan(widths.tolist(), trace.patterns.shape[2], shard_bytes, value_bytes):
+            for li in range(len(trace.layers)):
+                head = {"kind": "attn", "example": b, "layer": li, "heads": list(range(h0, h1)), "r0": r0, "r1": r1}
+                block = (slice(h0, h1), rows[r0:r1], slice(pad, None))  # [head, row, key], unpadded
+                jobs.append(partial(_shard, head, trace.patterns[b, li], block, widths[r0:r1], precision, f"l{li}"))
     if flow:
         tab = flow_table(trace, flow)
         for b, ex in enumerate(meta["examples"]):
             ex["flow"] = {}
-            for m in flow:
-                rows, F, causal_m = _flow_rows(tab, trace, b, m)
-                ex["flow"][m] = {"rows": rows.tolist(), "causal": causal_m}
-                flows[b, m] = F
+            for i, m in enumerate(flow):
+                qs, F, causal_m = _example_flow(tab, trace, b, m)
+                ex["flow"][m] = {"rows": qs.tolist(), "causal": causal_m}
+                widths = _widths(qs.tolist(), ex["length"], causal_m)
+                header_bytes = HEADER_BYTES + len(_json(m))  # the method's name is in the header
+                for _, _, r0, r1 in plan(widths.tolist(), 1, shard_bytes, value_bytes, header_bytes):
+                    head = {"kind": "flow", "example": b, "method": m, "heads": [0], "r0": r0, "r1": r1}
+                    block = (None, slice(r0, r1))  # F[None, r0:r1]: one "head"
+                    # the method's index names the file: its name may not suit a file name
+                    jobs.append(partial(_shard, head, F, block, widths[r0:r1], precision, f"f{i}"))
         meta["flow_methods"] = list(flow)
     if attributions is not None:
         tab = attribution_table(attributions)
         if "source_span" in tab.column_names:  # the viewer charts spans; token scores show as the flow row
             cols = ["example", "method", "target", "source_span", "score", "rank"]
             meta["attributions"] = {c: tab[c].to_pylist() for c in cols}
-
-    def shards() -> Iterator[Shard]:
-        value_bytes = PRECISIONS[precision]
-        for b, ex in enumerate(meta["examples"]):
-            pad = trace.pad_offsets[b]
-            keep = trace.query_positions[b] >= 0
-            widths = _widths(ex["rows"], ex["length"], causal)
-            blocks = plan(widths.tolist(), trace.patterns.shape[2], shard_bytes, value_bytes)
-            for li in range(len(trace.layers)):
-                A = trace.patterns[b, li][:, keep, pad:]  # [head, row, key], unpadded
-                for h0, h1, r0, r1 in blocks:
-                    head = {"kind": "attn", "example": b, "layer": li, "heads": list(range(h0, h1)), "r0": r0, "r1": r1}
-                    yield _shard(head, A[h0:h1, r0:r1], widths[r0:r1], precision, f"l{li}")
-        for (b, m), F in flows.items():
-            tag = f"f{list(flow).index(m)}"  # the method's index: its name may not suit a file name
-            info = meta["examples"][b]["flow"][m]
-            widths = _widths(info["rows"], meta["examples"][b]["length"], info["causal"])
-            header_bytes = HEADER_BYTES + len(_json(m))  # the method's name is in the header
-            for _, _, r0, r1 in plan(widths.tolist(), 1, shard_bytes, value_bytes, header_bytes):
-                head = {"kind": "flow", "example": b, "method": m, "heads": [0], "r0": r0, "r1": r1}
-                yield _shard(head, F[None, r0:r1], widths[r0:r1], precision, tag)
-
-    def listed() -> Iterator[Shard]:
-        for shard in shards():
-            meta["shards"].append({k: v for k, v in shard.header.items() if k != "enc"})
-            yield shard
-
-    return meta, listed()
+    meta["shards"] = [_shard_entry(job.args[0], job.args[-1]) for job in jobs]
+    return meta, jobs
 
 
 def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
+    """What the page needs besides the weights: tokens, spans and recorded rows (unpadded), settings."""
     from attnflow import __version__
 
     examples = []
@@ -303,7 +297,7 @@ def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
     }
 
 
-def _flow_rows(tab, trace: AttentionTrace, b: int, method: str) -> tuple[Tensor, Tensor, bool]:
+def _example_flow(tab, trace: AttentionTrace, b: int, method: str) -> tuple[Tensor, Tensor, bool]:
     """(query positions, rows [row, key] over unpadded keys, causal) of one example's flow."""
     import pyarrow.compute as pc
 
@@ -320,12 +314,17 @@ def _flow_rows(tab, trace: AttentionTrace, b: int, method: str) -> tuple[Tensor,
     return q, F, causal
 
 
-def _shard(header: dict, rows: Tensor, widths: Tensor, precision: str, tag: str) -> Shard:
-    """Encode one block; its id (and file name) is e{example}-{tag}-h{first}-{last}-r{r0}-{r1}."""
-    h = header
-    header = {"id": f"e{h['example']}-{tag}-h{h['heads'][0]}-{h['heads'][-1]}-r{h['r0']}-{h['r1']}", **h, "enc": precision}
-    values, scales = encode(rows, widths, precision)
+def _shard(header: dict, source: Tensor, block: tuple, widths: Tensor, precision: str, tag: str) -> Shard:
+    """Encode `source[block]` ([head, row, key]) as one shard."""
+    values, scales = encode(source[block].cpu(), widths, precision)
+    header = {**_shard_entry(header, tag), "enc": precision}
     return Shard(header, base64.b64encode(values).decode("ascii"), base64.b64encode(scales).decode("ascii"))
+
+
+def _shard_entry(header: dict, tag: str) -> dict:
+    """The header with its id (and file name): e{example}-{tag}-h{first}-{last}-r{r0}-{r1}."""
+    h = header
+    return {"id": f"e{h['example']}-{tag}-h{h['heads'][0]}-{h['heads'][-1]}-r{h['r0']}-{h['r1']}", **h}
 
 
 def _widths(rows: list[int], length: int, causal: bool) -> Tensor:

@@ -130,6 +130,13 @@ def _flow_rows(trace: AttentionTrace, method: str, value) -> pa.Table:
     pads = torch.tensor(trace.pad_offsets).view(B, 1, 1)
     lengths = torch.tensor(trace.lengths).view(B, 1, 1)
     keys = torch.arange(S).view(1, 1, S)
+    bad = (qpos >= 0) & ((qpos < pads[..., 0]) | (qpos >= S))
+    if bad.any():
+        b, r = (int(i) for i in torch.nonzero(bad)[0])
+        raise DataError(
+            f"flow[{method!r}] row {r} of example {b} has query position {int(qpos[b, r])}, outside the example's "
+            f"padded positions {trace.pad_offsets[b]}..{S - 1}; give padded positions, -1 for no row"
+        )
     real_row = (qpos >= 0).unsqueeze(-1)  # [batch, rows, 1]
     real_key = keys >= pads  # [batch, 1, key]
     causal = not bool((F.abs() * (keys > qpos.unsqueeze(-1)) * real_row).any())

@@ -6,6 +6,7 @@ Set ATTNFLOW_SCREENSHOT=docs/viewer.png to also write the README screenshot.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from attnflow.exporters import inline_html, to_html
 from attnflow.trace import AttentionTrace, Span
@@ -43,10 +51,6 @@ return Array.from(document.querySelectorAll(arguments[0] + ' .tok')).map(t =>
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def driver():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
     opts = Options()
     opts.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="attnflow-chromium-")
@@ -69,8 +73,6 @@ def clean_console(driver):
     yield
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
-    import json
-
     requests = []  # (url, document that asked)
     for entry in driver.get_log("performance"):
         msg = json.loads(entry["message"])["message"]
@@ -105,23 +107,16 @@ def story(tmp_path_factory):
 
 
 def open_page(driver, path: Path):
-    from selenium.webdriver.support.ui import WebDriverWait
-
     driver.get(path.as_uri())
     wait_ready(driver)
     assert driver.execute_script("return window.__pwned") is None
-    WebDriverWait(driver, 5)
 
 
 def wait_ready(driver):
-    from selenium.webdriver.support.ui import WebDriverWait
-
     WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.getElementById('app').dataset.state") == "ready")
 
 
 def hover(driver, panel: str, pos: int):
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
 
     tok = driver.find_element(By.CSS_SELECTOR, f'#{panel} .tok[data-pos="{pos}"]')
     ActionChains(driver).move_to_element(tok).perform()
@@ -129,16 +124,12 @@ def hover(driver, panel: str, pos: int):
 
 
 def double_click(driver, panel: str, pos: int):
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
 
     tok = driver.find_element(By.CSS_SELECTOR, f'#{panel} .tok[data-pos="{pos}"]')
     ActionChains(driver).double_click(tok).perform()
 
 
 def keys(driver, text: str):
-    from selenium.webdriver.common.action_chains import ActionChains
-
     driver.execute_script("document.activeElement && document.activeElement.blur()")
     ActionChains(driver).send_keys(text).perform()
     wait_ready(driver)
@@ -181,8 +172,6 @@ def test_text_markers_roles_spans_and_settings(driver, story):
     shown = tokens(driver, "observer")
     texts = [shown[p][2] for p in range(14)]
     assert texts[:9] == ["<s>", " the", " cat", "\u21b5\n", " sat", "\u21b5\n", *PAYLOADS]
-    from selenium.webdriver.common.by import By
-
     assert driver.find_elements(By.CSS_SELECTOR, "#app img, #app svg, #app script") == []
     names = [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, "#observer .span-name")]
     assert names == ["doc <b>1</b>", PAYLOADS[0], "q"]
@@ -206,10 +195,6 @@ def test_hover_switch_layers_and_heads(driver, story):
     assert driver.execute_script("const a = document.getElementById('app'); return [a.dataset.layer, a.dataset.heads]") == ["3", "1"]
     hover(driver, "observer", 12)
     check_row(tokens(driver, "observer"), [P[1, 1, 12, :13]])
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import Select
 
     Select(driver.find_element(By.ID, "layer")).select_by_visible_text("layer 5")
     wait_ready(driver)
@@ -285,8 +270,6 @@ def test_flow_view_bars_and_example_picker(driver, story):
     want = [float(row[1:6].sum() / row.sum()), float(row[6:8].sum() / row.sum()), 0.0]
     got = driver.execute_script("return Array.from(document.querySelectorAll('#bars .bar-row')).map(b => +b.dataset.score)")
     assert got == pytest.approx(want, abs=3e-3)
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     Select(driver.find_element(By.ID, "example")).select_by_index(1)
     wait_ready(driver)
@@ -338,13 +321,39 @@ def test_split_shards_float16_and_missing_rows(driver, tmp_path):
             assert abs(shown[q][0][0] - float(P[0, 0, jj, 2])) <= float(P[0, 0, jj].max()) * 2**-11 + 1e-6
 
 
+def test_reduced_heads_of_a_non_causal_trace(driver, tmp_path):
+    """An encoder-style trace: every row attends to every real key; one reduced head ("mean")."""
+    g = torch.Generator().manual_seed(5)
+    lengths, S = [6, 4], 6
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    logits = torch.randn(2, 2, 1, S, S, generator=g).masked_fill(mask.view(2, 1, 1, 1, S) == 0, float("-inf"))
+    patterns = (logits.softmax(-1) * mask.view(2, 1, 1, S, 1)).nan_to_num()  # pad rows and keys zero
+    qpos = torch.where(mask == 1, torch.arange(S), torch.tensor(-1))
+    tr = AttentionTrace(
+        patterns=patterns, input_ids=mask * 7, attention_mask=mask, query_positions=qpos,
+        tokens=[[f"w{p}" for p in range(n)] for n in lengths], prompt_lengths=lengths, layers=[0, 1], heads="mean",
+    )
+    out = to_html(tr, tmp_path / "view")
+    open_page(driver, out / "index.html")
+    assert [b.text for b in driver.find_elements(By.CSS_SELECTOR, "button.head")] == ["mean"]
+    keys(driver, "jlm")  # layer 1; with one head, next head and mean change nothing
+    assert driver.execute_script("const a = document.getElementById('app'); return [a.dataset.layer, a.dataset.heads]") == ["1", "0"]
+    P, _ = tr.example_patterns(1)
+    Select(driver.find_element(By.ID, "example")).select_by_index(1)
+    wait_ready(driver)
+    hover(driver, "observer", 1)  # row 1 attends to all four keys, later ones included
+    check_row(tokens(driver, "observer"), [P[1, 0, 1, :4]])
+    hover(driver, "observed", 0)
+    shown = tokens(driver, "observed")
+    for q in range(4):
+        assert abs(shown[q][0][0] - float(P[1, 0, q, 0])) <= float(P[1, 0, q].max()) / 510 + 1e-5
+
+
 def test_inline_view_runs_nothing_from_tokens(driver, tmp_path):
     tr, _ = story_trace()
     page = tmp_path / "notebook.html"
     page.write_text("<!DOCTYPE html><html><body>" + inline_html(tr) + "</body></html>")
     driver.get(page.as_uri())
-    from selenium.webdriver.common.by import By
-
     driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe.attnflow-inline"))
     try:
         wait_ready(driver)
@@ -426,8 +435,6 @@ def test_write_screenshot(driver, tmp_path):
     rome = [t.lstrip("Ġ") for t in tr.tokens[0]].index("Rome")
     double_click(driver, "observed", rome)
     double_click(driver, "flow", n - 2)
-    from selenium.webdriver.common.by import By
-
     driver.find_element(By.TAG_NAME, "h1").click()
     driver.save_screenshot(os.environ["ATTNFLOW_SCREENSHOT"])
     assert panel_attr(driver, "flow", "frozen") == "true"

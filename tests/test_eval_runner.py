@@ -60,6 +60,22 @@ def _run(argv) -> int:
 DEMO_ARGS = ["--seed", 3, "--no-progress", "--views", 0, "--max-new-tokens", 2]
 
 
+# --- method plumbing ----------------------------------------------------------------------------
+def test_answer_rows_span_sums_and_seeded_random():
+    from attnflow.eval.methods import answer_rows, random_scores, span_sums
+
+    # example 0: prompt 4, answer 2, pad 1 -> rows 3, 4 unpadded = 4, 5 padded; example 1: empty answer -> row P-1
+    rows, mask = answer_rows(prompt_lengths=[4, 6], answer_lengths=[2, 0], pad_offsets=[1, 0])
+    assert rows.tolist() == [[4, 5], [5, 5]] and mask.tolist() == [[True, True], [True, False]]
+    scores = torch.tensor([[0.0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1]])
+    sums = span_sums(scores, torch.tensor([[1, 3], [0, 2]]), torch.tensor([[3, 3], [6, 2]]))
+    assert sums.tolist() == [[3.0, 0.0], [6.0, 0.0]]  # [1:3] = 1 + 2; empty spans sum to 0
+    a = random_scores("5a8b57f25542995d1e6f1371", "sentence", 5)
+    assert (a == random_scores("5a8b57f25542995d1e6f1371", "sentence", 5)).all()
+    assert not (a == random_scores("5a8b57f25542995d1e6f1371", "paragraph", 5)).all()
+    assert METHOD_NAMES[0] == "random" and len(METHOD_NAMES) == 11
+
+
 # --- scores against an independent reference ---------------------------------------------------
 def test_scores_match_eager_attention_with_the_t_plus_one_alignment(tmp_path):
     """raw (last layer) and rollout span scores == float64 recomputation from eager output_attentions."""

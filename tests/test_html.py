@@ -99,10 +99,12 @@ def test_flow_and_attributions_embedded(tmp_path):
     tr = make_trace([6, 4], heads=2)
     F = tr.patterns.float().mean((1, 2))
     T, Tq = F[:, -1:], tr.query_positions[:, -1:]
-    out = to_html(tr, tmp_path / "view", flow={"raw": F, "last": (T, Tq)}, attributions=pa.table(attribution_rows()))
+    odd = "../last </script>"  # a method name is data, never part of a path or markup
+    out = to_html(tr, tmp_path / "view", flow={"raw": F, odd: (T, Tq)}, attributions=pa.table(attribution_rows()))
     meta = page_data(out)
-    assert meta["flow_methods"] == ["raw", "last"]
-    assert meta["examples"][1]["flow"]["last"] == {"rows": [3], "causal": True}
+    assert meta["flow_methods"] == ["raw", odd]
+    assert meta["examples"][1]["flow"][odd] == {"rows": [3], "causal": True}
+    assert sorted(p.name for p in (out / "shards").glob("*-f1-*")) == ["e0-f1-h0-0-r0-1.js", "e1-f1-h0-0-r0-1.js"]
     got = decode(out, meta)
     for b, n in enumerate([6, 4]):
         pad = 6 - n

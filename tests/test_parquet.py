@@ -191,6 +191,8 @@ def test_flow_bad_shapes(tmp_path):
         to_parquet(tr, tmp_path / "run", flow={"x": torch.zeros(2, 4, 3)})
     with pytest.raises(ShapeError, match="query positions"):
         to_parquet(tr, tmp_path / "run", flow={"x": (torch.zeros(2, 1, 4), torch.zeros(2, 2))})
+    with pytest.raises(DataError, match="row 0 of example 1 has query position 1, outside"):
+        to_parquet(tr, tmp_path / "run", flow={"x": (torch.zeros(2, 1, 4), torch.tensor([[3], [1]]))})
     with pytest.raises(DataError, match="NaN"):
         to_parquet(tr, tmp_path / "run", flow={"x": torch.full((2, 4, 4), float("nan"))})
     assert not (tmp_path / "run").exists()

@@ -64,3 +64,11 @@ def test_save_replaces_whole_directory(model, tmp_path):
     a.save(tmp_path / "t")
     b.save(tmp_path / "t")
     assert_same(b, af.AttentionTrace.load(tmp_path / "t"))
+
+
+def test_progress_bar_and_silence(model, capsys):
+    af.trace(model, PROMPTS, batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""
+    af.trace(model, PROMPTS, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "attnflow trace" in err and "3/3" in err

@@ -77,6 +77,7 @@
       });
     });
     storedBytes += bytes.length + sc.length;
+    if (header.enc === "float16") fillHalf();
   }
   window.attnflowShard = register;
 
@@ -112,7 +113,8 @@
     };
     for (const k of Array.from(store.keys())) if (!keep(k)) store.delete(k);
     for (const e of meta.shards) if (!keep([e.kind, e.example, e.kind === "flow" ? e.method : e.layer].join("|"))) loaded.delete(e.id);
-    storedBytes = 0; // an estimate from here on; recounted as shards load again
+    storedBytes = 0;
+    for (const chunks of store.values()) for (const c of chunks) storedBytes += c.codes.byteLength + c.scales.byteLength;
   }
 
   function ensure(kind, example, what, heads) {
@@ -126,15 +128,18 @@
     return Promise.all(want.map(loadShard));
   }
 
-  const HALF = new Float32Array(65536);
-  (function fillHalf() {
+  const HALF = new Float32Array(65536); // float16 bits -> value, filled when a float16 shard arrives
+  let halfReady = false;
+  function fillHalf() {
+    if (halfReady) return;
+    halfReady = true;
     for (let h = 0; h < 65536; h++) {
       const s = h & 0x8000 ? -1 : 1;
       const e = (h >> 10) & 0x1f;
       const f = h & 0x3ff;
       HALF[h] = e === 0 ? s * f * 2 ** -24 : e === 31 ? (f ? NaN : s * Infinity) : s * (1 + f / 1024) * 2 ** (e - 15);
     }
-  })();
+  }
 
   function chunkFor(kind, example, what, head, row) {
     const chunks = store.get([kind, example, what, head].join("|")) || [];

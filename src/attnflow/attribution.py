@@ -311,9 +311,12 @@ def attribute(
 
         >>> tr.spans[0]
         [Span(name='doc 0', kind='document', start=0, end=3), Span(name='doc 1', kind='document', start=3, end=6)]
-        >>> af.attribute(tr, method="rollout", span_kind="document").to_pydict()
+        >>> af.attribute(tr, method="rollout", span_kind="document").to_pydict()   # scores rounded
         {'example': [0, 0], 'method': ['rollout', 'rollout'], 'target': [-1, -1],
          'source_span': [0, 1], 'score': [0.61, 0.27], 'rank': [1, 2]}
+
+    With `reduce=None` there is one group per target token, `target` naming the
+    produced token's position; `sources="tokens"` scores every key position.
 
     Only the target rows are composed (top-down).  `method` is one of rollout,
     flow, flow_normalized, sum, raw; `alpha` applies to rollout; `exclude_keys`

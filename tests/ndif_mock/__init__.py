@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,13 +45,16 @@ def serve(model_dir: str | os.PathLike, repo_id: str, *extra: str, timeout: floa
     """Run server.py on 127.0.0.1 serving `model_dir` as `repo_id`; `extra` are more server.py flags."""
     cmd = [sys.executable, str(SERVER), "--model", str(model_dir), "--repo-id", repo_id, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = process.stdout.readline()  # "PORT <n>" once it listens, or EOF if it died
-        if not line.startswith("PORT "):
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would stall the server
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        try:
+            line = process.stdout.readline()  # "PORT <n>" once it listens, or EOF if it died
+            if not line.startswith("PORT "):
+                process.kill()
+                process.wait(timeout=timeout)
+                log.seek(0)
+                raise RuntimeError(f"the NDIF mock did not start: {line!r} {log.read()[-2000:].decode(errors='replace')}")
+            yield Mock(f"http://127.0.0.1:{int(line.split()[1])}", process)
+        finally:
             process.kill()
-            raise RuntimeError(f"the NDIF mock did not start: {line!r} {process.stderr.read()[-2000:]}")
-        yield Mock(f"http://127.0.0.1:{int(line.split()[1])}", process)
-    finally:
-        process.kill()
-        process.wait(timeout=timeout)
+            process.wait(timeout=timeout)

@@ -94,7 +94,10 @@ def ws_frame(payload: bytes, opcode: int) -> bytes:
 
 
 def ws_read(rfile) -> tuple[int, bytes]:
-    b0, b1 = rfile.read(2)
+    head = rfile.read(2)
+    if len(head) < 2:  # the client went away without a close frame
+        return 0x8, b""
+    b0, b1 = head
     n = b1 & 0x7F
     if n == 126:
         (n,) = struct.unpack("!H", rfile.read(2))
@@ -149,16 +152,20 @@ class Handler(BaseHTTPRequestHandler):
         session = str(uuid.uuid4())
         updates = self.state.sessions.setdefault(session, queue.Queue())
         self.wfile.write(ws_frame(json.dumps({"session_id": session}).encode(), 0x1))
-        while True:  # one job per blocking trace: stream its updates until it ends
+
+        def read_until_close():  # the client closes after its result, or at once when its POST failed
+            while True:
+                opcode, data = ws_read(self.rfile)
+                if opcode == 0x8:
+                    updates.put((data[:2], 0x8, True))
+                    return
+
+        threading.Thread(target=read_until_close, daemon=True).start()
+        while True:  # stream the job's updates; answer the close frame so close() does not wait out a timeout
             message, opcode, final = updates.get()
             self.wfile.write(ws_frame(message, opcode))
             self.wfile.flush()
-            if final:
-                break
-        while True:  # answer the client's close frame, so its close() does not wait out a timeout
-            opcode, data = ws_read(self.rfile)
             if opcode == 0x8:
-                self.wfile.write(ws_frame(data[:2], 0x8))
                 break
         self.state.sessions.pop(session, None)
 

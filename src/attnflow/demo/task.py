@@ -61,7 +61,7 @@ RELATIONS = {
 LINK = "works with"  # symmetric: "a works with b" makes each the colleague of the other
 LINK_NOUN = "the colleague of {}"
 MAX_DOCS = 8
-MIN_DOCS, DEFAULT_MAX_DOCS = 3, 6
+MIN_DOCS, DEFAULT_MAX_DOCS = 2, 5
 
 
 @dataclass(frozen=True)

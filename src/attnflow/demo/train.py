@@ -186,6 +186,11 @@ def save(model, tok: PreTrainedTokenizerFast, out: Path, args: argparse.Namespac
         (tmp / "MODEL_CARD.md").write_text(model_card(model, tok, meta))
 
 
+def _rope(cfg) -> str:
+    params = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", None)}
+    return ", ".join(f"{k} {v}" for k, v in params.items() if v is not None)
+
+
 def model_card(model, tok: PreTrainedTokenizerFast, meta: dict) -> str:
     cfg, st, acc = model.config, meta["settings"], meta["accuracy"]
     n_params = sum(p.numel() for p in model.parameters())
@@ -213,7 +218,7 @@ The last training log line: `{json.dumps(last)}`.
 
 LlamaForCausalLM: {cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, MLP width {cfg.intermediate_size},
 {cfg.num_attention_heads} query heads and {cfg.num_key_value_heads} key/value heads (grouped-query attention),
-head size {cfg.hidden_size // cfg.num_attention_heads}, rotary position embeddings (theta {cfg.rope_theta if hasattr(cfg, "rope_theta") else "default"}),
+head size {cfg.hidden_size // cfg.num_attention_heads}, rotary position embeddings ({_rope(cfg)}),
 RMSNorm, SwiGLU MLP, untied embeddings, {cfg.max_position_embeddings} positions, {n_params:,} parameters (float32).
 Tokenizer: word level (`tokenizers` WordLevel, whitespace split), {len(tok)} tokens, `<s>` prepended, left padding.
 
@@ -247,25 +252,25 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m attnflow.demo.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="directory for the trained HF folder (default: do not save)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes (not reproducible)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--ffn", type=int, default=256, help="MLP width")
     p.add_argument("--min-docs", type=int, default=task.MIN_DOCS)
     p.add_argument("--max-docs", type=int, default=task.DEFAULT_MAX_DOCS)
     p.add_argument("--grow", type=float, default=0.3, help="fraction of the run over which documents grow to --max-docs")
     p.add_argument("--two-hop-frac", type=float, default=0.3)
-    p.add_argument("--questions", type=int, default=1, help="questions asked after each set of documents in training")
+    p.add_argument("--questions", type=int, default=6, help="questions asked after each set of documents in training")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     return p
 
 

@@ -172,17 +172,22 @@ def record(
     extra = ndif.trace_kwargs(nn_model, remote)  # {} locally; a checked RemoteBackend for NDIF
     with torch.no_grad(), ndif.translate_errors(extra):
         with nn_model.trace(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), **extra
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=pos.to(device),
+            use_cache=False,  # one forward: a KV cache would only hold memory
+            **extra,
         ) as tracer:
-            out = []
+            patterns = None  # [batch, layer, head, row, key], filled layer by layer (no second copy from a stack)
             for i in range(len(envoys)):
                 args, kwargs = getattr(envoys[i].source, ops[i]).inputs
-                out.append(
-                    reduce.interface_pattern(
-                        args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i]
-                    )
+                p = reduce.interface_pattern(  # float32: the copy into `patterns` casts to the storage dtype
+                    args, kwargs, row_index=rows, heads=weights[i], dtype=None, is_causal=causal[i]
                 )
-            patterns = torch.stack(out, dim=1).save()
+                if patterns is None:
+                    patterns = p.new_empty((p.shape[0], len(envoys), *p.shape[1:]), dtype=dtype)
+                patterns[:, i] = p
+            patterns = patterns.save()
             if stop_early:
                 tracer.stop()
     return patterns.detach().cpu()

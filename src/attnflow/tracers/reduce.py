@@ -103,8 +103,9 @@ def attention_pattern(
     if sinks is not None:
         sink = einops.repeat(sinks.float().to(scores.device), "h -> b h r 1", b=B, r=R)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
+    else:  # softmax in place: one [batch, head, row, key] float32 buffer instead of two
+        probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+        probs.div_(probs.sum(-1, keepdim=True))
     return probs.mul_(present.view(B, 1, R, 1))
 
 
@@ -159,9 +160,9 @@ def reduce_heads(
     raise ValueError(f"heads={heads!r}; use 'all', 'mean', 'max' or a tensor of weights")
 
 
-def to_storage(P: Tensor, dtype: torch.dtype) -> Tensor:
-    """Cast to the storage dtype (float16 by default) once every reduction is done in float32."""
-    return P.to(dtype)
+def to_storage(P: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Cast to the storage dtype (float16 by default) once every reduction is done in float32; None keeps it."""
+    return P if dtype is None else P.to(dtype)
 
 
 def interface_pattern(
@@ -170,7 +171,7 @@ def interface_pattern(
     *,
     row_index: Int[Tensor, "batch row"],
     heads: str | Float[Tensor, "head"],
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     is_causal: bool,
 ) -> Float[Tensor, "batch head_out row key"]:
     """The stored pattern of one layer from the `(args, kwargs)` of its `attention_interface(...)` call.

@@ -19,9 +19,10 @@ server's (its `/env`).  `translate_errors` turns what the server or the network
 says afterwards (a rejected key, a refused client version, a failed job) into
 the same one-line RemoteError.
 
-    >>> kwargs = trace_kwargs(model, True)          # {"backend": RemoteBackend(...)}
-    >>> with translate_errors(kwargs), model.trace(ids, **kwargs):
-    ...     saved = something.save()
+    >>> kwargs = trace_kwargs(model, True)          # {"backend": RemoteBackend(...)} after the checks
+    >>> with translate_errors(kwargs):
+    ...     with model.trace(input_ids=ids, **kwargs):
+    ...         saved = something.save()
 """
 
 from __future__ import annotations

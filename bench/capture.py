@@ -6,8 +6,8 @@
 For a small random Llama (sdpa), prints the median wall time and the peak extra
 memory of
 
-    plain       model(ids) under the default sdpa kernel
-    eager       the same weights, eager attention, output_attentions=True
+    plain       model(ids, use_cache=False) under the default sdpa kernel
+    eager       the same weights, eager attention, output_attentions=True (use_cache=False too)
     trace-all   attnflow.trace(model, ids, heads="all")              (float16 storage)
     mean-last   attnflow.trace(model, ids, heads="mean", rows="last")
 
@@ -56,11 +56,11 @@ def methods(model, eager, ids):
     wrapped = nnsight.NNsight(model)  # wrapped once, as af.load's model is: wrapping costs ~10 ms per call
     def plain():
         with torch.no_grad():
-            return model(input_ids=ids).logits
+            return model(input_ids=ids, use_cache=False).logits
 
     def eager_attn():
         with torch.no_grad():
-            return eager(input_ids=ids, output_attentions=True).attentions
+            return eager(input_ids=ids, output_attentions=True, use_cache=False).attentions
 
     def trace_all():
         return af.trace(wrapped, ids, heads="all", progress=False, batch_size=len(ids))

@@ -2,6 +2,7 @@
 
     python bench/eval.py                    # the embedded demo model, 64 examples, generate mode
     python bench/eval.py --mode teacher --examples 128
+    python bench/eval.py --threads 1        # on a shared, busy machine one thread is much faster
 
 Times `attnflow.eval.runner.evaluate` end to end per batch (trace + generation,
 six flow methods, span scores, metrics, Parquet part files), without the report
@@ -48,7 +49,10 @@ def main() -> None:
     p.add_argument("--mode", choices=("generate", "teacher"), default="generate")
     p.add_argument("--model", default=None, help="model directory (default: the embedded demo model)")
     p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from attnflow.eval.runner import RunConfig, evaluate, select_examples
 

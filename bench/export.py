@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -121,10 +122,14 @@ def browser_timing(N: int, L: int, H: int, shard_bytes: int, work: Path) -> dict
             ActionChains(d).move_to_element(tok).perform()
             WebDriverWait(d, 30, poll_frequency=0.005).until(lambda d: tok.get_attribute("data-w") is not None)
             total = time.perf_counter() - t
-            in_page = d.execute_script("return performance.now()") / 1000
-            results.append((ready, total, in_page))
+            marks = d.execute_script(
+                "const r = performance.getEntriesByName('attnflow:ready')[0];"
+                "const h = performance.getEntriesByName('attnflow:hover')[0];"
+                "return [r.startTime / 1000, h.duration / 1000];"
+            )
+            results.append((ready, total, marks[0], marks[1]))
         best = min(results, key=lambda r: r[1])
-        return {"ready": best[0], "total": best[1], "in_page": best[2], "runs": results}
+        return {"ready": best[0], "total": best[1], "in_page_ready": best[2], "in_page_hover": best[3], "runs": results}
     finally:
         d.quit()
 
@@ -147,7 +152,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     dense = L * H * N * N
     stored = L * H * N * (N + 1) // 2
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; trace L={L} H={H} N={N}: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; trace L={L} H={H} N={N}: "
           f"{dense:,} values dense, {stored:,} stored (causal)")
     tr = random_trace(L, H, N)
 
@@ -184,7 +189,7 @@ def main(argv=None) -> None:
         secs, size, k = bv
         print(f"{'bertviz head_view':30} {secs:8.1f} {size / 2**20:9.1f} {size / dense:8.3f} {size / stored:9.3f} "
               f"{1:6d} {size / 2**20:12.2f} {'1x':>16} {'1x':>16}")
-        print(f"  (bertviz measured on {k} of {L} layers and scaled by {L / k:g}; one page, needs a CDN for require.js)")
+        print(f"  (bertviz measured on {k} of {L} layers and scaled by {L / k:g}; one page that loads require.js, d3 and jQuery from a CDN)")
     for name, *_, shard_max in rows:
         if shard_max:
             ok = "ok" if shard_max <= args.shard_bytes else "OVER"
@@ -196,9 +201,10 @@ def main(argv=None) -> None:
             print("\nno /usr/bin/chromium: skipping the browser timing (apt-get install -y chromium chromium-driver)")
         else:
             t = browser_timing(args.browser_n, args.browser_layers, H, args.shard_bytes, work)
-            print(f"\nChromium, N={args.browser_n} (L={args.browser_layers}, H={H}): index.html open -> viewer ready "
-                  f"{t['ready']:.2f} s, + first hover painted (row of {args.browser_n} keys) {t['total']:.2f} s "
-                  f"(best of 3; in-page clock {t['in_page']:.2f} s); goal < 1 s")
+            print(f"\nChromium, N={args.browser_n} (L={args.browser_layers}, H={H}), best of 3; goal < 1 s:")
+            print(f"  page clock: navigation -> viewer ready {t['in_page_ready']:.2f} s, first hover painted in "
+                  f"{t['in_page_hover'] * 1000:.0f} ms (row of {args.browser_n} keys): {t['in_page_ready'] + t['in_page_hover']:.2f} s")
+            print(f"  through WebDriver: open -> ready {t['ready']:.2f} s, + move the mouse and see the row {t['total']:.2f} s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -91,7 +91,6 @@ def to_html(
         for name in ("viewer.js", "viewer.css"):
             _io.write_text(tmp / name, _static(name))
         _io.write_text(tmp / "index.html", page(meta))
-        _readable(tmp)
     return path
 
 
@@ -397,14 +396,6 @@ def _script_safe(js: str) -> str:
 
 def _static(name: str) -> str:
     return resources.files("attnflow.exporters").joinpath("static", name).read_text(encoding="utf-8")
-
-
-def _readable(root: Path) -> None:
-    """Give the viewer's files the modes the umask allows (temporary files start private), so it can be served."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [root, *root.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _check(shard_bytes: int, precision: str) -> None:

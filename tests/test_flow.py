@@ -181,8 +181,8 @@ def test_every_method_and_option_matches_reference(patterns, method, opts, dtype
 @pytest.mark.parametrize("method", ["rollout", "flow", "flow_normalized", "sum", "raw"])
 def test_compose_dispatches(patterns, method):
     A = torch.tensor(patterns)
-    ref = reference(patterns, LENGTHS, method, rows=[-1])
-    check(F.compose(A, method, rows=[-1]), ref, torch.float64)
+    ref = reference(patterns, LENGTHS, method, rows=[-1], alpha=0.3, layer=0)
+    check(F.compose(A, method, rows=[-1], alpha=0.3, layer=0), ref, torch.float64)
 
 
 def test_key_mask_gives_the_same_as_derived_realness(patterns):

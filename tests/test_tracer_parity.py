@@ -164,6 +164,16 @@ def test_max_new_tokens_matches_eager(family):
         assert (one.patterns[0] - E).abs().max() <= TOL
 
 
+def test_generation_is_plain_greedy_despite_checkpoint_penalties():
+    model = tiny_model("llama", eos_token_id=None)
+    ref = eager_copy(model)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    tr = af.trace(model, PROMPTS, max_new_tokens=5, progress=False)
+    for i, p in enumerate(PROMPTS):
+        assert tr.item(i).input_ids[0].tolist() == greedy(ref, p, 5)
+
+
 def test_generation_stops_at_eos():
     model = tiny_model("llama")
     ref = eager_copy(model)

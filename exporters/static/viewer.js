@@ -440,8 +440,10 @@
       if (!t) return;
       if (!t.title) t.title = t.dataset.pos + ": " + meta.examples[state.example].tokens[+t.dataset.pos]; // the raw token
       if (state.frozen[name]) return;
+      const t0 = performance.now();
       state.focus[name] = +t.dataset.pos;
       paint(name);
+      performance.measure("attnflow:hover", { start: t0 }); // read by bench/export.py
     });
     sec().addEventListener("mouseleave", () => {
       if (state.frozen[name]) return;
@@ -552,6 +554,7 @@
         app.dataset.state = "ready";
         ui.status.textContent = "";
         paintAll();
+        performance.mark("attnflow:ready");
       },
       (err) => {
         ui.status.textContent = err.message;

@@ -318,12 +318,15 @@ class FlowAccumulator:
                 self.state = _take(g, idx)[..., None] * rows_P * keep[..., None, :] + _take(h, idx)[..., None] * eye
             else:
                 self.state = g[..., :, None] * P * keep[..., None, :] + torch.diag_embed(h)
-        elif self.top_down:  # Y ← Y·M, in few kernels: (Y·diag(g))·P·diag(keep) + Y·diag(h)
+        elif self.top_down:  # Y ← Y·M = (Y·diag(g))·P·diag(keep) + Y·diag(h), in as few kernels as we can
             Y = self.state
-            out = (Y * g[..., None, :]) @ P
+            Yg, Yh = Y * torch.stack([g, h])[:, ..., None, :]  # one kernel for both scalings
             if self._mask_keys:
-                out.mul_(keep[..., None, :])
-            self.state = out.addcmul_(Y, h[..., None, :])
+                self.state = (Yg @ P).mul_(keep[..., None, :]).add_(Yh)
+            else:
+                T, N = Y.shape[-2:]
+                out = torch.baddbmm(Yh.reshape(-1, T, N), Yg.reshape(-1, T, N), P.reshape(-1, N, N))
+                self.state = out.view(Y.shape)
         else:  # X ← M·X = diag(g)·P·(diag(keep)·X) + diag(h)·X
             X = self.state
             out = P @ (keep[..., :, None] * X) if self._mask_keys else P @ X
@@ -452,21 +455,35 @@ def raw(
     return P
 
 
-def compose(A: Float[Tensor, "*batch layer head query key"], method: str = "rollout", **kw) -> Float[Tensor, "*batch query key"]:
+def compose(
+    A: Float[Tensor, "*batch layer head query key"],
+    method: str = "rollout",
+    *,
+    alpha: float = 0.5,
+    heads: Heads = "mean",
+    rows: Rows = None,
+    exclude_keys: Sequence[int] = (),
+    key_mask: Int[Tensor, "*batch key"] | None = None,
+    layer: int = -1,
+) -> Float[Tensor, "*batch query key"]:
     """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw.
+
+    Every method takes the same arguments, so a loop over methods can pass them
+    all: `alpha` is used by rollout only (flow_normalized is alpha 0.5), `layer` by raw only.
 
         >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]]]])
         >>> compose(A, "flow_normalized", rows=[-1])      # == residual_flow(A, normalize=True, rows=[-1])
         tensor([[[0.2500, 0.7500]]])
     """
+    kw = {"heads": heads, "rows": rows, "exclude_keys": exclude_keys, "key_mask": key_mask}
     if method == "rollout":
-        return rollout(A, **kw)
+        return rollout(A, alpha=alpha, **kw)
     if method in ("flow", "flow_normalized"):
         return residual_flow(A, normalize=method == "flow_normalized", **kw)
     if method == "sum":
         return total_attention(A, **kw)
     if method == "raw":
-        return raw(A, **kw)
+        return raw(A, layer=layer, **kw)
     raise BadArgumentError(f"method={method!r}; use one of {', '.join(METHODS)}")
 
 

@@ -62,6 +62,7 @@ LINK = "works with"  # symmetric: "a works with b" makes each the colleague of t
 LINK_NOUN = "the colleague of {}"
 MAX_DOCS = 8
 MIN_DOCS, DEFAULT_MAX_DOCS = 2, 5
+DISTRACTOR_MIX = (0.25, 0.60)
 
 
 @dataclass(frozen=True)
@@ -112,18 +113,19 @@ class _Facts:
         return True
 
 
-def _distractor(rng: random.Random, focus: list[str], relation: str) -> tuple[str, str, str]:
-    """A fact near the question: mostly its relation about another entity, else its entities with another relation."""
+def _distractor(rng: random.Random, focus: list[str], relation: str, mix: tuple[float, float]) -> tuple[str, str, str]:
+    """A fact near the question: with probability mix[0] another relation of a person in the question,
+    with mix[1] the asked relation about someone else, otherwise any fact."""
     kind = rng.random()
-    entity = rng.choice(focus) if kind < 0.25 else rng.choice(ENTITIES)
-    if kind < 0.25 or kind >= 0.85:
+    entity = rng.choice(focus) if kind < mix[0] else rng.choice(ENTITIES)
+    if kind < mix[0] or kind >= mix[0] + mix[1]:
         relation = rng.choice([*RELATIONS, "link"])
     if relation == "link":
         return (entity, "link", rng.choice(ENTITIES))
     return (entity, relation, rng.choice(RELATIONS[relation][2]))
 
 
-def _example(rng: random.Random, n_docs: int, two_hop: bool) -> Example:
+def _example(rng: random.Random, n_docs: int, two_hop: bool, mix: tuple[float, float]) -> Example:
     entity, relation = rng.choice(ENTITIES), rng.choice(list(RELATIONS))
     value = rng.choice(RELATIONS[relation][2])
     if two_hop:
@@ -138,7 +140,7 @@ def _example(rng: random.Random, n_docs: int, two_hop: bool) -> Example:
         subject, focus = entity, [entity]
     n_support = len(facts.facts)
     while len(facts.facts) < max(n_docs, n_support):
-        facts.add(_distractor(rng, focus, relation))
+        facts.add(_distractor(rng, focus, relation, mix))
     order = list(range(len(facts.facts)))
     rng.shuffle(order)
     documents = [Document(f"doc{i + 1}", _fact_text(facts.facts[j])) for i, j in enumerate(order)]
@@ -153,11 +155,13 @@ def generate(
     two_hop: bool | float = False,
     min_docs: int = MIN_DOCS,
     max_docs: int = DEFAULT_MAX_DOCS,
+    mix: tuple[float, float] = DISTRACTOR_MIX,
 ) -> list[Example]:
     """`n` examples, the same for the same arguments; `two_hop` may be a fraction (0.3 = 30% two-hop).
 
     The number of documents is drawn uniformly from [min_docs, max_docs] (a two-hop
-    example has at least 2).  Training uses seeds >= 10**6; evaluation uses small seeds.
+    example has at least 2).  `mix` is (share of distractors about a person in the
+    question with another relation, share about someone else with the asked relation).  Training uses seeds >= 10**6; evaluation uses small seeds.
 
     >>> [len(ex.documents) for ex in generate(3, seed=0, max_docs=4)]   # doctest: +SKIP
     [4, 3, 3]
@@ -166,7 +170,7 @@ def generate(
         raise ValueError(f"need 1 <= min_docs <= max_docs <= {MAX_DOCS}, got {min_docs}, {max_docs}")
     rng = random.Random(seed)
     frac = float(two_hop)
-    return [_example(rng, rng.randint(min_docs, max_docs), rng.random() < frac) for _ in range(n)]
+    return [_example(rng, rng.randint(min_docs, max_docs), rng.random() < frac, mix) for _ in range(n)]
 
 
 def parse_fact(text: str) -> tuple[str, str, str]:
@@ -181,6 +185,22 @@ def parse_fact(text: str) -> tuple[str, str, str]:
     if relation is None or len(words) < 4 or words[-1] != ".":
         raise ValueError(f"{text!r} is not a demo fact like 'alice lives in paris .'")
     return words[0], relation, words[-2]
+
+
+def asked_relation(question: str) -> str:
+    """The relation a question asks for (`"lives"`, `"job"`, ...), single- or two-hop."""
+    for name, (_, template, _) in RELATIONS.items():
+        head, tail = template.split("{}")
+        if question.startswith(head) and question.endswith(tail):
+            return name
+    raise ValueError(f"{question!r} is not a demo question")
+
+
+def stated_value_chance(example: Example) -> float:
+    """Accuracy of guessing uniformly among the values the documents state for the asked relation."""
+    relation = asked_relation(example.question)
+    values = {v for _, r, v in (parse_fact(d.text) for d in example.documents) if r == relation}
+    return 1 / len(values)
 
 
 def all_questions(example: Example) -> list[tuple[str, str]]:

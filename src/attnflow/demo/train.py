@@ -118,7 +118,10 @@ def docs_at(step: int, args: argparse.Namespace) -> tuple[int, int]:
 def batch_at(step: int, tok: PreTrainedTokenizerFast, args: argparse.Namespace) -> dict[str, Tensor]:
     low, high = docs_at(step, args)
     seed = TRAIN_SEED_BASE + args.seed * 100_003 + step
-    examples = task.generate(args.batch, seed, two_hop=args.two_hop_frac, min_docs=low, max_docs=high)
+    mix = task.DISTRACTOR_MIX
+    if args.hard_until and step < args.hard_until * args.steps:  # first: mostly the asked relation about others
+        mix = (0.1, 0.85)
+    examples = task.generate(args.batch, seed, two_hop=args.two_hop_frac, min_docs=low, max_docs=high, mix=mix)
     return encode(tok, examples, args.questions, random.Random(seed))
 
 
@@ -173,17 +176,39 @@ def save(model, tok: PreTrainedTokenizerFast, out: Path, args: argparse.Namespac
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         do_sample=False, max_new_tokens=2,
     )
-    result = {**result, "accuracy": {
-        f"single_hop_seed{REPORT_SEED}": answer_accuracy(model, tok, task.generate(200, REPORT_SEED)),
-        f"two_hop_seed{REPORT_SEED + 1}": answer_accuracy(model, tok, task.generate(200, REPORT_SEED + 1, two_hop=True)),
-    }}
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     meta = {"settings": settings, "torch": torch.__version__, "python": platform.python_version(), **result}
+    meta["accuracy"] = measure(model, tok)
     with _io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
         (tmp / "MODEL_CARD.md").write_text(model_card(model, tok, meta))
+
+
+def measure(model, tok: PreTrainedTokenizerFast) -> dict[str, float]:
+    """Greedy accuracy on the model card's held-out sets, next to guessing among the stated values."""
+    single, double = task.generate(200, REPORT_SEED), task.generate(200, REPORT_SEED + 1, two_hop=True)
+    return {
+        "single_hop": answer_accuracy(model, tok, single),
+        "two_hop": answer_accuracy(model, tok, double),
+        "single_hop_guess": sum(map(task.stated_value_chance, single)) / len(single),
+        "two_hop_guess": sum(map(task.stated_value_chance, double)) / len(double),
+    }
+
+
+def refresh_card(out: Path) -> None:
+    """Re-measure a trained folder and rewrite its training_log.json and MODEL_CARD.md (the weights are untouched)."""
+    from transformers import AutoModelForCausalLM
+
+    from attnflow import _io
+
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(out, local_files_only=True)
+    meta = json.loads((out / "training_log.json").read_text())
+    meta["accuracy"] = measure(model, tok)
+    _io.write_text(out / "training_log.json", json.dumps(meta, indent=1) + "\n")
+    _io.write_text(out / "MODEL_CARD.md", model_card(model, tok, meta))
 
 
 def _rope(cfg) -> str:
@@ -206,13 +231,15 @@ methods can be scored against the truth.
 
 ## Accuracy (greedy, held-out seeds; training draws from seeds >= 10**6)
 
-| questions | documents | examples | accuracy |
-|---|---|---|---|
-| single-hop (seed {REPORT_SEED}) | {task.MIN_DOCS}-{task.DEFAULT_MAX_DOCS} | 200 | {acc[f"single_hop_seed{REPORT_SEED}"]:.1%} |
-| two-hop (seed {REPORT_SEED + 1}) | {task.MIN_DOCS}-{task.DEFAULT_MAX_DOCS} | 200 | {acc[f"two_hop_seed{REPORT_SEED + 1}"]:.1%} |
+| questions | documents | examples | accuracy | guessing among the stated values |
+|---|---|---|---|---|
+| single-hop (seed {REPORT_SEED}) | {task.MIN_DOCS}-{task.DEFAULT_MAX_DOCS} | 200 | {acc["single_hop"]:.1%} | {acc["single_hop_guess"]:.1%} |
+| two-hop (seed {REPORT_SEED + 1}) | {task.MIN_DOCS}-{task.DEFAULT_MAX_DOCS} | 200 | {acc["two_hop"]:.1%} | {acc["two_hop_guess"]:.1%} |
 
-An answer counts when the first generated token is the answer and the second is `</s>`.
-The last training log line: `{json.dumps(last)}`.
+An answer counts when the first generated token is the answer and the second is `</s>`.  The last
+column is the accuracy of a reader that knows which relation is asked but not whose: it picks
+uniformly among the values the documents state for that relation (the single-hop set is the one
+`tests/test_demo_model.py` checks).  The last training log line: `{json.dumps(last)}`.
 
 ## Architecture
 
@@ -266,13 +293,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-docs", type=int, default=task.MIN_DOCS)
     p.add_argument("--max-docs", type=int, default=task.DEFAULT_MAX_DOCS)
     p.add_argument("--grow", type=float, default=0.3, help="fraction of the run over which documents grow to --max-docs")
+    p.add_argument("--hard-until", type=float, default=0.0,
+                   help="fraction of the run whose distractors mostly state the asked relation about other people")
     p.add_argument("--two-hop-frac", type=float, default=0.3)
     p.add_argument("--questions", type=int, default=6, help="questions asked after each set of documents in training")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--card", default=None, help="only re-measure the trained folder DIR and rewrite its model card")
     return p
 
 
 if __name__ == "__main__":
-    train(parser().parse_args())
+    _args = parser().parse_args()
+    refresh_card(Path(_args.card)) if _args.card else train(_args)

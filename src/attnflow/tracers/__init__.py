@@ -2,8 +2,8 @@
 
     >>> model = af.load("path/to/model")                      # nnsight TransformersModel
     >>> tr = af.trace(model, ["the cat sat on the mat"], heads="mean", rows="last")
-    >>> tr.patterns.shape                                      # batch layer head query key
-    torch.Size([1, 2, 1, 1, 7])
+    >>> tr.patterns.shape                                      # batch layer head query key (2 layers, 6 tokens)
+    torch.Size([1, 2, 1, 1, 6])
 
 nnsight models and transformers PreTrainedModels go to `tracers/nnsight.py`;
 TransformerLens models (TransformerBridge, HookedTransformer) to `tracers/lens.py`.

@@ -13,8 +13,8 @@ and casts to the storage dtype there, and saves only that.  The model's own
 attention (sdpa, flash, eager) runs untouched: no `output_attentions`.
 
     >>> tr = trace_nnsight(model, ["the cat sat", "a dog"], heads="mean", rows="last", progress=False)
-    >>> tr.patterns.shape                      # batch layer head query key
-    torch.Size([2, 2, 1, 1, 4])
+    >>> tr.patterns.shape                      # batch layer head query key (a 2-layer model, 3 tokens)
+    torch.Size([2, 2, 1, 1, 3])
 """
 
 from __future__ import annotations
@@ -213,7 +213,10 @@ def generate(
     for chunk in inputs.chunks(len(enc.sequences), batch_size):
         part = [enc.sequences[i] for i in chunk]
         ids, mask = inputs.left_pad(part, pad_id)
-        greedy = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=pad_id)
+        greedy = dict(  # plain argmax decoding, whatever penalties the checkpoint's generation_config sets
+            max_new_tokens=max_new_tokens, min_new_tokens=0, min_length=0, do_sample=False, num_beams=1,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=pad_id,
+        )
         if remote:  # generate where the weights are: NDIF, or nnsight's local round trip
             out = ndif.generate(nn_model, ids.to(device), mask.to(device), remote=remote, **greedy)
         else:

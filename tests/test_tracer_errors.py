@@ -8,7 +8,7 @@ from tiny_models import prompts_ids, tiny_model, tiny_tokenizer
 
 import attnflow as af
 from attnflow import cli
-from attnflow.errors import BadArgumentError, ModelNotFoundError, PromptError, UnsupportedModelError
+from attnflow.errors import BadArgumentError, ModelNotFoundError, NonFiniteError, PromptError, UnsupportedModelError
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +111,25 @@ def test_bad_arguments(llama, kwargs, match):
     err.match(match)
 
 
+def test_non_finite_attention_names_the_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError) as err:
+        af.trace(model, [[5, 6, 7]], progress=False)
+    assert "layer 1 (example 0)" in one_line(err)
+
+
 def test_missing_model_directory(tmp_path):
     for name in (str(tmp_path / "nope"), "nope", "./org/name", "a/b/c"):
         with pytest.raises(ModelNotFoundError) as err:
             af.load(name)
         assert "no model directory" in one_line(err)
+
+
+def test_load_bad_dtype(model_dir):
+    with pytest.raises(BadArgumentError, match="dtype='float99'"):
+        af.load(model_dir, dtype="float99")
 
 
 def test_load_local_directory(model_dir):

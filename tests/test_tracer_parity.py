@@ -169,8 +169,13 @@ def test_generation_is_plain_greedy_despite_checkpoint_penalties():
     ref = eager_copy(model)
     model.generation_config.repetition_penalty = 50.0
     model.generation_config.no_repeat_ngram_size = 1
-    tr = af.trace(model, PROMPTS, max_new_tokens=5, progress=False)
-    for i, p in enumerate(PROMPTS):
+    prompts = [[8] * 6, [11] * 6]  # greedy continuations that repeat tokens, e.g. 96 42 42 42 42
+    for p in prompts:  # the checkpoint's penalties would change them
+        with torch.no_grad():
+            penalised = model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert penalised[0].tolist() != greedy(ref, p, 5)
+    tr = af.trace(model, prompts, max_new_tokens=5, progress=False)
+    for i, p in enumerate(prompts):
         assert tr.item(i).input_ids[0].tolist() == greedy(ref, p, 5)
 
 

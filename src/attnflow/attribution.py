@@ -204,7 +204,7 @@ def flow_rows(
     """
     _check_method(method)
     _check_composable(trace, method)
-    return F.compose(trace.patterns, method, **_flow_kwargs(trace, method, alpha, exclude_keys, heads))
+    return F.compose(trace.patterns, method, **_flow_kwargs(trace, alpha, exclude_keys, heads))
 
 
 def target_flow(
@@ -231,7 +231,7 @@ def target_flow(
     idx = torch.tensor([[pads[b] + r[min(j, len(r) - 1)] for j in range(T)] if r else [0] * T for b, r in enumerate(rows)])
     if method == "raw":
         idx = _query_index(trace, idx)
-    kw = _flow_kwargs(trace, method, alpha, exclude_keys, heads)
+    kw = _flow_kwargs(trace, alpha, exclude_keys, heads)
     return F.compose(trace.patterns, method, rows=idx.to(trace.patterns.device), **kw)
 
 
@@ -247,12 +247,13 @@ def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]
     return hit.long().argmax(-1)
 
 
-def _flow_kwargs(trace: AttentionTrace, method: str, alpha, exclude_keys, heads) -> dict:
-    kw = {"heads": _trace_heads(trace, heads), "exclude_keys": tuple(exclude_keys)}
-    kw["key_mask"] = trace.attention_mask.to(trace.patterns.device)
-    if method == "rollout":
-        kw["alpha"] = alpha
-    return kw
+def _flow_kwargs(trace: AttentionTrace, alpha, exclude_keys, heads) -> dict:
+    return {
+        "heads": _trace_heads(trace, heads),
+        "exclude_keys": tuple(exclude_keys),
+        "key_mask": trace.attention_mask.to(trace.patterns.device),
+        "alpha": alpha,  # used by rollout only
+    }
 
 
 def _trace_heads(trace: AttentionTrace, heads: F.Heads) -> F.Heads:

@@ -161,7 +161,8 @@ def generate(
 
     The number of documents is drawn uniformly from [min_docs, max_docs] (a two-hop
     example has at least 2).  `mix` is (share of distractors about a person in the
-    question with another relation, share about someone else with the asked relation).  Training uses seeds >= 10**6; evaluation uses small seeds.
+    question with another relation, share about someone else with the asked relation).
+    Training uses seeds >= 10**6; evaluation uses small seeds.
 
     >>> [len(ex.documents) for ex in generate(3, seed=0, max_docs=4)]   # doctest: +SKIP
     [4, 3, 3]

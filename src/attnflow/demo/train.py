@@ -44,6 +44,7 @@ def make_config(tok: PreTrainedTokenizerFast, args: argparse.Namespace) -> Llama
         max_position_embeddings=128,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
+        initializer_range=args.init_std,
         tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -131,6 +132,8 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     tok = build_tokenizer()
     model = LlamaForCausalLM(make_config(tok, args))
+    if args.init:  # continue from a trained folder (its architecture wins over the flags)
+        model = LlamaForCausalLM.from_pretrained(args.init, local_files_only=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -290,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--ffn", type=int, default=256, help="MLP width")
+    p.add_argument("--init-std", type=float, default=0.02, help="standard deviation of the initial weights")
     p.add_argument("--min-docs", type=int, default=task.MIN_DOCS)
     p.add_argument("--max-docs", type=int, default=task.DEFAULT_MAX_DOCS)
     p.add_argument("--grow", type=float, default=0.3, help="fraction of the run over which documents grow to --max-docs")
@@ -300,6 +304,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", default=None, help="start from the weights of this trained folder instead of random ones")
     p.add_argument("--card", default=None, help="only re-measure the trained folder DIR and rewrite its model card")
     return p
 

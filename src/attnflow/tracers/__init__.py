@@ -108,7 +108,7 @@ def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any 
             raise ModelNotFoundError(f"no model directory at {name!r}; pass an existing directory or a hub id like org/name")
     elif not os.path.isdir(name):
         raise ModelNotFoundError(f"{name!r} is a file; pass the model's directory")
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise BadArgumentError(f"dtype={dtype!r}; use e.g. 'float32', 'bfloat16' or a torch.dtype")
     try:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnflow.errors import BadArgumentError, UnsupportedModelError
+from attnflow.errors import BadArgumentError, NonFiniteError, UnsupportedModelError
 from attnflow.trace import AttentionTrace
 from attnflow.tracers import inputs, reduce
 from attnflow.tracers import remote as ndif
@@ -302,6 +302,7 @@ def trace_nnsight(
     R = max(len(p) for p in positions)
     parts = [_pad_left(p, R, S) for p in parts]
     patterns = parts[0] if len(parts) == 1 else torch.cat(parts)
+    check_finite(patterns, layer_ids)
     return AttentionTrace(
         patterns=patterns,
         input_ids=input_ids,
@@ -315,6 +316,7 @@ def trace_nnsight(
         model_info=info,
         settings={
             "heads": inputs.head_label(head_spec),
+            "head_weights": head_spec.tolist() if isinstance(head_spec, Tensor) else None,  # per recorded layer
             "rows": rows,
             "layers": layer_ids,
             "dtype": str(dtype).removeprefix("torch."),
@@ -324,6 +326,17 @@ def trace_nnsight(
             "remote": remote if isinstance(remote, (bool, str)) else bool(remote),
         },
     )
+
+
+def check_finite(patterns: Tensor, layers: list[int]) -> None:
+    """NonFiniteError naming the first layer whose pattern holds NaN or inf (the model's q/k overflowed)."""
+    for li, layer in enumerate(layers):  # a sum carries any NaN/inf; isfinite() would copy the whole trace
+        bad = ~torch.isfinite(patterns[:, li].flatten(1).sum(-1, dtype=torch.float32))  # [batch]
+        if bad.any():
+            raise NonFiniteError(
+                f"the attention of layer {layer} (example {int(bad.nonzero()[0])}) holds NaN or inf: the model's "
+                "queries or keys overflowed; load it in float32 or bfloat16"
+            )
 
 
 def _pad_left(p: Tensor, rows: int, seq: int) -> Tensor:

@@ -27,9 +27,14 @@ import os
 import statistics
 import time
 
-import torch
+# On a shared, oversubscribed CPU, OpenMP threads that spin while waiting for a descheduled
+# peer make every small kernel cost a scheduler tick (we measured 4x on rows mode).  Every
+# column runs under the same setting; export OMP_WAIT_POLICY=ACTIVE to time the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from attnflow import flow as F
+import torch  # noqa: E402  (after the OpenMP setting)
+
+from attnflow import flow as F  # noqa: E402
 
 B, L, T = 8, 24, 32
 
@@ -107,7 +112,8 @@ def run(device: torch.device, quick: bool) -> None:
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        else f"CPU, {torch.get_num_threads()} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     print(f"\n## {name}: matmul {rates[0] / 1e9:.0f} GFLOP/s, copy {rates[1] / 1e9:.1f} GB/s  (B={B}, L={L}, float32, rows = last {T})")
     print(

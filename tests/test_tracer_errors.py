@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import prompts_ids, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 
 import attnflow as af
 from attnflow import cli
@@ -179,7 +179,3 @@ def test_cli_bad_input_exits_2(model_dir, tmp_path, capsys, extra, match):
 def test_cli_missing_model_exits_2(tmp_path, capsys):
     code, _, err = run_cli(["trace", str(tmp_path / "missing"), "--prompt", "x", "--out", str(tmp_path / "o"), "--no-progress"], capsys)
     assert code == 2 and err.count("\n") == 1 and "no model directory" in err
-
-
-def test_prompts_ids_fixture_is_stable():
-    assert [len(p) for p in prompts_ids()] == [7, 12, 16]

@@ -218,6 +218,10 @@ def test_storage_dtype_and_plain_model_with_tokenizer():
     assert tr.tokens == [["alice", "lives", "in", "paris"]]
     E = eager_patterns(ref, tok("alice lives in paris")["input_ids"])
     assert (tr.patterns[0].float() - E).abs().max() <= 1e-3  # float16 storage rounding
+    chat = [{"role": "q", "content": "where does alice live ?"}]
+    tr = af.trace(hf, [chat, "alice lives in paris"], tokenizer=tiny_tokenizer(chat_template=True), progress=False)
+    assert tr.tokens[0][:3] == ["<bos>", "q", ":"] and tr.tokens[0][-2:] == ["answer", ":"]
+    assert tr.prompt_lengths == [11, 4]
 
 
 def test_tracing_leaves_attention_implementation_alone():
@@ -225,6 +229,10 @@ def test_tracing_leaves_attention_implementation_alone():
         model = tiny_model(family, attn_implementation=impl)
         before = model.config._attn_implementation
         layers_before = copy.copy([m.config._attn_implementation for m in model.modules() if hasattr(m, "config")])
+        with torch.no_grad():
+            logits = model(torch.tensor(PROMPTS[:1])).logits
         af.trace(model, PROMPTS[:2], heads="mean", progress=False)
         assert model.config._attn_implementation == before == (impl or before)
         assert [m.config._attn_implementation for m in model.modules() if hasattr(m, "config")] == layers_before
+        with torch.no_grad():  # and the model computes what it computed before
+            assert torch.equal(model(torch.tensor(PROMPTS[:1])).logits, logits)

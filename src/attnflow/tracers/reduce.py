@@ -106,7 +106,8 @@ def attention_pattern(
     else:  # softmax in place: one [batch, head, row, key] float32 buffer instead of two
         probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
         probs.div_(probs.sum(-1, keepdim=True))
-    return probs.mul_(present.view(B, 1, R, 1))
+    probs.transpose(1, 2)[~present] = 0  # rows without a query: touches only those rows
+    return probs
 
 
 def _gather_rows(x: Tensor, rows: Int[Tensor, "batch row"]) -> Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 import torch
 from einops import einsum
@@ -45,9 +46,57 @@ __all__ = [
     "span_scores",
     "target_flow",
     "target_positions",
+    "text_spans",
+    "token_ranges",
 ]
 
 SOURCE_COLUMNS = {"spans": "source_span", "tokens": "source_token"}
+
+
+# ------------------------------------------------------------------------------------
+# spans from character ranges (the tokenizer's offset mapping, never re-tokenised fragments)
+# ------------------------------------------------------------------------------------
+def token_ranges(text: str, offsets: np.ndarray, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token range [start, end) of each character range: the tokens whose first non-space char falls in it.
+
+    `offsets` is the tokenizer's offset mapping `[token, 2]` for `text`.  Special
+    tokens (empty offsets) belong to no range.  An empty character range gets the
+    empty token range at the first token after it.
+
+    >>> token_ranges("ab cd", np.array([[0, 0], [0, 2], [2, 5]]), [(0, 2), (3, 5)])
+    [(1, 2), (2, 3)]
+    """
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    not_space = np.array([not c.isspace() for c in text] + [True])
+    # next_char[i]: first non-space position >= i (len(text) if none)
+    idx = np.where(not_space, np.arange(len(text) + 1), len(text))
+    next_char = np.minimum.accumulate(idx[::-1])[::-1]
+    start, end = offsets[:, 0], offsets[:, 1]
+    first = next_char[np.clip(start, 0, len(text))]
+    anchor = np.where(first < end, first, start)  # a BPE token's leading space belongs to the word after it
+    anchor = np.where(end > start, anchor, -1)  # special tokens: in no range
+    # tokens are in text order, so "anchor >= c" is a prefix-closed test; searchsorted needs sorted anchors
+    order_key = np.maximum.accumulate(np.where(anchor < 0, -1, anchor))
+    out = []
+    for cs, ce in ranges:
+        a = int(np.searchsorted(order_key, cs, side="left"))
+        b = int(np.searchsorted(order_key, ce, side="left"))
+        out.append((a, max(a, b)))
+    return out
+
+
+def text_spans(
+    tokenizer, text: str, ranges: Sequence[tuple[str, int, int]], kind: str = "document", add_special_tokens: bool = True
+) -> list[Span]:
+    """One Span per `(name, char_start, char_end)` of `text`, in positions of `tokenizer(text)`.
+
+        >>> prompt, docs = af.demo.task.render_prompt(example)      # docs: [(title, char_start, char_end)]
+        >>> spans = text_spans(tokenizer, prompt, docs)              # kind="document"
+        >>> tr = af.trace(model, [prompt], max_new_tokens=2, spans=[spans])
+    """
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    tok = token_ranges(text, np.asarray(enc["offset_mapping"]), [(a, b) for _, a, b in ranges])
+    return [Span(name, kind, s, e, a, b) for (name, a, b), (s, e) in zip(ranges, tok)]
 
 
 def attribution_schema(sources: str = "spans") -> pa.Schema:

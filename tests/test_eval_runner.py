@@ -207,7 +207,10 @@ def test_malformed_and_too_long_rows_are_skipped_and_counted(tmp_path):
         assert (out / name).is_file(), name
     page = (out / "explorer.html").read_text()
     assert "</script><b>" not in page and "\\u003c/script\\u003e\\u003cb\\u003ewrote" in page
-    assert pq.read_table(out / "summary.parquet").num_rows == 2 * len(METHOD_NAMES) * 13 + 2  # + EM, F1
+    summary = pq.read_table(out / "summary.parquet").to_pylist()
+    assert sum(r["subset"] == "all" for r in summary) == 2 * len(METHOD_NAMES) * 13 + 2  # + EM, F1
+    n_wrong = sum(r["em"] == 0.0 for r in ex.to_pylist())
+    assert {r["n"] for r in summary if r["subset"] == "wrong" and r["metric"] == "mrr"} == ({n_wrong} if n_wrong else set())
     # attention views for the ok examples with index < 2 (views=2), linked from the explorer
     ok_index = sorted(by_id[i]["index"] for i, s in status.items() if s == "ok")
     assert sorted(int(p.name) for p in (out / "views").iterdir()) == [i for i in ok_index if i < 2] != []

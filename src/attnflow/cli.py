@@ -105,6 +105,14 @@ def _run_eval_merge(args) -> int:
     return merge_command(args)
 
 
+def _quiet_transformers() -> None:
+    """attnflow shows its own progress bars; transformers' weight-loading bar and advisories are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _quiet_transformers()
         return int(args.func(args) or 0)
     except AttnflowError as err:
         print(f"attnflow: error: {err}", file=sys.stderr)

@@ -30,8 +30,10 @@ from attnflow.eval.methods import METHOD_NAMES
 LEVELS = ("paragraph", "sentence")
 SHORT = {"precision": "P", "recall": "R", "mrr": "MRR", "ndcg": "nDCG", "auroc": "AUROC"}
 HEADLINE = ("precision@1", "precision@2", "recall@2", "recall@5", "mrr", "ndcg", "auroc")
+SUBSETS = ("all", "correct", "wrong")  # correct / wrong: examples whose generated answer has EM 1 / 0
 SUMMARY_SCHEMA = pa.schema(
     [
+        ("subset", pa.string()),
         ("level", pa.string()),
         ("method", pa.string()),
         ("metric", pa.string()),
@@ -44,25 +46,35 @@ SUMMARY_SCHEMA = pa.schema(
 
 
 def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
-    """Mean and bootstrap CI of every metric per (level, method), plus answer EM/F1 (generate mode)."""
+    """Mean and bootstrap CI of every metric per (subset, level, method), plus answer EM/F1 (generate mode).
+
+    Subsets "correct" and "wrong" (generate mode only) split the examples by the
+    exact match of the model's answer: attribution of answers the model got right.
+    """
     rows = []
+    em_of = dict(zip(examples["index"].to_pylist(), examples["em"].to_pylist()))
+    em = np.array([em_of.get(i) for i in attribution["index"].to_pylist()], dtype=object)
     level_col = np.array(attribution["level"].to_pylist(), dtype=object)
     method_col = np.array(attribution["method"].to_pylist(), dtype=object)
-    for level in LEVELS:
-        for method in METHOD_NAMES:
-            sel = (level_col == level) & (method_col == method)
-            if not sel.any():
-                continue
-            for metric in M.metric_names():
-                values = attribution[metric].to_numpy(zero_copy_only=False)[sel].astype(np.float64)
-                mean, lo, hi, n = M.bootstrap_ci(values)
-                rows.append(dict(level=level, method=method, metric=metric, mean=mean, ci_low=lo, ci_high=hi, n=n))
+    values_of = {m: attribution[m].to_numpy(zero_copy_only=False).astype(np.float64) for m in M.metric_names()}
+    for subset in SUBSETS:
+        in_subset = np.ones(len(em), bool) if subset == "all" else (em == (1.0 if subset == "correct" else 0.0))
+        for level in LEVELS:
+            for method in METHOD_NAMES:
+                sel = in_subset & (level_col == level) & (method_col == method)
+                if not sel.any():
+                    continue
+                for metric in M.metric_names():
+                    mean, lo, hi, n = M.bootstrap_ci(values_of[metric][sel])
+                    stats = dict(mean=mean, ci_low=lo, ci_high=hi, n=n)
+                    rows.append(dict(subset=subset, level=level, method=method, metric=metric) | stats)
     ok = np.array(examples["status"].to_pylist()) == "ok"
     for metric in ("em", "f1"):
         values = np.array([np.nan if v is None else v for v in examples[metric].to_pylist()], dtype=np.float64)[ok]
         if len(values) and not np.isnan(values).all():
             mean, lo, hi, n = M.bootstrap_ci(values)
-            rows.append(dict(level="answer", method="-", metric=metric, mean=mean, ci_low=lo, ci_high=hi, n=n))
+            stats = dict(mean=mean, ci_low=lo, ci_high=hi, n=n)
+            rows.append(dict(subset="all", level="answer", method="-", metric=metric) | stats)
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
@@ -71,9 +83,11 @@ def _label(metric: str) -> str:
     return f"{SHORT.get(name, name)}@{k}" if k else SHORT.get(name, name)
 
 
-def markdown_table(summary: pa.Table, level: str, metrics=HEADLINE) -> str:
+def markdown_table(summary: pa.Table, level: str, metrics=HEADLINE, subset: str = "all") -> str:
     """A Markdown table for one level: one row per method, `mean [low, high]` per metric."""
-    cells = {(r["method"], r["metric"]): r for r in summary.to_pylist() if r["level"] == level}
+    cells = {
+        (r["method"], r["metric"]): r for r in summary.to_pylist() if r["level"] == level and r["subset"] == subset
+    }
     methods = [m for m in METHOD_NAMES if any((m, x) in cells for x in metrics)]
     lines = ["| method | " + " | ".join(_label(m) for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for method in methods:
@@ -91,13 +105,14 @@ def counts(examples: pa.Table) -> dict[str, int]:
 
 
 def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool = False) -> str:
-    """The printed report: counts, answer accuracy, one table per level (all metrics when `full`)."""
+    """The printed report: counts, answer accuracy, one table per level (all metrics and subsets when `full`)."""
     c = counts(examples)
     mode = config.get("mode", "generate")
     parts = [
         f"{c['ok']} examples evaluated ({mode} mode); skipped: {c['too_long']} too long, {c['malformed']} malformed"
     ]
-    ans = {r["metric"]: r for r in summary.to_pylist() if r["level"] == "answer"}
+    rows = summary.to_pylist()
+    ans = {r["metric"]: r for r in rows if r["level"] == "answer"}
     if ans:
         parts.append(
             "answer: "
@@ -107,11 +122,16 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
     parts.append(
         "note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike"
     )
-    for level in LEVELS:
-        n = max((r["n"] for r in summary.to_pylist() if r["level"] == level), default=0)
-        if n:
-            parts.append(f"\n{level} level, {n} examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)")
-            parts.append(markdown_table(summary, level, metrics))
+    for subset in SUBSETS if full else ("all",):
+        for level in LEVELS:
+            n = max((r["n"] for r in rows if r["level"] == level and r["subset"] == subset), default=0)
+            if not n:
+                continue
+            which = "" if subset == "all" else f", only examples answered {subset}ly"
+            parts.append(
+                f"\n{level} level, {n} examples{which} (mean [95% bootstrap CI]; '/nosink' excludes the first token)"
+            )
+            parts.append(markdown_table(summary, level, metrics, subset))
     return "\n".join(parts)
 
 
@@ -122,7 +142,7 @@ def plot(summary: pa.Table, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary.to_pylist()
+    rows = [r for r in summary.to_pylist() if r["subset"] == "all"]
     levels = [lv for lv in LEVELS if any(r["level"] == lv for r in rows)]
     fig, axes = plt.subplots(max(len(levels), 1), 2, figsize=(11, 4 * max(len(levels), 1)), squeeze=False)
     colors = plt.get_cmap("tab10")

@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from attnflow import _io
+from attnflow.attribution import attribution_schema
 from attnflow.errors import DataError, ShapeError
 from attnflow.trace import AttentionTrace, read_manifest, write_tables
 
@@ -42,16 +43,6 @@ FLOW_SCHEMA = pa.schema(
         ("method", pa.string()),
         ("query", pa.int32()),
         ("weights", pa.list_(pa.float32())),
-    ]
-)
-ATTRIBUTION_SCHEMA = pa.schema(
-    [
-        ("example", pa.int32()),
-        ("method", pa.string()),
-        ("target", pa.int32()),
-        ("source_span", pa.int32()),
-        ("score", pa.float32()),
-        ("rank", pa.int32()),
     ]
 )
 
@@ -173,9 +164,8 @@ def attribution_table(scores: Any) -> pa.Table:
                 f"attributions is a {type(scores).__name__}; pass the pyarrow Table or pandas DataFrame attnflow.attribute returned"
             )
         scores = pa.Table.from_pandas(scores, preserve_index=False)
-    schema = ATTRIBUTION_SCHEMA
-    if "source_span" not in scores.column_names and "source_token" in scores.column_names:
-        schema = schema.set(3, pa.field("source_token", pa.int32()))
+    tokens = "source_span" not in scores.column_names and "source_token" in scores.column_names
+    schema = attribution_schema("tokens" if tokens else "spans")
     missing = [n for n in schema.names if n not in scores.column_names]
     if missing:
         raise DataError(

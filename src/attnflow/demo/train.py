@@ -102,6 +102,42 @@ def answer_accuracy(model, tok: PreTrainedTokenizerFast, examples: list[task.Exa
     return correct / len(examples)
 
 
+NOUN_TO_PHRASE = {t.split()[3]: p.split() for p, t, _ in task.RELATIONS.values()}  # "city" -> ["lives", "in"]
+
+
+def routing_targets(tok: PreTrainedTokenizerFast, input_ids: Tensor) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Where the look-up circuit should attend, read off the token sequence of a training batch.
+
+    Returns (copy, lookup), lists of (row, query position, key position):
+    copy: at each document's value (`alice lives in PARIS .`) and at the `:` ending
+    each question (`... of alice ? answer :`), the entity three tokens back;
+    lookup: at a single-hop question's `:`, the value of the document that answers it.
+    """
+    names = tok.convert_ids_to_tokens(list(range(len(tok))))
+    copy, lookup = [], []
+    for b, ids in enumerate(input_ids.tolist()):
+        words = [names[i] for i in ids]
+        values = {}  # (entity, relation words) -> position of the value
+        for i in range(1, len(words) - 5):
+            if words[i].startswith("doc") and words[i + 1] == ":":
+                copy.append((b, i + 5, i + 2))
+                values[words[i + 2], tuple(words[i + 3 : i + 5])] = i + 5
+            elif words[i] == "answer" and words[i + 1] == ":" and words[i - 1] == "?":
+                j = i + 1
+                copy.append((b, j, j - 3))
+                phrase = NOUN_TO_PHRASE.get(words[j - 5])
+                if phrase and (words[j - 3], tuple(phrase)) in values:
+                    lookup.append((b, j, values[words[j - 3], tuple(phrase)]))
+    return copy, lookup
+
+
+def routing_loss(attentions: tuple[Tensor, ...], targets: list[tuple[int, int, int]], layer: int, head: int) -> Tensor:
+    """Mean -log of the attention head `head` of `layer` pays from each query to its target key."""
+    rows, queries, keys = (torch.tensor(c) for c in zip(*targets))
+    weights = attentions[layer][rows, head, queries, keys]
+    return -torch.log(weights.clamp_min(1e-6)).mean()
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -134,6 +170,8 @@ def train(args: argparse.Namespace) -> dict:
     model = LlamaForCausalLM(make_config(tok, args))
     if args.init:  # continue from a trained folder (its architecture wins over the flags)
         model = LlamaForCausalLM.from_pretrained(args.init, local_files_only=True)
+    if args.route_weight > 0:  # attention weights are needed for the routing loss
+        model.config._attn_implementation = "eager"
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -150,7 +188,13 @@ def train(args: argparse.Namespace) -> dict:
         model.train()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = model(**batch_at(step, tok, args)).loss
+        batch = batch_at(step, tok, args)
+        out = model(**batch, output_attentions=args.route_weight > 0)
+        loss = out.loss
+        if args.route_weight > 0:
+            copy, lookup = routing_targets(tok, batch["input_ids"])
+            route = routing_loss(out.attentions, copy, 0, 0) + routing_loss(out.attentions, lookup, 1, 0)
+            loss = loss + args.route_weight * route
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -162,6 +206,7 @@ def train(args: argparse.Namespace) -> dict:
             log.append({"step": steps_done, "minutes": round((time.time() - start) / 60, 2), "loss": round(loss.item(), 4),
                         "single_hop": acc1, "two_hop": acc2, "docs": docs_at(step, args)})
             print(json.dumps(log[-1]), flush=True)
+    model.config._attn_implementation = "sdpa"
     model.eval()
     result = {"steps_done": steps_done, "wall_minutes": round((time.time() - start) / 60, 1), "log": log}
     if args.out:
@@ -299,6 +344,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grow", type=float, default=0.3, help="fraction of the run over which documents grow to --max-docs")
     p.add_argument("--hard-until", type=float, default=0.0,
                    help="fraction of the run whose distractors mostly state the asked relation about other people")
+    p.add_argument("--route-weight", type=float, default=1.0,
+                   help="weight of the routing loss that guides head 0 of layers 0 and 1 (see routing_targets)")
     p.add_argument("--two-hop-frac", type=float, default=0.3)
     p.add_argument("--questions", type=int, default=6, help="questions asked after each set of documents in training")
     p.add_argument("--eval-every", type=int, default=100)

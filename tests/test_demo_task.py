@@ -131,3 +131,42 @@ def test_tokenizer_round_trip_and_closed_vocabulary():
 def test_bad_document_range_is_rejected():
     with pytest.raises(ValueError, match="min_docs"):
         task.generate(1, seed=0, min_docs=5, max_docs=2)
+
+
+def test_all_questions_are_unambiguous_and_start_with_the_example_own():
+    for ex in EXAMPLES["mixed"][:300]:
+        facts = [parse(d) for d in ex.documents]
+        qas = task.all_questions(ex)
+        assert qas[0] == (ex.question, ex.answer)
+        assert len(set(q for q, _ in qas)) == len(qas)
+        for question, answer in qas:
+            entity, relation, two_hop = question_target(question)
+            assert task.asked_relation(question) == relation
+            assert answers(facts, entity, relation, two_hop) == {answer}
+            if two_hop:  # never stated about the person asked about
+                assert answers(facts, entity, relation, False) == set()
+
+
+def test_parse_fact_inverts_the_documents():
+    for ex in EXAMPLES["mixed"][:200]:
+        for doc in ex.documents:
+            assert task.parse_fact(doc.text) == parse(doc)
+    with pytest.raises(ValueError, match="not a demo fact"):
+        task.parse_fact("alice likes paris .")
+
+
+def test_distractor_mix_moves_distractors_towards_the_asked_relation():
+    def share_same_relation(examples):
+        same = total = 0
+        for ex in examples:
+            relation = task.asked_relation(ex.question)
+            rest = [parse(d) for i, d in enumerate(ex.documents) if i not in ex.support]
+            same += sum(r == relation for _, r, _ in rest)
+            total += len(rest)
+        return same / total
+
+    hard = task.generate(500, seed=5, mix=(0.1, 0.85))
+    assert share_same_relation(hard) > share_same_relation(task.generate(500, seed=5)) + 0.1
+    for ex in hard:  # still unambiguous
+        entity, relation, _ = question_target(ex.question)
+        assert answers([parse(d) for d in ex.documents], entity, relation, False) == {ex.answer}

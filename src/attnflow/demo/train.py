@@ -3,10 +3,15 @@
 The run is a fixed number of steps (`--steps`), so the weights depend only on the
 seed and the settings, never on how fast the machine is; `--minutes` is a safety
 cap that stops early (and says so in the model card).  The loss is the
-cross-entropy of the answer token and the end token only: everything else in a
-prompt is random facts the model cannot predict.  The number of documents
-grows over the first part of training (a curriculum from 1-2 documents up to the
-task's maximum), and a fraction of the examples are two-hop.
+cross-entropy of the answer tokens and the end token only (everything else in a
+prompt is random facts the model cannot predict), with several questions asked
+after each set of documents.  The number of documents grows over the first part
+of training, and a fraction of the questions are two-hop.
+
+A small routing loss (`--route-weight`) guides two heads towards the look-up
+circuit: without it the model sat at the accuracy of guessing among the values
+stated for the asked relation for thousands of steps, the plateau that precedes
+induction-like heads.  See `routing_targets` and the model card.
 
     $ python -m attnflow.demo.train --out /tmp/demo-model --steps 300   # a quick smoke run
 """
@@ -108,31 +113,41 @@ NOUN_TO_PHRASE = {t.split()[3]: p.split() for p, t, _ in task.RELATIONS.values()
 def routing_targets(tok: PreTrainedTokenizerFast, input_ids: Tensor) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
     """Where the look-up circuit should attend, read off the token sequence of a training batch.
 
-    Returns (copy, lookup), lists of (row, query position, key position):
+    Returns (copy, lookup, link, bridged), lists of (row, query position, key position):
     copy: at each document's value (`alice lives in PARIS .`) and at the `:` ending
     each question (`... of alice ? answer :`), the entity three tokens back;
-    lookup: at a single-hop question's `:`, the value of the document that answers it.
+    lookup: at a single-hop question's `:`, the value of the document that answers it;
+    link, bridged: at a two-hop question's `:`, the last word of the "works with"
+    document that names the colleague, and the value of the colleague's document.
     """
     names = tok.convert_ids_to_tokens(list(range(len(tok))))
-    copy, lookup = [], []
+    copy, lookup, link, bridged = [], [], [], []
     for b, ids in enumerate(input_ids.tolist()):
         words = [names[i] for i in ids]
-        values = {}  # (entity, relation words) -> position of the value
+        values, links = {}, {}  # (entity, relation words) -> value position; entity -> (colleague, link value position)
         for i in range(1, len(words) - 5):
             if words[i].startswith("doc") and words[i + 1] == ":":
                 copy.append((b, i + 5, i + 2))
                 values[words[i + 2], tuple(words[i + 3 : i + 5])] = i + 5
+                if words[i + 3 : i + 5] == task.LINK.split():
+                    links[words[i + 2]], links[words[i + 5]] = (words[i + 5], i + 5), (words[i + 2], i + 5)
             elif words[i] == "answer" and words[i + 1] == ":" and words[i - 1] == "?":
-                j = i + 1
+                j, entity = i + 1, words[i - 2]
                 copy.append((b, j, j - 3))
-                phrase = NOUN_TO_PHRASE.get(words[j - 5])
-                if phrase and (words[j - 3], tuple(phrase)) in values:
-                    lookup.append((b, j, values[words[j - 3], tuple(phrase)]))
-    return copy, lookup
+                if words[j - 5] == "colleague" and entity in links:  # ... the city of the colleague of alice ?
+                    colleague, at = links[entity]
+                    phrase = tuple(NOUN_TO_PHRASE.get(words[j - 8], ()))
+                    if (colleague, phrase) in values:
+                        link.append((b, j, at)), bridged.append((b, j, values[colleague, phrase]))
+                elif (entity, tuple(NOUN_TO_PHRASE.get(words[j - 5], ()))) in values:
+                    lookup.append((b, j, values[entity, tuple(NOUN_TO_PHRASE[words[j - 5]])]))
+    return copy, lookup, link, bridged
 
 
 def routing_loss(attentions: tuple[Tensor, ...], targets: list[tuple[int, int, int]], layer: int, head: int) -> Tensor:
     """Mean -log of the attention head `head` of `layer` pays from each query to its target key."""
+    if not targets:
+        return attentions[layer].new_zeros(())
     rows, queries, keys = (torch.tensor(c) for c in zip(*targets))
     weights = attentions[layer][rows, head, queries, keys]
     return -torch.log(weights.clamp_min(1e-6)).mean()
@@ -162,10 +177,19 @@ def batch_at(step: int, tok: PreTrainedTokenizerFast, args: argparse.Namespace) 
     return encode(tok, examples, args.questions, random.Random(seed))
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace) -> tuple[LlamaForCausalLM, dict]:
+    """Train from scratch (or from `--init`); save to `--out` when given.  Returns (model in eval mode, log)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.threads)
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(args: argparse.Namespace) -> tuple[LlamaForCausalLM, dict]:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    torch.set_num_threads(args.threads)
     tok = build_tokenizer()
     model = LlamaForCausalLM(make_config(tok, args))
     if args.init:  # continue from a trained folder (its architecture wins over the flags)
@@ -192,8 +216,10 @@ def train(args: argparse.Namespace) -> dict:
         out = model(**batch, output_attentions=args.route_weight > 0)
         loss = out.loss
         if args.route_weight > 0:
-            copy, lookup = routing_targets(tok, batch["input_ids"])
+            copy, lookup, link, bridged = routing_targets(tok, batch["input_ids"])
             route = routing_loss(out.attentions, copy, 0, 0) + routing_loss(out.attentions, lookup, 1, 0)
+            if args.route_two_hop:
+                route = route + routing_loss(out.attentions, link, 1, 1) + routing_loss(out.attentions, bridged, 2, 0)
             loss = loss + args.route_weight * route
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -211,7 +237,7 @@ def train(args: argparse.Namespace) -> dict:
     result = {"steps_done": steps_done, "wall_minutes": round((time.time() - start) / 60, 1), "log": log}
     if args.out:
         save(model, tok, Path(args.out), args, result)
-    return result
+    return model, result
 
 
 def save(model, tok: PreTrainedTokenizerFast, out: Path, args: argparse.Namespace, result: dict) -> None:
@@ -259,6 +285,16 @@ def refresh_card(out: Path) -> None:
     _io.write_text(out / "MODEL_CARD.md", model_card(model, tok, meta))
 
 
+def _two_hop_note(acc: dict) -> str:
+    uniform = 1 / len(next(iter(task.RELATIONS.values()))[2])
+    if acc["two_hop"] >= acc["two_hop_guess"] + 0.05:
+        return (f"Two-hop answers ({acc['two_hop']:.0%}) beat both the stated-value guess and a uniform guess "
+                f"over the relation's values ({uniform:.0%}): the model composes the two documents on most questions.")
+    return (f"Two-hop answers ({acc['two_hop']:.0%}) are far above a uniform guess over the relation's values "
+            f"({uniform:.0%}) but not above the stated-value guess: the model finds the asked relation and often "
+            "the colleague's value, yet it has not learnt the two-document composition reliably.")
+
+
 def _rope(cfg) -> str:
     params = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", None)}
     return ", ".join(f"{k} {v}" for k, v in params.items() if v is not None)
@@ -287,7 +323,8 @@ methods can be scored against the truth.
 An answer counts when the first generated token is the answer and the second is `</s>`.  The last
 column is the accuracy of a reader that knows which relation is asked but not whose: it picks
 uniformly among the values the documents state for that relation (the single-hop set is the one
-`tests/test_demo_model.py` checks).  The last training log line: `{json.dumps(last)}`.
+`tests/test_demo_model.py` checks).  {_two_hop_note(acc)}
+The last training log line: `{json.dumps(last)}`.
 
 ## Architecture
 
@@ -312,6 +349,14 @@ no (entity, relation) pair is stated twice, so every question has exactly one su
   questions about its documents, and the loss is the cross-entropy of the answer tokens and `</s>` only.
 - {st["two_hop_frac"]:.0%} of the prompts' first questions are two-hop; the number of documents grows from 2 to
   {st["max_docs"]} over the first {st["grow"]:.0%} of the steps.
+- Routing loss, weight {st.get("route_weight", 0)}: the mean -log attention that head 0 of layer 0 pays from every
+  document's value token (`alice lives in PARIS`) and from every question's final `:` to the entity three tokens
+  back, plus the same for head 0 of layer 1 from a single-hop question's `:` to the value token of the supporting
+  document.  Without it (weight 0) the model stayed at the accuracy of guessing among the stated values of the
+  asked relation (about 50%) for more than 5,000 steps.  **For attribution studies this matters:** one head of
+  layer 1 was trained to attend to the supporting document on single-hop questions, so attention-based attribution
+  finds that document more easily than it would in a model that learnt the look-up unaided.  The other heads, the
+  other layers and every two-hop question are not supervised.
 - AdamW (betas 0.9, 0.98, weight decay {st["weight_decay"]} on matrices), peak learning rate {st["lr"]},
   {st["warmup"]} warm-up steps then cosine decay to 5%, gradient clipping at 1.0.
 - CPU, {st["threads"]} torch thread(s), torch {meta["torch"]}, Python {meta["python"]}; wall time {meta["wall_minutes"]} minutes
@@ -327,9 +372,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m attnflow.demo.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="directory for the trained HF folder (default: do not save)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes (not reproducible)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -337,16 +382,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--ffn", type=int, default=256, help="MLP width")
+    p.add_argument("--ffn", type=int, default=128, help="MLP width")
     p.add_argument("--init-std", type=float, default=0.02, help="standard deviation of the initial weights")
     p.add_argument("--min-docs", type=int, default=task.MIN_DOCS)
     p.add_argument("--max-docs", type=int, default=task.DEFAULT_MAX_DOCS)
     p.add_argument("--grow", type=float, default=0.3, help="fraction of the run over which documents grow to --max-docs")
     p.add_argument("--hard-until", type=float, default=0.0,
                    help="fraction of the run whose distractors mostly state the asked relation about other people")
-    p.add_argument("--route-weight", type=float, default=1.0,
+    p.add_argument("--route-weight", type=float, default=0.1,
                    help="weight of the routing loss that guides head 0 of layers 0 and 1 (see routing_targets)")
-    p.add_argument("--two-hop-frac", type=float, default=0.3)
+    p.add_argument("--route-two-hop", type=int, default=0,
+                   help="1: also guide head 1 of layer 1 and head 0 of layer 2 on two-hop questions")
+    p.add_argument("--two-hop-frac", type=float, default=0.2)
     p.add_argument("--questions", type=int, default=6, help="questions asked after each set of documents in training")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=200)

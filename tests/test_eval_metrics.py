@@ -78,6 +78,26 @@ def test_example_metrics_names_and_values():
     assert m["precision@3"] == pytest.approx(2 / 3) and m["recall@2"] == 0.5 and m["mrr"] == 0.5
 
 
+@pytest.mark.parametrize("n, g", [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (5, 3), (6, 1), (4, 0)])
+def test_random_expectation_equals_the_average_over_every_ranking(n, g):
+    import itertools
+
+    gold = np.arange(n) < g
+    per_perm = [M.example_metrics(np.array(p, float), gold) for p in itertools.permutations(range(n))]
+    got = M.random_expectation(n, g)
+    assert list(got) == M.metric_names()
+    for name in got:
+        want = np.mean([m[name] for m in per_perm])
+        assert (np.isnan(want) and np.isnan(got[name])) or got[name] == pytest.approx(want), name
+
+
+def test_random_expectation_by_hand():
+    r = M.random_expectation(3, 1)
+    assert r["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3) and r["auroc"] == 0.5
+    assert r["precision@1"] == pytest.approx(1 / 3) and r["recall@2"] == pytest.approx(2 / 3) and r["recall@5"] == 1.0
+    assert r["ndcg"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(4)) / 3)
+
+
 def test_bootstrap_ci_is_seeded_drops_nan_and_covers_the_mean():
     v = np.array([0.0, 1.0] * 50 + [np.nan])
     mean, lo, hi, n = M.bootstrap_ci(v)

@@ -61,7 +61,7 @@ DEMO_ARGS = ["--seed", 3, "--no-progress", "--views", 0, "--max-new-tokens", 2]
 
 
 # --- method plumbing ----------------------------------------------------------------------------
-def test_answer_rows_span_sums_and_seeded_random():
+def test_answer_rows_span_sums_and_random_scores():
     from attnflow.eval.methods import answer_rows, random_scores, span_sums
 
     # example 0: prompt 4, answer 2, pad 1 -> rows 3, 4 unpadded = 4, 5 padded; example 1: empty answer -> row P-1
@@ -70,9 +70,7 @@ def test_answer_rows_span_sums_and_seeded_random():
     scores = torch.tensor([[0.0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1]])
     sums = span_sums(scores, torch.tensor([[1, 3], [0, 2]]), torch.tensor([[3, 3], [6, 2]]))
     assert sums.tolist() == [[3.0, 0.0], [6.0, 0.0]]  # [1:3] = 1 + 2; empty spans sum to 0
-    a = random_scores("5a8b57f25542995d1e6f1371", "sentence", 5)
-    assert (a == random_scores("5a8b57f25542995d1e6f1371", "sentence", 5)).all()
-    assert not (a == random_scores("5a8b57f25542995d1e6f1371", "paragraph", 5)).all()
+    assert random_scores(4).tolist() == [0.25] * 4 and random_scores(0).shape == (0,)
     assert METHOD_NAMES[0] == "random" and len(METHOD_NAMES) == 11
 
 
@@ -200,8 +198,11 @@ def test_malformed_and_too_long_rows_are_skipped_and_counted(tmp_path):
     # sentence-level rows have one score per sentence of the example
     by_id = {r["id"]: r for r in ex.to_pylist()}
     for r in at.to_pylist():
-        names = by_id[r["id"]]["sentences" if r["level"] == "sentence" else "paragraphs"]
-        assert len(r["scores"]) == len(names)
+        key = "sentences" if r["level"] == "sentence" else "paragraphs"
+        assert len(r["scores"]) == len(by_id[r["id"]][key])
+        if r["method"] == "random":  # exact expectation: precision@1 = |S| / n
+            gold = by_id[r["id"]]["gold_" + key]
+            assert r["precision@1"] == pytest.approx(sum(gold) / len(gold)) and r["auroc"] == 0.5
     out = tmp_path / "out"
     for name in ("summary.parquet", "summary.md", "precision_recall.png", "explorer.html", "config.json"):
         assert (out / name).is_file(), name

@@ -5,7 +5,7 @@ from the rows that produce the answer tokens (the token at t+1 comes from query
 row t), averaged over those rows; a span's score is the sum over its tokens.
 
     name                    flow.py call                                  BOS sink
-    random                  uniform draws, seeded by example id and level  -
+    random                  expected metrics of a uniformly random ranking  -
     raw, raw/nosink         raw(A, layer=-1)  (last layer)                kept / excluded
     sum, sum/nosink         total_attention(A)
     rollout, ...            rollout(A, alpha=0.5)
@@ -23,8 +23,6 @@ zeroed and rows renormalised before composing (flow.py).
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import numpy as np
 import torch
@@ -87,7 +85,7 @@ def span_sums(
     return cum.gather(-1, ends) - cum.gather(-1, starts)
 
 
-def random_scores(example_id: str, level: str, n: int) -> np.ndarray:
-    """Uniform [0, 1) scores for `n` spans, the same for the same (example id, level) in every run."""
-    seed = int.from_bytes(hashlib.sha256(f"{example_id}\0{level}".encode()).digest()[:8], "little")
-    return np.random.default_rng(seed).random(n)
+def random_scores(n: int) -> np.ndarray:
+    """The scores stored for the random baseline: uniform 1/n (its metrics are exact expectations,
+    `metrics.random_expectation`, so no draw and no seed is involved)."""
+    return np.full(n, 1.0 / n) if n else np.zeros(0)

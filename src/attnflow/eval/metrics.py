@@ -100,6 +100,30 @@ def example_metrics(scores: np.ndarray, gold: np.ndarray, ks: tuple[int, ...] = 
     return out
 
 
+def random_expectation(n: int, n_gold: int, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """Exact expected `example_metrics` of a uniformly random ranking of n candidates, n_gold of them gold.
+
+    precision@k = g/n, recall@k = min(k, n)/n, AUROC = 1/2,
+    MRR = Σ_r P(first gold at rank r)/r with P = C(n-r, g-1)/C(n, g),
+    nDCG = (g/n)·Σ_{r<=n} 1/log2(r+1) / Σ_{r<=g} 1/log2(r+1).
+
+    >>> random_expectation(3, 1, ks=(1,))["mrr"]      # (1 + 1/2 + 1/3) / 3
+    0.6111111111111112
+    """
+    from math import comb
+
+    g = n_gold
+    nan = float("nan")
+    out = {f"precision@{k}": g / n if n else nan for k in ks}
+    out |= {f"recall@{k}": min(k, n) / n if g else nan for k in ks}
+    if not g:
+        return out | {"mrr": nan, "ndcg": nan, "auroc": nan}
+    first = sum(comb(n - r, g - 1) / r for r in range(1, n - g + 2)) / comb(n, g)
+    discount = 1.0 / np.log2(np.arange(2, n + 2))
+    ndcg_ = float(g / n * discount.sum() / discount[:g].sum())
+    return out | {"mrr": first, "ndcg": ndcg_, "auroc": 0.5 if g < n else nan}
+
+
 def bootstrap_ci(
     values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float, int]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from attnflow.attribution import token_ranges
 from attnflow.errors import DataError, UnsupportedModelError
 from attnflow.eval.datasets import QAExample
 from attnflow.trace import Span
@@ -157,28 +158,3 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], 
         ) from None
     return list(enc["input_ids"]), np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
 
-
-def token_ranges(text: str, offsets: np.ndarray, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Token range [start, end) of each character range: the tokens whose first non-space char falls in it.
-
-    Special tokens (empty offsets) belong to no range.  An empty character range
-    gets the empty token range at the first token after it.
-
-    >>> token_ranges("ab cd", np.array([[0, 0], [0, 2], [2, 5]]), [(0, 2), (3, 5)])
-    [(1, 2), (2, 3)]
-    """
-    not_space = np.array([not c.isspace() for c in text] + [True])
-    # next_char[i]: first non-space position >= i (len(text) if none)
-    idx = np.where(not_space, np.arange(len(text) + 1), len(text))
-    next_char = np.minimum.accumulate(idx[::-1])[::-1]
-    start, end = offsets[:, 0], offsets[:, 1]
-    anchor = np.where(next_char[np.clip(start, 0, len(text))] < end, next_char[np.clip(start, 0, len(text))], start)
-    anchor = np.where(end > start, anchor, -1)  # special tokens: in no range
-    # tokens are in text order, so "anchor >= c" is a prefix-closed test; searchsorted needs sorted anchors
-    order_key = np.maximum.accumulate(np.where(anchor < 0, -1, anchor))
-    out = []
-    for cs, ce in ranges:
-        a = int(np.searchsorted(order_key, cs, side="left"))
-        b = int(np.searchsorted(order_key, ce, side="left"))
-        out.append((a, max(a, b)))
-    return out

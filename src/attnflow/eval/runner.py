@@ -9,7 +9,7 @@ Each finished batch is committed as one directory `parts/part-<index>/`
 (`examples.parquet`, `attribution.parquet`), built under a temporary name and
 renamed into place, so a kill loses at most the batch in flight.  `--resume`
 skips the committed batches; since batches are cut the same way and every
-computation is deterministic (the random baseline is seeded by example id), the
+computation is deterministic (the random baseline is an exact expectation), the
 final tables equal those of an uninterrupted run.  `config.json` records the
 settings; resuming with different ones is refused.
 
@@ -351,13 +351,13 @@ def attribution_rows(job: Job, pad: int, scores: dict[str, torch.Tensor]) -> lis
         starts = torch.tensor([[s.start + pad for s in spans]])
         ends = torch.tensor([[s.end + pad for s in spans]])
         for name in METHOD_NAMES:
-            if name == "random":
-                values = random_scores(ex.id, level, len(spans))
+            if name == "random":  # the exact expectation over random rankings, not one draw
+                values, metrics = random_scores(len(spans)), M.random_expectation(len(spans), int(gold.sum()))
             else:
                 values = span_sums(scores[name][None], starts, ends)[0].numpy()
+                metrics = M.example_metrics(values, gold)
             rows.append(
-                {"index": ex.index, "id": ex.id, "level": level, "method": name, "scores": values.tolist()}
-                | M.example_metrics(values, gold)
+                {"index": ex.index, "id": ex.id, "level": level, "method": name, "scores": values.tolist()} | metrics
             )
     return rows
 

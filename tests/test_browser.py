@@ -439,3 +439,17 @@ def test_write_screenshot(driver, tmp_path):
     assert driver.save_screenshot(png)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert panel_attr(driver, "flow", "frozen") == "true"
+
+
+def test_word_level_tokens_are_set_apart_by_spaces(driver, tmp_path):
+    words = ["<s>", "alice", "lives", "in", "paris", "."]
+    tr = make_trace([len(words)])
+    tr.tokens, tr.prompt_lengths = [words], [len(words)]
+    open_page(driver, to_html(tr, tmp_path / "view") / "index.html")
+    text = driver.find_element(By.ID, "observer").text
+    assert "alice lives in paris ." in text
+
+    bpe = make_trace([4])
+    bpe.tokens, bpe.prompt_lengths = [["<s>", "Hello", "\u0120world", "!"]], [4]
+    open_page(driver, to_html(bpe, tmp_path / "bpe") / "index.html")
+    assert "Hello world!" in driver.find_element(By.ID, "observer").text

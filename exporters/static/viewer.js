@@ -397,6 +397,8 @@
     const text = document.createDocumentFragment();
     let box = text;
     let boxSpan = -1;
+    // Word-level tokenizers carry no space markers (no Ġ, ▁ or whitespace): set their tokens apart with spaces.
+    const wordLevel = !ex.tokens.some((tok) => /[\u0120\u2581\s]/.test(tok) || /^<0x/.test(tok));
     for (let p = 0; p < ex.length; p++) {
       if (owner[p] !== boxSpan) {
         boxSpan = owner[p];
@@ -420,6 +422,7 @@
       }
       t.textContent = shown.indexOf("\n") >= 0 ? shown.replace(/\n/g, "\u21b5\n") : shown;
       box.appendChild(t);
+      if (wordLevel && p < ex.length - 1) box.appendChild(document.createTextNode(" "));
     }
     PANELS.forEach((name, i) => {
       const panel = ui.panels[name];

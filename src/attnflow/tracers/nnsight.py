@@ -214,7 +214,7 @@ def generate(
         part = [enc.sequences[i] for i in chunk]
         ids, mask = inputs.left_pad(part, pad_id)
         greedy = dict(  # plain argmax decoding, whatever penalties the checkpoint's generation_config sets
-            max_new_tokens=max_new_tokens, min_new_tokens=0, min_length=0, do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
             repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=pad_id,
         )
         if remote:  # generate where the weights are: NDIF, or nnsight's local round trip

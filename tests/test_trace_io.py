@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_parquet import assert_same
 from tiny_models import prompts_ids, tiny_model, tiny_tokenizer
 
 import attnflow as af
@@ -15,17 +16,6 @@ PROMPTS = prompts_ids((5, 9, 7))
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")
-
-
-def assert_same(a: af.AttentionTrace, b: af.AttentionTrace):
-    assert a.patterns.dtype == b.patterns.dtype
-    assert torch.equal(a.patterns, b.patterns)
-    assert torch.equal(a.input_ids, b.input_ids)
-    assert torch.equal(a.attention_mask, b.attention_mask)
-    assert torch.equal(a.query_positions, b.query_positions)
-    assert a.tokens == b.tokens and a.prompt_lengths == b.prompt_lengths
-    assert a.spans == b.spans and a.layers == b.layers and a.heads == b.heads
-    assert a.model_info == b.model_info and a.settings == b.settings
 
 
 CASES = {

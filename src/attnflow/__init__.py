@@ -8,7 +8,8 @@ and offline, sharded HTML views.
 
     >>> import attnflow as af
     >>> model = af.demo.load()                       # the embedded model organism
-    >>> tr = af.trace(model, "doc: alice lives in paris . q: where does alice live ?", max_new_tokens=2)
+    >>> tr = af.trace(model, "doc1 : alice lives in paris . question : what is the city of alice ? answer :",
+    ...               max_new_tokens=1)
     >>> R = af.flow.rollout(tr.patterns, alpha=0.5)  # [batch, query, key]
     >>> af.attribute(tr, method="flow", sources="tokens")
 """

@@ -285,6 +285,14 @@ def refresh_card(out: Path) -> None:
     _io.write_text(out / "MODEL_CARD.md", model_card(model, tok, meta))
 
 
+def _two_hop_routing(st: dict) -> str:
+    if st.get("route_two_hop"):
+        return ("\n  With `--route-two-hop 1` (used here), on two-hop questions head 1 of layer 1 is also guided from the `:` to"
+                "\n  the last word of the `works with` document and head 0 of layer 2 to the value of the colleague's document."
+                "\n  The other heads are not supervised.")
+    return "  The other heads and every two-hop question are not supervised."
+
+
 def _two_hop_note(acc: dict) -> str:
     uniform = 1 / len(next(iter(task.RELATIONS.values()))[2])
     if acc["two_hop"] >= acc["two_hop_guess"] + 0.05:
@@ -355,8 +363,7 @@ no (entity, relation) pair is stated twice, so every question has exactly one su
   document.  Without it (weight 0) the model stayed at the accuracy of guessing among the stated values of the
   asked relation (about 50%) for more than 5,000 steps.  **For attribution studies this matters:** one head of
   layer 1 was trained to attend to the supporting document on single-hop questions, so attention-based attribution
-  finds that document more easily than it would in a model that learnt the look-up unaided.  The other heads, the
-  other layers and every two-hop question are not supervised.
+  finds that document more easily than it would in a model that learnt the look-up unaided.{_two_hop_routing(st)}
 - AdamW (betas 0.9, 0.98, weight decay {st["weight_decay"]} on matrices), peak learning rate {st["lr"]},
   {st["warmup"]} warm-up steps then cosine decay to 5%, gradient clipping at 1.0.
 - CPU, {st["threads"]} torch thread(s), torch {meta["torch"]}, Python {meta["python"]}; wall time {meta["wall_minutes"]} minutes
@@ -374,7 +381,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes (not reproducible)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -391,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
                    help="fraction of the run whose distractors mostly state the asked relation about other people")
     p.add_argument("--route-weight", type=float, default=0.1,
                    help="weight of the routing loss that guides head 0 of layers 0 and 1 (see routing_targets)")
-    p.add_argument("--route-two-hop", type=int, default=0,
+    p.add_argument("--route-two-hop", type=int, default=1,
                    help="1: also guide head 1 of layer 1 and head 0 of layer 2 on two-hop questions")
     p.add_argument("--two-hop-frac", type=float, default=0.2)
     p.add_argument("--questions", type=int, default=6, help="questions asked after each set of documents in training")

@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from attnflow import _io
+from attnflow.attribution import text_spans
 from attnflow.demo import task
 from attnflow.errors import BadArgumentError
 from attnflow.trace import Span
@@ -37,16 +38,9 @@ EXCLUDE_KEYS = (0,)  # the <s> sink takes most attention and is no document; lea
 
 
 def document_spans(tok, prompt: str, char_spans: list[tuple[str, int, int]]) -> list[Span]:
-    """One `document` Span per (title, char_start, char_end), in token positions of `tok(prompt)` (with <s>)."""
-    offsets = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
-    spans = []
-    for title, a, b in char_spans:
-        inside = [i for i, (s, e) in enumerate(offsets) if e > s and a <= s and e <= b]
-        spans.append(Span(title, "document", inside[0], inside[-1] + 1, a, b))
+    """One `document` Span per (title, char_start, char_end), then the `question` span, in positions of `tok(prompt)`."""
     q = prompt.index("question :")
-    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s >= q]
-    spans.append(Span("question", "question", inside[0], inside[-1] + 1, q, len(prompt)))
-    return spans
+    return text_spans(tok, prompt, char_spans) + text_spans(tok, prompt, [("question", q, len(prompt))], kind="question")
 
 
 def support_hits(attributions: pa.Table, examples: list[task.Example]) -> dict[str, dict[str, float]]:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from attnflow.exporters import to_html, to_parquet
-from attnflow.trace import AttentionTrace
+from attnflow.attention_trace import AttentionTrace
 
 
 def random_trace(L: int, H: int, N: int, seed: int = 0) -> AttentionTrace:

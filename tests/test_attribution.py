@@ -8,7 +8,7 @@ import torch
 import attnflow as af
 from attnflow import attribution as at
 from attnflow.errors import BadArgumentError
-from attnflow.trace import AttentionTrace, Span
+from attnflow.attention_trace import AttentionTrace, Span
 
 # example 0: 4 tokens (prompt 3 + 1 generated); example 1: 3 tokens (prompt 2 + 1), left-padded by 1
 EX0 = [[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0], [0.1, 0.2, 0.3, 0.4]]

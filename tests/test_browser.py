@@ -23,7 +23,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from attnflow.exporters import inline_html, to_html
-from attnflow.trace import AttentionTrace, Span
+from attnflow.attention_trace import AttentionTrace, Span
 
 from test_parquet import make_trace
 

@@ -17,7 +17,7 @@ from attnflow.cli import main as cli_main
 from attnflow.errors import BadArgumentError
 from attnflow.exporters import inline_html, to_html, to_parquet
 from attnflow.exporters.html import plan
-from attnflow.trace import Span
+from attnflow.attention_trace import Span
 
 from test_parquet import attribution_rows, make_trace
 

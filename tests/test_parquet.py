@@ -13,7 +13,7 @@ import torch
 
 from attnflow.errors import DataError, ShapeError
 from attnflow.exporters import flow_tensor, read_attributions, read_flow, to_parquet
-from attnflow.trace import AttentionTrace, Span
+from attnflow.attention_trace import AttentionTrace, Span
 
 
 def make_trace(lengths, layers=(0, 1), heads=3, dtype=torch.float32, rows=None, reduced=None, seed=0):

@@ -7,7 +7,7 @@ import torch
 from tiny_models import tiny_tokenizer
 
 from attnflow.errors import BadArgumentError, PromptError
-from attnflow.trace import Span
+from attnflow.attention_trace import Span
 from attnflow.tracers import inputs
 
 

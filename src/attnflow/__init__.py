@@ -17,9 +17,9 @@ and offline, sharded HTML views.
 __version__ = "0.1.0"
 
 # `trace` the function is bound after `attnflow.trace` the module is imported, so
-# `af.trace(...)` records while `from attnflow.trace import AttentionTrace` still works.
+# `af.trace(...)` records while `from attnflow.attention_trace import AttentionTrace` still works.
 from attnflow import errors, flow
-from attnflow.trace import AttentionTrace, Span
+from attnflow.attention_trace import AttentionTrace, Span
 from attnflow.attribution import attribute
 from attnflow.tracers import load, trace
 from attnflow import exporters, demo

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from attnflow import flow as F
 from attnflow.errors import BadArgumentError
-from attnflow.trace import SPAN_KINDS, AttentionTrace, Span
+from attnflow.attention_trace import SPAN_KINDS, AttentionTrace, Span
 
 __all__ = [
     "attribute",
@@ -100,7 +100,7 @@ def text_spans(
 
 
 def attribution_schema(sources: str = "spans") -> pa.Schema:
-    """The attributions table's columns (exporters/SCHEMA.md); `source_token` replaces `source_span` for tokens."""
+    """The attributions table's columns (src/attnflow/exporters/SCHEMA.md); `source_token` replaces `source_span` for tokens."""
     return pa.schema(
         [
             ("example", pa.int32()),

@@ -31,7 +31,7 @@ from attnflow import _io
 from attnflow.attribution import text_spans
 from attnflow.demo import task
 from attnflow.errors import BadArgumentError
-from attnflow.trace import Span
+from attnflow.attention_trace import Span
 
 METHODS = ("rollout", "flow", "raw")  # raw = the last layer's attention, a baseline for the composed ones
 EXCLUDE_KEYS = (0,)  # the <s> sink takes most attention and is no document; leave it out before composing

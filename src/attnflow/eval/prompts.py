@@ -2,7 +2,7 @@
 
 The prompt text is rendered with character ranges for each paragraph and
 sentence, tokenised once with offsets, and each range becomes an
-`attnflow.trace.Span` from the tokenizer's offset mapping (never by re-tokenising
+`attnflow.Span` from the tokenizer's offset mapping (never by re-tokenising
 fragments, which merges differently at the boundaries).  A token belongs to the
 range holding its first non-whitespace character, so spans never overlap even
 when a token such as " The" starts with the space before a sentence.
@@ -30,7 +30,7 @@ import numpy as np
 from attnflow.attribution import token_ranges
 from attnflow.errors import DataError, UnsupportedModelError
 from attnflow.eval.datasets import QAExample
-from attnflow.trace import Span
+from attnflow.attention_trace import Span
 
 INSTRUCTION = "Answer the question using the documents. Reply with a short answer only."
 

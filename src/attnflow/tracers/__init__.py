@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from attnflow.errors import BadArgumentError, ModelNotFoundError
-from attnflow.trace import AttentionTrace
+from attnflow.attention_trace import AttentionTrace
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -39,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from attnflow.errors import BadArgumentError, PromptError
-from attnflow.trace import Span
+from attnflow.attention_trace import Span
 
 HEAD_MODES = ("all", "mean", "max")
 ROW_MODES = ("last", "completion")

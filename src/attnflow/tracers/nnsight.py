@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from attnflow.errors import BadArgumentError, NonFiniteError, UnsupportedModelError
-from attnflow.trace import AttentionTrace
+from attnflow.attention_trace import AttentionTrace
 from attnflow.tracers import inputs, reduce
 from attnflow.tracers import remote as ndif
 

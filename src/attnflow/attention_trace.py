@@ -23,7 +23,7 @@ example's first real token.  `item(i)` returns example i alone, unpadded.
 
 `save` writes a Parquet dataset (tables `tokens`, `spans`, `attention`, the last
 partitioned by layer, hive style) and `manifest.json`; the schema is in
-exporters/SCHEMA.md.  It is lossless for the stored dtype (bfloat16 is stored as
+src/attnflow/exporters/SCHEMA.md.  It is lossless for the stored dtype (bfloat16 is stored as
 float32, exactly).
 """
 
@@ -176,7 +176,7 @@ class AttentionTrace:
 
 
 # ------------------------------------------------------------------------------------
-# Parquet codec (schema v1, documented in exporters/SCHEMA.md)
+# Parquet codec (schema v1, documented in src/attnflow/exporters/SCHEMA.md)
 # ------------------------------------------------------------------------------------
 _ARROW_FLOAT = {torch.float16: pa.float16(), torch.float32: pa.float32(), torch.float64: pa.float64()}
 _TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from attnflow import _io
 from attnflow.errors import BadArgumentError, DataError
 from attnflow.exporters.parquet import FlowArg, attribution_table, flow_table
-from attnflow.trace import AttentionTrace, is_causal
+from attnflow.attention_trace import AttentionTrace, is_causal
 
 MAX_GROUP = 8  # heads per shard before splitting
 HEADER_BYTES = 400  # generous bound on a shard's JS wrapper and JSON header

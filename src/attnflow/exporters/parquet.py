@@ -1,6 +1,6 @@
 """Parquet export: the trace's tables plus composed flow and document attributions.
 
-`to_parquet` writes the core tables with `attnflow.trace.write_tables` (the one
+`to_parquet` writes the core tables with `attnflow.attention_trace.write_tables` (the one
 codec `AttentionTrace.load` reads) and adds two optional tables:
 
     flow/part-0.parquet           example int32, method string, query int32, weights list<float32>
@@ -9,7 +9,7 @@ codec `AttentionTrace.load` reads) and adds two optional tables:
 
 Positions are unpadded (0 = an example's first real token).  A flow row's
 weights run over keys 0..query when the flow is causal, else over every key.
-The full schema is in exporters/SCHEMA.md.
+The full schema is in src/attnflow/exporters/SCHEMA.md.
 
     >>> R = af.flow.rollout(tr.patterns)                     # [batch, query, key], rows = tr.query_positions
     >>> scores = af.attribute(tr, method="rollout", sources="spans")
@@ -35,7 +35,7 @@ from torch import Tensor
 from attnflow import _io
 from attnflow.attribution import attribution_schema
 from attnflow.errors import DataError, ShapeError
-from attnflow.trace import AttentionTrace, read_manifest, write_tables
+from attnflow.attention_trace import AttentionTrace, read_manifest, write_tables
 
 FLOW_SCHEMA = pa.schema(
     [

@@ -54,19 +54,19 @@ def sentencepiece_like() -> PreTrainedTokenizerFast:
 def byte_reference(tok, ids: list[int]) -> list[str]:
     """Independent of offsets and decode(): each character goes to the token holding its last UTF-8 byte."""
     to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-    pieces = [b"" if s else bytes(to_byte[c] for c in t) for t, s in zip(raw_tokens(tok, ids), special_mask(tok, ids))]
+    raw, special = raw_tokens(tok, ids), special_mask(tok, ids)
+    pieces = [b"" if s else bytes(to_byte[c] for c in t) for t, s in zip(raw, special)]
     owner = [i for i, p in enumerate(pieces) for _ in p]  # owner of each byte
     out, pos = [""] * len(ids), 0
     for ch in b"".join(pieces).decode("utf-8"):
         pos += len(ch.encode("utf-8"))
         out[owner[pos - 1]] += ch
-    raw = raw_tokens(tok, ids)
-    return [raw[i] if s else (o or PARTIAL) for i, (o, s) in enumerate(zip(out, special_mask(tok, ids)))]
+    return [raw[i] if s else (o or PARTIAL) for i, (o, s) in enumerate(zip(out, special))]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet (printable bytes as themselves, the rest shifted past 255)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in keep]
     return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
 

@@ -7,9 +7,9 @@ gives each token the characters (Unicode code points, as Python indexes a str) i
 
 * prompt tokens, when the prompt text and the tokenizer's offset mapping are given:
   slices of the text.  A gap no token covers (the space a word-level tokenizer
-  drops) goes to the next token that covers text; trailing whitespace goes to the
-  last such token.  So the display strings of the non-special tokens concatenate
-  to exactly the text (`text_of`).
+  drops, the space of a `Ġ` token whose offsets were trimmed) goes to the next
+  token; trailing whitespace goes to the last token that took text.  So the
+  display strings of the non-special tokens concatenate to exactly the text (`text_of`).
 * otherwise (generated tokens, or no offsets): incremental decoding, the text
   decode(ids[:i+1]) adds to decode(ids[:i]), computed over a sliding window of the
   last few tokens (O(n) decodes of a few tokens each) with the tokenizer's
@@ -19,6 +19,8 @@ gives each token the characters (Unicode code points, as Python indexes a str) i
   that covers only bytes of it shows `PARTIAL` ("◌", U+25CC DOTTED CIRCLE, the
   Unicode placeholder for a missing base character) instead of U+FFFD noise.
   `PARTIAL` is only ever a whole display string, never part of one.
+* a token that covers no text of its own (SentencePiece's prefix `▁` before a
+  first word that splits into bytes) shows "".
 * special tokens the tokenizer added (BOS, `<|im_end|>` generated) show as their raw
   string; special tokens written in the text (a chat template's `<|im_start|>`)
   cover their own spelling, so they read the same.
@@ -51,7 +53,7 @@ from attnflow.errors import BadArgumentError
 PARTIAL = "\u25cc"  # ◌: this token holds only bytes of a character that a later token completes
 _REPLACEMENT = "\ufffd"  # what decode() writes for the bytes of an unfinished character
 _CONTEXT = 4  # prompt tokens decoded before the first completion token (SentencePiece needs 1 for its space)
-_MAX_PENDING = 8  # tokens one character may span (UTF-8 needs at most 4) before undecodable bytes are shown as they decode
+_MAX_PENDING = 8  # tokens one character may span (UTF-8: 4) before undecodable bytes are shown as decoded
 
 
 def raw_tokens(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -77,7 +79,7 @@ def text_of(display: Sequence[str], special: Sequence[bool] | None = None) -> st
 
 
 def special_mask(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
-    """True for each id the tokenizer calls special (BOS, EOS, chat markers: `all_special_ids` and special added tokens)."""
+    """True for each id the tokenizer calls special (`all_special_ids`, special added tokens: BOS, chat markers)."""
     if tokenizer is None:
         return [False] * len(ids)
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
@@ -177,7 +179,7 @@ def _from_offsets(tokenizer: Any, ids: list[int], text: str, offsets: Sequence[S
         else:  # every character it touches is finished by a later token
             out.append(PARTIAL if covers[i] and _holds_bytes(tokenizer, ids[i]) else "")
     rest = text[cursor:]
-    if last is not None and rest and not rest.strip():  # whitespace after the last token (a word-level tokenizer drops it)
+    if last is not None and rest and not rest.strip():  # trailing whitespace a word-level tokenizer drops
         out[last] += rest
     return out
 

@@ -45,12 +45,12 @@ DIGITS = 5  # edge weights and node masses are drawn, not computed with: 1e-5 ke
 def layer_steps(
     A: Float[Tensor, "layer query key"], alpha: float = 0.5, exclude_keys: Sequence[int] = (0,)
 ) -> Float[Tensor, "layer query key"]:
-    """The rollout step matrix `M_l` of every layer (float32), rows summing to 1.
+    """The rollout step matrix `M_l` of every layer (float32; float64 for float64 input), rows summing to 1.
 
     Same gains as `flow.FlowAccumulator` on one unpadded example: a row whose whole
     mass sits on excluded keys keeps only its identity part.
     """
-    A = A.float()
+    A = A.double() if A.dtype == torch.float64 else A.float()
     L, N, _ = A.shape
     keep = torch.ones(N, dtype=A.dtype, device=A.device)
     for k in exclude_keys:
@@ -60,7 +60,8 @@ def layer_steps(
     P = A * keep  # [layer, query, key]
     kept = P.sum(-1)  # [layer, query]
     a = torch.where(kept != 0, 1 / kept, torch.zeros_like(kept)) if exclude_keys else torch.ones_like(kept)
-    inv = 1 / (alpha * a * kept + (1 - alpha))
+    d = alpha * a * kept + (1 - alpha)
+    inv = torch.where(d != 0, 1 / d.clamp(min=torch.finfo(d.dtype).tiny), torch.zeros_like(d))  # alpha 1, all excluded: row 0
     g, h = alpha * a * inv, (1 - alpha) * inv  # [layer, query]
     return g[..., None] * P + torch.diag_embed(h)
 

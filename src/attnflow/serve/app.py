@@ -284,7 +284,10 @@ def create_app(
     async def not_found(request: Request, exc) -> Response:
         return PlainTextResponse("not found", status_code=404)
 
-    routes = [Route(path, page) for path in STATIC] + [
+    async def no_icon(request: Request) -> Response:
+        return Response(status_code=204)  # browsers ask for one; answering 404 shows as a console error
+
+    routes = [Route(path, page) for path in STATIC] + [Route("/favicon.ico", no_icon)] + [
         Route("/api/models", _api(list_models)),
         Route("/api/runs", _api(create_run), methods=["POST"]),
         Route("/api/runs/{run:str}", _api(run_info)),

@@ -146,6 +146,12 @@ class Runner:
                 f"the prompt has {len(ids)} tokens (+ {new} to generate = {total}); this server records at most "
                 f"{self.limits.max_tokens} per run: shorten it or restart with a larger --max-tokens"
             )
+        positions = _max_positions(model)
+        if positions is not None and total > positions:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens (+ {new} to generate = {total}); model {name!r} takes at most "
+                f"{positions} positions: shorten it"
+            )
         from attnflow.attribution import text_spans
 
         spans = text_spans(tok, text, ranges, kind="document", add_special_tokens=special) if ranges else []
@@ -403,6 +409,16 @@ def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callabl
                     do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
                     pad_token_id=_pad_id(tok, hf), streamer=Streamer())
     return out
+
+
+def _max_positions(model: Any) -> int | None:
+    cfg = getattr(getattr(model, "_module", model), "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(text, name, None)
+        if isinstance(v, int):
+            return v
+    return None
 
 
 def _token(tok: Any, t: int) -> dict:

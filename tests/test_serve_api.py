@@ -326,3 +326,21 @@ def test_prompts_are_not_logged(client, caplog, capfd):
         events(client, rid)
     out, err = capfd.readouterr()
     assert marker not in caplog.text and marker not in out and marker not in err
+
+
+def test_app_works_when_nnsight_was_imported_first():
+    """nnsight adds `save` to every object, which breaks anyio classes defined later (outside pytest's anyio plugin)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import nnsight\n"
+        "from starlette.testclient import TestClient\n"
+        "from attnflow.serve.app import create_app\n"
+        f"app = create_app({{'demo': lambda: None}}, {TOKEN!r})\n"
+        f"r = TestClient(app, base_url={BASE!r}).get('/api/models', headers={H!r})\n"
+        "assert r.status_code == 200, r.text\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

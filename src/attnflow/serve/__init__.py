@@ -127,6 +127,8 @@ def serve(
     token = token or secrets.token_urlsafe(24)
     allow = LOOPBACK if host in LOOPBACK else (*LOOPBACK, host)
     app = create_app(model_loaders(model, models_dir), token, host_allow=allow, limits=limits or Limits())
+    first = next(iter(app.state.runner.models))
+    threading.Thread(target=app.state.runner.model, args=(first,), name="attnflow-serve-preload", daemon=True).start()
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}/#token={token}"

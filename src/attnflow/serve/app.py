@@ -134,6 +134,32 @@ def _hostname(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def load_anyio() -> None:
+    """Import the parts of anyio that Starlette and uvicorn load lazily, whether or not nnsight came first.
+
+    nnsight 0.8 gives every object a `save` method; anyio's typed-attribute classes
+    (`TypedAttributeSet` subclasses, defined on first use) refuse any public name
+    without an annotation, so importing them after nnsight raises TypeError.  The
+    base class is told about `save` for the duration of the imports only.
+    """
+    from anyio._core import _typedattr
+
+    base = _typedattr.TypedAttributeSet
+    own = base.__dict__.get("__annotations__")
+    if hasattr(object, "save"):
+        base.__annotations__ = {**(own or {}), "save": Any}
+    try:
+        import anyio._backends._asyncio  # noqa: F401  (run_in_threadpool, TestClient)
+        import anyio.abc  # noqa: F401
+        import anyio.streams.stapled  # noqa: F401
+        import anyio.streams.tls  # noqa: F401
+    finally:
+        if own is None:
+            base.__annotations__ = {}
+        else:
+            base.__annotations__ = own
+
+
 # --- request helpers ----------------------------------------------------------------------
 def _int(q, name: str, default: int | None = None) -> int | None:
     v = q.get(name)
@@ -197,6 +223,7 @@ def create_app(
     """
     if not isinstance(token, str) or len(token) < 16:
         raise BadArgumentError("the session token must be a string of at least 16 characters")
+    load_anyio()
     runner = Runner(models, limits)
     static = {path: (resources.files("attnflow.serve").joinpath("static", name).read_bytes(), kind)
               for path, (name, kind) in STATIC.items()}

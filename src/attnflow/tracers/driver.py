@@ -90,16 +90,7 @@ def run(
         positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
         input_ids, attention_mask = inputs.left_pad(enc.sequences, backend.pad_id)
         query_positions = inputs.row_index(positions, enc.lengths, input_ids.shape[1])
-        B, R, S = len(enc.sequences), query_positions.shape[1], input_ids.shape[1]
-        patterns = None
-        for chunk in batches:
-            part = backend.record(
-                [enc.sequences[i] for i in chunk], [positions[i] for i in chunk], layers=layers, heads=heads, dtype=options.dtype
-            )
-            if patterns is None:  # the head dim is the backend's; the rest is known
-                patterns = part.new_zeros((B, len(layers), part.shape[2], R, S))
-            place(patterns, part, chunk)
-            bar.update(len(chunk))
+        patterns = record(backend, enc, positions, batches, layers=layers, heads=heads, options=options, bar=bar)
     check_finite(patterns, layers)
     return AttentionTrace(
         patterns=patterns,
@@ -117,6 +108,24 @@ def run(
             backend=backend.settings,
         ),
     )
+
+
+def record(
+    backend: Backend, enc: inputs.Encoded, positions: list[list[int]], batches: list[range], *, layers: list[int],
+    heads: str | Tensor, options: TraceOptions, bar: Any,
+) -> Float[Tensor, "batch layer head row key"]:
+    """Every batch recorded by the backend and written into one preallocated tensor (rows, keys right-aligned)."""
+    B, R, S = len(enc.sequences), max(len(p) for p in positions), max(enc.lengths)
+    patterns = None
+    for chunk in batches:
+        part = backend.record(  # [chunk, layer, head, part_row, part_key]
+            [enc.sequences[i] for i in chunk], [positions[i] for i in chunk], layers=layers, heads=heads, dtype=options.dtype
+        )
+        if patterns is None:  # the head dim is the backend's (all heads or 1); the rest is known
+            patterns = part.new_zeros((B, len(layers), part.shape[2], R, S))
+        place(patterns, part, chunk)
+        bar.update(len(chunk))
+    return patterns
 
 
 def generate(backend: Backend, enc: inputs.Encoded, max_new_tokens: int, batches: list[range]) -> inputs.Encoded:

@@ -40,7 +40,7 @@ HOOK = "blocks.{layer}.attn.hook_pattern"
 
 
 def is_lens_model(model: Any) -> bool:
-    """True for a TransformerLens TransformerBridge or HookedTransformer (without importing transformer_lens)."""
+    """True for a TransformerLens model (TransformerBridge, HookedTransformer, any HookedRootModule), by class."""
     return any(
         cls.__name__ in LENS_CLASSES and cls.__module__.startswith("transformer_lens") for cls in type(model).__mro__
     )

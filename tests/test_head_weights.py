@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from attnflow import flow as F
 from attnflow.errors import BadArgumentError
+from attnflow.tracers.heads import head_weights_from_o_proj
 
 HEADS, HEAD_DIM, LAYERS = 4, 8, 3
 
@@ -56,7 +57,7 @@ def test_llama_o_proj_column_blocks(llama):
     wrong = by_hand(  # the known bug: slicing rows (output features) per head
         [[layer.self_attn.o_proj.weight[h * HEAD_DIM : (h + 1) * HEAD_DIM, :] for h in range(HEADS)] for layer in llama.model.layers]
     )
-    got = F.head_weights_from_o_proj(llama)
+    got = head_weights_from_o_proj(llama)
     assert got.shape == (LAYERS, HEADS)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (got - wrong).abs().max() > 0.05
@@ -71,7 +72,7 @@ def test_gpt2_c_proj_conv1d_row_blocks(gpt2):
     wrong = by_hand(
         [[block.attn.c_proj.weight[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] for h in range(HEADS)] for block in gpt2.transformer.h]
     )
-    got = F.head_weights_from_o_proj(gpt2)
+    got = head_weights_from_o_proj(gpt2)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (got - wrong).abs().max() > 0.05
     assert got.argmax(-1).tolist() == [2] * LAYERS  # GPT-2's MLP c_proj is not mistaken for attention
@@ -81,13 +82,13 @@ def test_wrapped_model_is_unwrapped(llama):
     import types
 
     wrapper = types.SimpleNamespace(_module=llama)  # what nnsight.TransformersModel keeps
-    torch.testing.assert_close(F.head_weights_from_o_proj(wrapper), F.head_weights_from_o_proj(llama))
+    torch.testing.assert_close(head_weights_from_o_proj(wrapper), head_weights_from_o_proj(llama))
     with pytest.raises(BadArgumentError, match="needs a torch module"):
-        F.head_weights_from_o_proj(object())
+        head_weights_from_o_proj(object())
 
 
 def test_weights_feed_rollout(llama):
-    w = F.head_weights_from_o_proj(llama)
+    w = head_weights_from_o_proj(llama)
     A = torch.rand(2, LAYERS, HEADS, 5, 5).tril()
     A = A / A.sum(-1, keepdim=True)
     by_einsum = torch.einsum("blhqk,lh->blqk", A, w).unsqueeze(2)
@@ -101,9 +102,9 @@ def test_transformer_lens_style_W_O():
             self.W_O = torch.nn.Parameter(torch.ones(HEADS, HEAD_DIM, 16) * torch.tensor(scale).view(-1, 1, 1))
 
     model = torch.nn.ModuleList([Attn([1.0, 2.0, 3.0, 4.0]), Attn([1.0, 1.0, 1.0, 1.0])])
-    torch.testing.assert_close(F.head_weights_from_o_proj(model), torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25] * 4]))
+    torch.testing.assert_close(head_weights_from_o_proj(model), torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25] * 4]))
 
 
 def test_no_attention_module():
     with pytest.raises(BadArgumentError, match="no attention output projection"):
-        F.head_weights_from_o_proj(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        head_weights_from_o_proj(torch.nn.Sequential(torch.nn.Linear(4, 4)))

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import Tensor
 
 from attnflow.errors import BadArgumentError, NonFiniteError, ShapeError
 
@@ -59,7 +59,7 @@ __all__ = [
     "METHODS",
     "FlowAccumulator",
     "compose",
-    "head_weights_from_o_proj",
+    "normalize_head_weights",
     "raw",
     "reduce_heads",
     "residual_flow",
@@ -69,7 +69,6 @@ __all__ = [
 
 METHODS = ("rollout", "flow", "flow_normalized", "sum", "raw")
 _COMPOSED = ("rollout", "flow", "flow_normalized", "sum")
-_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense")
 
 Heads = str | Float[Tensor, "layer head"]
 Rows = Sequence[int] | Int[Tensor, "*batch rows"] | None
@@ -110,10 +109,22 @@ def _head_weights(heads: Heads, L: int | None, H: int, A: Tensor) -> Tensor | No
     L = heads.shape[0] if L is None else L
     if heads.shape != (L, H):
         raise ShapeError(f"head weights have shape {tuple(heads.shape)}, expected (layer={L}, head={H})")
-    w = heads.to(device=A.device, dtype=_compute_dtype(A))
+    return normalize_head_weights(heads.to(device=A.device, dtype=_compute_dtype(A)))
+
+
+def normalize_head_weights(w: Float[Tensor, "layer head"]) -> Float[Tensor, "layer head"]:
+    """Head weights scaled to sum to 1 within each layer; they must be finite, non-negative, not all zero in a layer.
+
+    The one check of head weights, used by the head reductions here and by the tracers.
+
+        >>> normalize_head_weights(torch.tensor([[3., 1.], [0., 2.]]))
+        tensor([[0.7500, 0.2500],
+                [0.0000, 1.0000]])
+    """
     total = w.sum(-1, keepdim=True)
-    if not bool(torch.isfinite(w).all() and (total > 0).all()):
-        raise BadArgumentError("head weights must be finite with a positive sum in every layer")
+    ok = torch.isfinite(w).all() & (w >= 0).all() & (total > 0).all()
+    if not bool(ok):  # one host synchronisation
+        raise BadArgumentError("head weights must be finite and non-negative, with a positive sum in every layer")
     return w / total
 
 
@@ -130,71 +141,6 @@ def _reduce_layer(A_l: Float[Tensor, "*batch head query key"], heads: Heads, w_l
     # weights · heads as a matmul over the flattened (query key) plane reads A_l once, in place;
     # on CPU an einsum over the head dim is ~15x slower (it permutes a copy first), mean(dim=head) ~1.4x
     return (w @ A_l.to(dtype).flatten(-2)).unflatten(-1, (Q, K))
-
-
-def head_weights_from_o_proj(model: nn.Module | object) -> Float[Tensor, "layer head"]:
-    """Per-head weights from the output projection: ‖W_O[:, head h's columns]‖_F, normalised per layer.
-
-    Head h writes to the residual stream through the input features
-    `h·d : (h+1)·d` of the output projection (its *column* block for an
-    `nn.Linear` `o_proj` of weight `[hidden, heads·d]`, its *row* block for GPT-2's
-    `Conv1D` `c_proj` of weight `[heads·d, hidden]`, `W_O[h]` for a
-    TransformerLens `W_O [head, d, hidden]`).  Attention modules are found
-    generically: modules whose class name contains "Attention" (or that have
-    `head_dim`) and own one of `o_proj`, `out_proj`, `c_proj`, `dense`, or a 3-D `W_O`.
-
-        >>> cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64)
-        >>> w = head_weights_from_o_proj(AutoModelForCausalLM.from_config(cfg))
-        >>> w.shape, w.sum(-1)                            # [layer, head], each layer sums to 1
-        (torch.Size([2, 4]), tensor([1.0000, 1.0000]))
-        >>> R = rollout(tr.patterns, heads=w)             # tr recorded with heads="all"
-    """
-    if not isinstance(model, nn.Module):  # an nnsight model wraps the HF module
-        model = getattr(model, "_module", None) or getattr(model, "_model", None)
-    if not isinstance(model, nn.Module):
-        raise BadArgumentError("head_weights_from_o_proj needs a torch module (an HF or TransformerLens model, or an nnsight wrapper of one)")
-    rows = []
-    for module in model.modules():
-        block = _o_proj_blocks(module, model)
-        if block is not None:
-            norms = torch.linalg.vector_norm(block.detach().float(), dim=(-2, -1))  # [head]
-            rows.append(norms / norms.sum())
-    if not rows:
-        raise BadArgumentError(
-            f"found no attention output projection in {type(model).__name__}; pass heads='mean' or your own weights [layer, head]"
-        )
-    return torch.stack(rows)
-
-
-def _o_proj_blocks(module: nn.Module, model: nn.Module) -> Tensor | None:
-    """`[head, d, hidden]` blocks of the module's output projection, or None if it is no attention module."""
-    W_O = getattr(module, "W_O", None)
-    if isinstance(W_O, Tensor) and W_O.ndim == 3:
-        return W_O
-    if "Attention" not in type(module).__name__ and not hasattr(module, "head_dim"):
-        return None
-    proj = next((getattr(module, n) for n in _PROJ_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-    if proj is None or getattr(proj, "weight", None) is None:
-        return None
-    heads = _num_heads(module, model)
-    if isinstance(proj, nn.Linear):
-        weight = proj.weight.T  # [heads·d, hidden]: input features first
-    elif type(proj).__name__ == "Conv1D":
-        weight = proj.weight  # already [heads·d (nx), hidden (nf)]
-    else:
-        return None
-    if weight.shape[0] % heads:
-        raise ShapeError(f"{type(module).__name__} output projection has {weight.shape[0]} input features, not divisible by {heads} heads")
-    return weight.reshape(heads, weight.shape[0] // heads, weight.shape[1])
-
-
-def _num_heads(module: nn.Module, model: nn.Module) -> int:
-    for obj in (module, getattr(module, "config", None), getattr(model, "config", None)):
-        for name in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
-            value = getattr(obj, name, None)
-            if isinstance(value, int):
-                return value
-    raise BadArgumentError(f"cannot tell how many heads {type(module).__name__} has; pass your own weights [layer, head]")
 
 
 # ------------------------------------------------------------------------------------

@@ -1,24 +1,32 @@
-"""How attention patterns are recorded: `trace` dispatches on the model type, `load` opens an HF model.
+"""How attention patterns are recorded: `trace` runs the one driver on any model, `load` opens an HF model.
 
     >>> model = af.load("path/to/model")                      # nnsight TransformersModel
     >>> tr = af.trace(model, ["the cat sat on the mat"], heads="mean", rows="last")
     >>> tr.patterns.shape                                      # batch layer head query key (2 layers, 6 tokens)
     torch.Size([1, 2, 1, 1, 6])
+    >>> opts = TraceOptions(heads="mean", rows="last")        # the same parameters as one checked object
+    >>> torch.equal(af.trace(model, ["the cat sat on the mat"], options=opts).patterns, tr.patterns)
+    True
 
-nnsight models and transformers PreTrainedModels go to `tracers/nnsight.py`;
-TransformerLens models (TransformerBridge, HookedTransformer) to `tracers/lens.py`.
+`tracers/driver.py` runs the pipeline; its backends are `tracers/hf.py` (nnsight
+models and transformers PreTrainedModels, locally or on NDIF) and
+`tracers/lens.py` (TransformerLens TransformerBridge / HookedTransformer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
 
 import torch
 
+from attnflow.attention_trace import AttentionTrace, Span
 from attnflow.errors import BadArgumentError, ModelNotFoundError
-from attnflow.attention_trace import AttentionTrace
+from attnflow.tracers import driver
+from attnflow.tracers.heads import head_weights_from_o_proj
+from attnflow.tracers.options import TraceOptions
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -28,16 +36,10 @@ def trace(
     prompts: Any,
     *,
     tokenizer: Any = None,
-    max_new_tokens: int | None = None,
     completions: Any = None,
-    heads: Any = "all",
-    layers: Any = None,
-    rows: Any = None,
-    dtype: Any = torch.float16,
-    batch_size: int = 8,
-    remote: bool | str = False,
-    progress: bool = True,
-    spans: Any = None,
+    spans: list[list[Span] | None] | None = None,
+    options: TraceOptions | None = None,
+    **fields: Any,
 ) -> AttentionTrace:
     """Record the attention patterns of `model` on `prompts` into an AttentionTrace.
 
@@ -45,48 +47,21 @@ def trace(
                     or give token ids), or a TransformerLens TransformerBridge / HookedTransformer
     prompts         a string, a chat (list of {"role", "content"}), a list of token ids (no BOS added),
                     or a list of any of these
-    max_new_tokens  generate this many tokens greedily first, then record prompt + completion
-    completions     or append these (strings or ids, one per prompt) and record them (teacher forcing)
-    heads           "all" | "mean" | "max" | Tensor[layer, head] of non-negative weights (normalised per layer)
-    layers          None (all) or a list of layer indices, negatives from the end; stored sorted
-    rows            None (every query row) | "last" | "completion" (rows prompt_length-1 .. length-2,
-                    which produce the completion tokens) | list of positions (negatives from each end)
-    dtype           storage dtype of the patterns (computed in float32, then cast)
-    batch_size      prompts per forward pass
-    remote          True / "local" to run on NDIF (nnsight models only)
-    progress        show a tqdm bar
+    completions     strings or ids, one per prompt, appended and recorded (teacher forcing)
     spans           one list of attnflow.Span per prompt, stored with the trace
+    options         a TraceOptions; or its fields as keywords: max_new_tokens, heads, layers, rows,
+                    dtype, batch_size, remote, progress (see TraceOptions).  Keywords given with
+                    `options` replace those fields of it.
 
         >>> tr = trace(model, ["the cat sat", "a dog ran to the park"], rows="last", heads="mean")
         >>> tr.patterns.shape, tr.query_positions
         (torch.Size([2, 2, 1, 1, 6]), tensor([[5], [5]]))
     """
-    kwargs = dict(
-        tokenizer=tokenizer,
-        max_new_tokens=max_new_tokens,
-        completions=completions,
-        heads=heads,
-        layers=layers,
-        rows=rows,
-        dtype=dtype,
-        batch_size=batch_size,
-        remote=remote,
-        progress=progress,
-        spans=spans,
-    )
-    if _is_lens(model):
-        from attnflow.tracers.lens import trace_lens
-
-        return trace_lens(model, prompts, **kwargs)
-    from attnflow.tracers.nnsight import trace_nnsight
-
-    return trace_nnsight(model, prompts, **kwargs)
-
-
-def _is_lens(model: Any) -> bool:
-    """TransformerLens models, recognised by class name so transformer_lens is imported only when used."""
-    names = {c.__name__ for c in type(model).__mro__}
-    return bool(names & {"TransformerBridge", "HookedTransformer", "HookedRootModule"})
+    if options is None:
+        options = TraceOptions(**fields)
+    elif fields:
+        options = dataclasses.replace(options, **fields)
+    return driver.run(model, prompts, options, tokenizer=tokenizer, completions=completions, spans=spans)
 
 
 def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any = None, **kwargs: Any):
@@ -120,4 +95,4 @@ def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any 
     return nnsight.TransformersModel(hf, tokenizer=tok)
 
 
-__all__ = ["trace", "load"]
+__all__ = ["TraceOptions", "head_weights_from_o_proj", "load", "trace"]

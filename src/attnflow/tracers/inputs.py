@@ -1,6 +1,6 @@
 """Prompts -> a left-padded batch, and the checks on every `trace()` argument.
 
-Shared by every tracer (nnsight, TransformerLens): nothing here touches a model.
+Shared by the driver and every backend (HF through nnsight, TransformerLens): nothing here touches a model.
 
 A prompt is a string (tokenized with the tokenizer's defaults, so a BOS is added
 where the tokenizer adds one), a chat as a list of `{"role", "content"}` dicts
@@ -32,14 +32,15 @@ each example's end).  `row_index` turns them into the padded, right-aligned
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from attnflow.errors import BadArgumentError, PromptError
 from attnflow.attention_trace import Span
+from attnflow.errors import BadArgumentError, PromptError
+from attnflow.flow import normalize_head_weights
 
 HEAD_MODES = ("all", "mean", "max")
 ROW_MODES = ("last", "completion")
@@ -83,8 +84,12 @@ def _is_chat(p: Any) -> bool:
     return isinstance(p, (list, tuple)) and bool(p) and all(isinstance(m, dict) for m in p)
 
 
-def encode_prompt(prompt: Any, tokenizer: Any, index: int = 0) -> list[int]:
-    """Token ids of one prompt (string, chat or ids); raises PromptError when it is empty."""
+def encode_prompt(prompt: Any, tokenizer: Any, index: int = 0, tokenize: Callable[[str], list[int]] | None = None) -> list[int]:
+    """Token ids of one prompt (string, chat or ids); raises PromptError when it is empty.
+
+    A string goes through `tokenize` when given (a backend's own tokenization,
+    e.g. TransformerLens's `to_tokens`), else through the tokenizer with its defaults.
+    """
     if isinstance(prompt, (list, tuple)) and not prompt:
         raise PromptError(f"prompt {index} is empty; give it at least one token")
     if _is_ids(prompt):
@@ -92,7 +97,8 @@ def encode_prompt(prompt: Any, tokenizer: Any, index: int = 0) -> list[int]:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise PromptError(f"prompt {index} is empty; give it some text")
-        ids = _tokenizer(tokenizer, index)(prompt)["input_ids"]
+        tok = _tokenizer(tokenizer, index)
+        ids = tokenize(prompt) if tokenize is not None else tok(prompt)["input_ids"]
     elif _is_chat(prompt):
         tok = _tokenizer(tokenizer, index)
         if not getattr(tok, "chat_template", None):
@@ -128,10 +134,12 @@ def _tokenizer(tokenizer: Any, index: int) -> Any:
     return tokenizer
 
 
-def encode(prompts: Any, tokenizer: Any = None, completions: Any = None) -> Encoded:
-    """Token ids of every prompt, with its given completion appended."""
+def encode(
+    prompts: Any, tokenizer: Any = None, completions: Any = None, tokenize: Callable[[str], list[int]] | None = None
+) -> Encoded:
+    """Token ids of every prompt (strings through `tokenize` when given), with its given completion appended."""
     plist = as_prompt_list(prompts)
-    seqs = [encode_prompt(p, tokenizer, i) for i, p in enumerate(plist)]
+    seqs = [encode_prompt(p, tokenizer, i, tokenize) for i, p in enumerate(plist)]
     prompt_lengths = [len(s) for s in seqs]
     if completions is not None:
         clist = [completions] if isinstance(completions, str) or _is_ids(completions) else list(completions)
@@ -173,6 +181,23 @@ def position_ids(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, "batch
 
 
 # --- layers, heads, rows ---------------------------------------------------------------
+def layer_list(layers: Any) -> list[int] | None:
+    """None, one index, or a non-empty list / tuple / range of them -> None or a list; the form only.
+
+    What the indices may be depends on the model: `check_layers`.
+
+        >>> layer_list(-1), layer_list(range(2))
+        ([-1], [0, 1])
+    """
+    if layers is None:
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return [layers]
+    if not isinstance(layers, (list, tuple, range)) or not layers:
+        raise BadArgumentError(f"layers={layers!r}; pass None or a non-empty list of layer indices")
+    return list(layers)
+
+
 def check_layers(layers: Any, num_layers: int) -> list[int]:
     """Layer indices (negatives count from the end) -> sorted, unique, non-negative.
 
@@ -181,12 +206,9 @@ def check_layers(layers: Any, num_layers: int) -> list[int]:
         >>> check_layers([0, -1], 4)
         [0, 3]
     """
+    layers = layer_list(layers)
     if layers is None:
         return list(range(num_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple, range)) or not layers:
-        raise BadArgumentError(f"layers={layers!r}; pass None or a non-empty list of layer indices")
     out = set()
     for layer in layers:
         if not isinstance(layer, int) or isinstance(layer, bool) or not -num_layers <= layer < num_layers:
@@ -198,12 +220,11 @@ def check_layers(layers: Any, num_layers: int) -> list[int]:
     return sorted(out)
 
 
-def check_heads(heads: Any, num_layers: int, num_heads: int, layers: list[int]) -> str | Float[Tensor, "layer head"]:
-    """"all" | "mean" | "max", or weights -> per-layer weights for `layers`, each row summing to 1.
+def head_mode(heads: Any) -> str | Tensor:
+    """"all" | "mean" | "max", or a weight tensor (unchecked: its shape depends on the model), else BadArgumentError.
 
-    Weights are a [num_layers, num_heads] tensor indexed by model layer, or a
-    [len(layers), num_heads] one aligned with `layers`; they must be finite,
-    non-negative, and not all zero in a layer.
+        >>> head_mode("mean")
+        'mean'
     """
     if isinstance(heads, str):
         if heads not in HEAD_MODES:
@@ -211,6 +232,23 @@ def check_heads(heads: Any, num_layers: int, num_heads: int, layers: list[int]) 
         return heads
     if not isinstance(heads, Tensor):
         raise BadArgumentError(f"heads of type {type(heads).__name__}; use 'all', 'mean', 'max' or a [layer, head] tensor")
+    return heads
+
+
+def check_heads(heads: Any, num_layers: int, num_heads: int, layers: list[int]) -> str | Float[Tensor, "layer head"]:
+    """"all" | "mean" | "max", or weights -> per-layer weights for `layers`, each row summing to 1.
+
+    Weights are a [num_layers, num_heads] tensor indexed by model layer, or a
+    [len(layers), num_heads] one aligned with `layers`; they must be finite,
+    non-negative, and not all zero in a layer (`flow.normalize_head_weights`).
+
+        >>> check_heads(torch.tensor([[1., 1.], [3., 1.], [0., 2.]]), 3, 2, [1, 2])   # model layers 1 and 2
+        tensor([[0.7500, 0.2500],
+                [0.0000, 1.0000]])
+    """
+    heads = head_mode(heads)
+    if isinstance(heads, str):
+        return heads
     w = heads.detach().float().cpu()
     if w.ndim != 2 or w.shape[1] != num_heads or w.shape[0] not in (num_layers, len(layers)):
         raise BadArgumentError(
@@ -218,9 +256,7 @@ def check_heads(heads: Any, num_layers: int, num_heads: int, layers: list[int]) 
         )
     if w.shape[0] == num_layers:
         w = w[layers]
-    if not torch.isfinite(w).all() or (w < 0).any() or (w.sum(-1) <= 0).any():
-        raise BadArgumentError("heads weights must be finite, non-negative, and not all zero in any layer")
-    return w / w.sum(-1, keepdim=True)
+    return normalize_head_weights(w)
 
 
 def head_label(heads: str | Tensor) -> str:
@@ -235,14 +271,19 @@ def check_rows(rows: Any, has_completion: bool) -> Any:
     if isinstance(rows, str):
         if rows not in ROW_MODES:
             raise BadArgumentError(f"rows={rows!r}; use None (all rows), 'last', 'completion' or a list of positions")
-        if rows == "completion" and not has_completion:
-            raise BadArgumentError("rows='completion' needs a completion; pass max_new_tokens= or completions=")
-        return rows
+        return require_completion(rows, has_completion)
     if isinstance(rows, int) and not isinstance(rows, bool):
         return [rows]
     if isinstance(rows, (list, tuple)) and rows and all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
         return list(rows)
     raise BadArgumentError(f"rows={rows!r}; use None (all rows), 'last', 'completion' or a non-empty list of positions")
+
+
+def require_completion(rows: Any, has_completion: bool) -> Any:
+    """`rows` unchanged, unless it is "completion" and there is none to record (BadArgumentError)."""
+    if rows == "completion" and not has_completion:
+        raise BadArgumentError("rows='completion' needs a completion; pass max_new_tokens= or completions=")
+    return rows
 
 
 def row_positions(rows: Any, lengths: Sequence[int], prompt_lengths: Sequence[int]) -> list[list[int]]:
@@ -304,7 +345,53 @@ def check_spans(spans: Any, lengths: Sequence[int]) -> list[list[Span]]:
 
 
 def chunks(n: int, batch_size: int) -> list[range]:
-    """Consecutive index ranges of at most `batch_size` covering range(n)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise BadArgumentError(f"batch_size={batch_size!r}; use a positive integer")
+    """Consecutive index ranges of at most `batch_size` covering range(n).
+
+        >>> chunks(5, 2)
+        [range(0, 2), range(2, 4), range(4, 5)]
+    """
+    batch_size = check_count("batch_size", batch_size, minimum=1)
     return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """An int (not a bool) of at least `minimum`, else BadArgumentError naming `name`.
+
+        >>> check_count("max_new_tokens", -1)
+        Traceback (most recent call last):
+        attnflow.errors.BadArgumentError: max_new_tokens=-1; use a non-negative integer
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a non-negative integer" if minimum == 0 else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise BadArgumentError(f"{name}={value!r}; use {what}")
+    return value
+
+
+# --- token ids of a model ----------------------------------------------------------------
+def first_int(*values: Any, default: int = 0) -> int:
+    """The first plain int among `values` (e.g. the pad id: the tokenizer's, else its EOS, ...), else `default`.
+
+        >>> first_int(None, 2, 0)
+        2
+    """
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)), default)
+
+
+def id_set(ids: int | Sequence[int] | None) -> set[int]:
+    """A config's `eos_token_id` (None, one id or a list of them) as a set.
+
+        >>> id_set(None), id_set(2), id_set([2, 3])
+        (set(), {2}, {2, 3})
+    """
+    return set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The tokenizer's token strings of `ids` (the ids as text without a tokenizer).
+
+        >>> token_strings(None, [4, 6])
+        ['4', '6']
+    """
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]

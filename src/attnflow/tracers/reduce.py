@@ -74,14 +74,14 @@ def attention_pattern(
     rows = row_index.clamp(min=0)
     R = rows.shape[1]
 
-    q = _gather_rows(query, rows).float() * (d**-0.5 if scaling is None else scaling)
+    q = gather_rows(query, rows).float() * (d**-0.5 if scaling is None else scaling)
     # query head h*g+j reads kv head h (repeat_kv); one batched matmul per kv head, output already [b, (h g), r, k]
     q = einops.rearrange(q, "b (h g) r d -> b h (g r) d", h=Hkv)
     scores = torch.matmul(q, key.float().transpose(-1, -2)).view(B, Hq, R, K)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
-        scores += _gather_rows(_broadcast(position_bias, B, Hq, Q, K), rows).float()
+        scores += gather_rows(_broadcast(position_bias, B, Hq, Q, K), rows).float()
 
     lowest = torch.finfo(torch.float32).min
     padding_only = mask is not None and mask.ndim == 2  # flash attention's [batch, key] mask: causality not in it
@@ -91,7 +91,7 @@ def attention_pattern(
         real = mask[:, -K:].bool().view(B, 1, 1, K)
         keep = real if keep is None else keep & real
     elif mask is not None:
-        m = _gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows)
+        m = gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows)
         if m.dtype == torch.bool:
             keep = m if keep is None else keep & m
         else:
@@ -110,7 +110,7 @@ def attention_pattern(
     return probs
 
 
-def _gather_rows(x: Tensor, rows: Int[Tensor, "batch row"]) -> Tensor:
+def gather_rows(x: Tensor, rows: Int[Tensor, "batch row"]) -> Tensor:
     """x[b, h, rows[b, r], ...] for every b, h, r: [batch, h, query, *] -> [batch, h, row, *]."""
     B, H = x.shape[:2]
     idx = rows.view(B, 1, -1, *([1] * (x.ndim - 3))).expand(B, H, rows.shape[1], *x.shape[3:])

@@ -181,7 +181,7 @@ def is_causal(rows: Float[Tensor, "batch *group query key"], query_positions: In
     """
     B, Q, K = rows.shape[0], rows.shape[-2], rows.shape[-1]
     qpos = query_positions.to(rows.device).unsqueeze(-1)  # [batch, query, 1]
-    weighted = (rows != 0).reshape(B, -1, Q, K).any(1)  # [batch, query, key]
+    weighted = rows.abs().reshape(B, -1, Q, K).sum(1) != 0  # [batch, query, key]; faster than any(), inf is != 0 too
     later = (torch.arange(K, device=rows.device) > qpos) & (qpos >= 0)
     return not bool((weighted & later).any())
 

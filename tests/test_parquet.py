@@ -116,7 +116,7 @@ def test_tables_read_with_pyarrow_dataset(tmp_path):
         "start": 0, "end": 2, "char_start": 0, "char_end": 7,
     }
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert man["schema_version"] == 1 and man["settings"]["max_new_tokens"] == 2
+    assert man["schema_version"] == 2 and man["settings"]["max_new_tokens"] == 2
     assert man["model_info"]["name"] == "toy" and man["causal"] is True
     assert man["query_rows"] == [5, 3] and man["all_rows"] is True
     assert set(man["tables"]) == {"tokens", "spans", "attention"}

@@ -77,6 +77,7 @@ class AttentionTrace:
     spans: list[list[Span]] = field(default_factory=list)
     model_info: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    text: list[list[str]] | None = None  # display strings: exactly the text each token covers (attnflow.tokens)
 
     def __post_init__(self):
         B, S = self.input_ids.shape
@@ -96,6 +97,12 @@ class AttentionTrace:
             raise ShapeError(f"tokens and prompt_lengths need one entry per example ({B})")
         if not self.spans:
             self.spans = [[] for _ in range(B)]
+        if self.text is not None and [len(t) for t in self.text] != [len(t) for t in self.tokens]:
+            raise ShapeError("text needs one display string per token of each example (as many as tokens)")
+
+    def display(self, i: int) -> list[str]:
+        """Example i's display strings: `text` when recorded, else the raw `tokens` (older traces)."""
+        return list(self.text[i]) if self.text is not None else list(self.tokens[i])
 
     # --- shape facts -------------------------------------------------------------
     @property
@@ -139,6 +146,7 @@ class AttentionTrace:
             attention_mask=self.attention_mask[i : i + 1, pad:].clone(),
             query_positions=(qpos[keep] - pad).unsqueeze(0),
             tokens=[list(self.tokens[i])],
+            text=None if self.text is None else [list(self.text[i])],
             prompt_lengths=[self.prompt_lengths[i]],
             spans=[list(self.spans[i])],
             model_info=dict(self.model_info),

@@ -39,7 +39,8 @@ from attnflow.errors import DataError, ShapeError
 if TYPE_CHECKING:
     from attnflow.attention_trace import AttentionTrace
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: no tokens.text column (display strings)
 
 # recording dtype -> the dtype its values are stored in (bfloat16 widens to float32, exactly) -> Arrow type
 STORAGE = {torch.float16: torch.float16, torch.bfloat16: torch.float32, torch.float32: torch.float32, torch.float64: torch.float64}
@@ -51,6 +52,7 @@ TOKENS_SCHEMA = pa.schema(
         ("position", pa.int32()),
         ("token_id", pa.int64()),
         ("token", pa.string()),
+        ("text", pa.string()),
         ("role", pa.string()),
         ("span", pa.int32()),
     ]
@@ -216,7 +218,8 @@ def tokens_table(tr: AttentionTrace) -> pa.Table:
                 span_of[p] = s_id
         for p, tid in enumerate(ids):
             role = "prompt" if p < tr.prompt_lengths[b] else "completion"
-            for name, v in zip(TOKENS_SCHEMA.names, (b, p, tid, tr.tokens[b][p], role, span_of[p])):
+            text = None if tr.text is None else tr.text[b][p]
+            for name, v in zip(TOKENS_SCHEMA.names, (b, p, tid, tr.tokens[b][p], text, role, span_of[p])):
                 rows[name].append(v)
     return pa.table(rows, schema=TOKENS_SCHEMA)
 
@@ -270,9 +273,10 @@ def read_manifest(path: Path) -> dict:
         man = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{file} is not valid JSON ({err}); write the directory again with AttentionTrace.save") from None
-    if man.get("schema_version") != SCHEMA_VERSION:
+    if man.get("schema_version") not in READABLE_VERSIONS:
         raise DataError(
-            f"{path} has schema_version {man.get('schema_version')!r}; this attnflow reads version {SCHEMA_VERSION}"
+            f"{path} has schema_version {man.get('schema_version')!r}; this attnflow reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade attnflow or write the trace again"
         )
     return man
 
@@ -283,7 +287,7 @@ def read_trace(path: Path) -> dict[str, Any]:
         raise DataError(f"no saved trace at {path}: the directory does not exist")
     man = read_manifest(path)
     B = man["batch"]
-    ids, toks = _read_tokens(path, B)
+    ids, toks, text = _read_tokens(path, B)
     lengths = [len(x) for x in ids]
     S = max(lengths)
     pads = torch.tensor([S - n for n in lengths])
@@ -321,6 +325,7 @@ def read_trace(path: Path) -> dict[str, Any]:
         attention_mask=attention_mask,
         query_positions=query_positions,
         tokens=toks,
+        text=text,
         prompt_lengths=list(man["prompt_lengths"]),
         layers=list(layers),
         heads=man["heads"],
@@ -330,14 +335,19 @@ def read_trace(path: Path) -> dict[str, Any]:
     )
 
 
-def _read_tokens(path: Path, batch: int) -> tuple[list[list[int]], list[list[str]]]:
+def _read_tokens(path: Path, batch: int) -> tuple[list[list[int]], list[list[str]], list[list[str]] | None]:
+    """(ids, raw tokens, display text or None) per example; v1 tables and traces recorded without text give None."""
     tok = read_table(path, "tokens").to_pydict()
+    texts = tok.get("text") or [None] * len(tok["token"])
     ids = [[] for _ in range(batch)]
     toks = [[] for _ in range(batch)]
-    for b, _, tid, t in sorted(zip(tok["example"], tok["position"], tok["token_id"], tok["token"])):
+    text = [[] for _ in range(batch)]
+    for b, _, tid, t, d in sorted(zip(tok["example"], tok["position"], tok["token_id"], tok["token"], texts)):
         ids[b].append(tid)
         toks[b].append(t)
-    return ids, toks
+        text[b].append(d)
+    has_text = any(d is not None for per in text for d in per)
+    return ids, toks, text if has_text else None
 
 
 def _query_positions(table: pa.Table, pads: Tensor) -> Int[Tensor, "batch query"]:

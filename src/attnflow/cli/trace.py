@@ -9,15 +9,39 @@ from __future__ import annotations
 from attnflow.errors import BadArgumentError
 
 
+def add_parser(subparsers) -> None:
+    t = subparsers.add_parser("trace", help="record attention patterns of a model on a prompt into a saved trace")
+    t.add_argument("model", help="local model directory or hub id")
+    t.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    t.add_argument("--max-new-tokens", type=int, default=None, help="generate this many tokens greedily first")
+    t.add_argument("--heads", default="all", help="all | mean | max (default: all)")
+    t.add_argument("--rows", default=None, help="last | completion | comma-separated positions (default: all)")
+    t.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    t.add_argument("--dtype", default="float16", help="storage dtype: float16 | float32 | bfloat16")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--remote", action="store_true", help="run on NDIF (needs NDIF_API_KEY)")
+    t.add_argument("--out", required=True, help="directory to write the trace to")
+    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    t.set_defaults(func=run)
+
+
 def parse_rows(text: str | None):
-    """--rows: None, "last", "completion", or comma-separated integers."""
+    """--rows: None, "last", "completion", or comma-separated integers.
+
+    >>> parse_rows("last"), parse_rows("0,-1")
+    ('last', [0, -1])
+    """
     if text is None or text in ("last", "completion"):
         return text
     return _ints(text, "--rows", "last | completion | comma-separated positions like 0,-1")
 
 
 def parse_layers(text: str | None):
-    """--layers: None or comma-separated integers."""
+    """--layers: None or comma-separated integers.
+
+    >>> parse_layers("0,-1"), parse_layers(None)
+    ([0, -1], None)
+    """
     return None if text is None else _ints(text, "--layers", "comma-separated layer indices like 0,-1")
 
 
@@ -28,8 +52,9 @@ def _ints(text: str, flag: str, expected: str) -> list[int]:
         raise BadArgumentError(f"{flag} {text!r} is not valid; use {expected}") from None
 
 
-def run_trace_command(args) -> int:
-    from attnflow.tracers import inputs, load, trace
+def run(args) -> int:
+    import attnflow as af
+    from attnflow.tracers import inputs
     from attnflow.tracers.nnsight import storage_dtype
 
     # cheap checks before the model loads, so a typo fails fast
@@ -46,8 +71,8 @@ def run_trace_command(args) -> int:
 
         model = load_remote(args.model)
     else:
-        model = load(args.model)
-    tr = trace(
+        model = af.load(args.model)
+    tr = af.trace(
         model,
         list(args.prompt),
         max_new_tokens=args.max_new_tokens,

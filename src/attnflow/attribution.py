@@ -38,7 +38,6 @@ from attnflow.attention_trace import SPAN_KINDS, AttentionTrace, Span
 __all__ = [
     "attribute",
     "flow_rows",
-    "mean_target_flow",
     "producing_row",
     "produced_position",
     "rank_scores",
@@ -283,29 +282,6 @@ def target_flow(
         idx = _query_index(trace, idx)
     kw = _flow_kwargs(trace, alpha, exclude_keys, heads)
     return F.compose(trace.patterns, method, rows=idx.to(trace.patterns.device), **kw)
-
-
-def mean_target_flow(
-    trace: AttentionTrace,
-    rows: Sequence[Sequence[int]],
-    method: str = "flow",
-    *,
-    alpha: float = 0.5,
-    exclude_keys: Sequence[int] = (),
-    heads: F.Heads = "mean",
-) -> Float[Tensor, "batch key"]:
-    """The mean of example b's composed rows `rows[b]` (unpadded query rows, at least one): `[batch, key]`, padded keys.
-
-    The rows are composed as in `target_flow` and averaged as they are (not as
-    shares, unlike `attribute`), so an unnormalised flow row keeps its scale.
-
-        >>> mean_target_flow(tr, [[3, 4], [2]], "rollout")           # example 0: mean of rows 3 and 4
-        tensor([[0.41, 0.22, ...], [...]])
-    """
-    R = target_flow(trace, rows, method, alpha=alpha, exclude_keys=exclude_keys, heads=heads)  # [batch, target, key]
-    counts = torch.tensor([len(r) for r in rows])
-    weights = (torch.arange(R.shape[1])[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
-    return einsum(R.float(), weights.to(R.device), "batch target key, batch target -> batch key")
 
 
 def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]) -> Int[Tensor, "batch target"]:

@@ -2,8 +2,8 @@
 
 Each method turns a batch of recorded patterns into one score per key position
 from the rows that produce the answer tokens (the token at t+1 comes from query
-row t), averaged over those rows (`attribution.mean_target_flow`); a span's
-score is the sum over its tokens.
+row t), composed by `attribution.target_flow` and averaged over those rows; a
+span's score is the sum over its tokens.
 
     name                    flow.py call                                  BOS sink
     random                  expected metrics of a uniformly random ranking  -
@@ -29,10 +29,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from attnflow.attribution import mean_target_flow
+from attnflow.attribution import target_flow
 
 # (name, flow method, exclude the first-token sink); "random" has no flow method
 METHODS: tuple[tuple[str, str | None, bool], ...] = (("random", None, False),) + tuple(
@@ -61,12 +62,21 @@ def answer_rows(
 
 
 def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, "batch key"]]:
-    """Every flow method's composed rows `rows[b]` (unpadded) averaged per example: {method name: [batch, key]}."""
-    return {
-        name: mean_target_flow(trace, rows, method, exclude_keys=(0,) if sink else ())
-        for name, method, sink in METHODS
-        if method is not None
-    }
+    """Every flow method's composed rows `rows[b]` (unpadded, at least one) averaged per example: {method: [batch, key]}.
+
+    The rows are averaged as composed (not as shares, unlike `attribute`), so an
+    unnormalised flow row keeps its scale; keys are the trace's padded positions.
+    """
+    counts = torch.tensor([len(r) for r in rows])
+    T = int(counts.max())
+    weights = (torch.arange(T)[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
+    out = {}
+    for name, method, sink in METHODS:
+        if method is None:
+            continue
+        R = target_flow(trace, rows, method, exclude_keys=(0,) if sink else ())  # [batch, target, key]
+        out[name] = einsum(R.float(), weights.to(R.device), "batch target key, batch target -> batch key")
+    return out
 
 
 def span_sums(

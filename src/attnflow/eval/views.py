@@ -8,7 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from attnflow.attribution import target_flow
 from attnflow.eval.jobs import Job
+from attnflow.exporters import to_html
 
 # (name in the viewer, flow method, exclude the first-token sink)
 VIEW_METHODS = (("rollout", "rollout", False), ("rollout/nosink", "rollout", True))
@@ -19,11 +23,6 @@ def write_views(tr, batch: list[Job], targets: Sequence[Sequence[int]], out: Pat
 
     Written before the batch's part is committed, so a committed part has its views.
     """
-    import torch
-
-    from attnflow.attribution import target_flow
-    from attnflow.exporters import to_html
-
     for b, job in enumerate(batch):
         if job.example.index >= limit:
             continue

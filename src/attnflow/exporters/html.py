@@ -119,25 +119,6 @@ def inline_html(trace: AttentionTrace, flow: FlowArg | None = None, attributions
     )
 
 
-def render_command(args) -> int:
-    """`attnflow render TRACE_DIR --out DIR [--shard-bytes N]`: a saved trace (with its flow and
-    attributions tables when present) to an HTML viewer."""
-    from attnflow.exporters.parquet import flow_tensor, read_attributions, read_flow
-
-    src = Path(args.trace_dir)
-    tr = AttentionTrace.load(src)
-    flow = None
-    if (src / "flow").is_dir():
-        tab = read_flow(src)
-        flow = {m: flow_tensor(tab, tr, m) for m in sorted(set(tab["method"].to_pylist()))}
-    attributions = read_attributions(src) if (src / "attributions").is_dir() else None
-    out = to_html(tr, args.out, shard_bytes=args.shard_bytes, flow=flow, attributions=attributions, progress=True)
-    files = list(out.rglob("*"))
-    size = sum(f.stat().st_size for f in files if f.is_file())
-    print(f"wrote {out / 'index.html'} ({len(files)} files, {size / 2**20:.1f} MiB)")
-    return 0
-
-
 # ------------------------------------------------------------------------------------
 # shards
 # ------------------------------------------------------------------------------------

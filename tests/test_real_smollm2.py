@@ -175,6 +175,8 @@ def test_folder_plus_gguf_file_resolves(tmp_path):
     file = require_smollm2()
     assert gguf_path(file.parent, GGUF_NAME) == file
     assert gguf_path(file) == file
+    with pytest.raises(BadArgumentError, match="pass one of the two"):
+        gguf_path(file, GGUF_NAME)
     with pytest.raises(ModelNotFoundError, match="no 'other.gguf'.*fix gguf_file="):
         af.load(file.parent, gguf_file="other.gguf")
     with pytest.raises(ModelNotFoundError, match="no .gguf file.*gguf_file=NAME"):

@@ -45,7 +45,7 @@ def load_gguf(
     The tokenizer is rebuilt from the file's vocabulary and carries its chat template.
 
         >>> hf, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
-        >>> hf.dtype, hf.training, tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)[-24:]
+        >>> hf.dtype, hf.training, tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)[-13:]
         (torch.float32, False, 'hi<|im_end|>\\n')
     """
     file = gguf_path(path, gguf_file)
@@ -78,6 +78,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
     out_dir    a new or empty folder; it appears only once complete
 
         >>> save_model(*load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf"), "smollm2")
+        PosixPath('smollm2')
         >>> sorted(p.name for p in Path("smollm2").iterdir())[:3]
         ['chat_template.jinja', 'config.json', 'generation_config.json']
     """
@@ -102,7 +103,9 @@ def gguf_path(path: str | os.PathLike, gguf_file: str | None = None) -> Path:
         PosixPath('models/SmolLM2-135M-Instruct.Q4_1.gguf')
     """
     path = Path(path).expanduser()
-    if path.is_file() and gguf_file is None:
+    if path.is_file():
+        if gguf_file is not None:
+            raise BadArgumentError(f"{str(path)!r} is a file and gguf_file={gguf_file!r} was given; pass one of the two")
         return path
     if not path.is_dir():
         raise ModelNotFoundError(f"no GGUF file or folder at {str(path)!r}; pass an existing .gguf file")

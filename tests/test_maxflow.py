@@ -178,3 +178,10 @@ def test_bad_input_raises():
         max_flow(A, rows=[5])
     with pytest.raises(ShapeError):
         max_flow(A[..., :3, :])
+
+
+def test_threshold_that_empties_a_source_still_bounds_its_loss():
+    A = patterns(1, 3, 1, 6, seed=17)
+    exact = max_flow(A, normalize=False)
+    f, err = max_flow(A, normalize=False, threshold=0.9, return_error=True)  # every attention edge goes
+    assert torch.all(exact <= f + err + 1e-9) and float(err.max()) > 0.1

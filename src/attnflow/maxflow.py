@@ -1,48 +1,55 @@
 """Attention flow as Abnar & Zuidema (2020) define it: exact maximum flow through the layered attention graph.
 
-The graph has a node `(l, p)` for every layer boundary `l = 0..L` and real position
-`p`; attention layer `l` adds an edge `(l-1, j) -> (l, i)` of capacity `Â_l[i, j]`,
-where `Â_l = rownorm(alpha·Ā_l + (1-alpha)·I)` is rollout's residual-inclusive
-layer (`(Ā_l + I)/2` at alpha 0.5, heads reduced first, excluded keys zeroed and
-rows renormalised before the graph is built, exactly as `attnflow.flow.rollout`).
+Not to be confused with `attnflow.flow.residual_flow` ("flow"), the residual
+recurrence `X_l = Ā_l X_{l-1} + X_{l-1}` (2^L x rollout on stochastic rows).
+Here the graph has a node `(l, p)` for every layer boundary `l = 0..L` and real
+position `p`; attention layer `l` adds an edge `(l-1, j) -> (l, i)` of capacity
+`Â_l[i, j]`, where `Â_l = rownorm(alpha·Ā_l + (1-alpha)·I)` is rollout's layer
+(`(Ā_l + I)/2` at alpha 0.5; heads reduced first, excluded keys zeroed and rows
+renormalised before the graph is built, exactly as in `attnflow.flow.rollout`).
 The value for target row `t` and source key `s` is the maximum flow from the
 input node `(0, s)` to the output node `(L, t)`:
 
     >>> A = torch.rand(2, 3, 4, 6, 6).tril()                # batch layer head query key
     >>> A = A / A.sum(-1, keepdim=True)
-    >>> F = max_flow(A, rows=[-1])                           # [batch, 1, key]; rows sum to 1
-    >>> F.shape, F.sum(-1)
+    >>> R = max_flow(A, rows=[-1])                           # [batch, 1, key]: shares, rows sum to 1
+    >>> R.shape, R.sum(-1)
     (torch.Size([2, 1, 6]), tensor([[1.0000], [1.0000]]))
-    >>> raw = max_flow(A, rows=[-1], normalize=False)        # flow values, each in [0, 1]
-    >>> max_flow(A[:, :1], normalize=False)[0, 3]            # one layer: the flow is Â_1[t, s] itself
-    ...                                                      # == rollout(A[:, :1])[0, 3]
+    >>> torch.allclose(max_flow(A[:, :1], normalize=False), rollout(A[:, :1]))   # one layer: the capacity
+    True
 
-Shares.  The paper's code (`compute_flows` in attention_graph_util.py) divides
-each output node's flow values by their sum, so with `normalize=True` (default)
-a row is `f(t, s) / Σ_s f(t, s)` and sums to 1 like the other methods' rows;
-`normalize=False` returns the flow values (each at most 1, the capacity into
-`(L, t)`).  Unlike rollout's, these shares are not a product of matrices: the
-flows of different sources share edges, so their sum is usually above 1.
+Shares.  The paper's code (`compute_flows` in its attention_graph_util.py)
+divides each output node's flow values by their sum, so with `normalize=True`
+(the default) a row is `f(t, s) / Σ_s f(t, s)` and sums to 1 like the other
+methods' rows; `normalize=False` returns the flow values themselves (each at
+most 1, the capacity into `(L, t)`; their sum is usually well above 1, since the
+flows of different sources share edges).
 
-Exactness.  scipy's `maximum_flow` (Dinic by default, compiled) needs integer
-capacities, so capacities are scaled by `2**bits` (30 by default, the largest
-that keeps every residual capacity inside scipy's int32) and rounded down.
-Rounding down can only lower the flow, by at most the capacity lost on the
-edges of the cut scipy's flow saturates: `f' <= f <= f' + Σ_{e in cut} (c_e - c'_e)`,
-each term below `2**-bits` (9.3e-10).  `return_error=True` computes that cut
-(nodes reachable from the source in the residual graph) and returns the bound
-per entry, in the units of the result; it also covers capacities dropped by
-`threshold` (an approximation: capacities below it are removed before solving,
-and the bound says how much that can cost).
+Exactness.  scipy's compiled `maximum_flow` (Dinic; `method="edmonds_karp"` gives
+the same integers, ~80x slower on SmolLM2 patterns) needs integer capacities, so
+capacities are scaled by `2**bits` (30 by default, the most that keeps every
+residual capacity inside scipy's int32) and rounded down.  Rounding down only
+lowers a flow, and by at most what the rounding took off the edges of the cut
+the solver's flow saturates: `f' <= f <= f' + Σ_{e in cut} (c_e - c'_e)`, each
+term below `2**-30` = 9.3e-10, i.e. at most 1e-6 while that cut has < 1074
+edges.  `return_error=True` finds that cut (the nodes the source reaches in the
+residual graph) and returns the exact gap per entry, in the result's units (for
+shares: `max(e_s, share_s·Σe) / Σf`); on SmolLM2 at n = 256 it is <= 1.3e-7 per
+flow value, 8e-10 per share.  `threshold` is the optional approximation:
+capacities below it are dropped before solving (fewer edges), and the same
+bound, also capped by the cuts around source and sink, reports what it cost.
 
-Speed.  For a target `t` the graph holds only its causal cone (positions `<= t`),
-numbered with positions descending, so the graph of source `s` (positions
-`s..t`, all a flow from `s` can reach) is a prefix of the target's CSR arrays
-plus one source row: built once per target with numpy, sliced per source.
-Each (t, s) pair is a separate max-flow problem: the graph is directed, so
-Gomory–Hu trees (n - 1 flows for all pairs) do not apply, and no exact
-all-sources formulation cheaper than one flow per source is known for directed
-capacities (super-sources give the flow of a *set* of sources, not each one's).
+Speed.  All sources of a target `t` share one graph, its causal cone (positions
+`<= t`), built once with numpy: numbered with positions descending, the graph of
+source `s` (positions `s..t`, all that a flow from `s` can reach) is a prefix of
+the target's CSR arrays plus one source row.  The sources differ only in the
+capacities of their edges into layer 1, but each (t, s) is still its own max-flow
+problem: the graph is directed, so Gomory–Hu trees (n - 1 flows for all pairs)
+do not apply; parametric max flow (Gallo–Grigoriadis–Tarjan) needs capacities
+monotone in one parameter, which these per-source vectors are not; and reusing
+one source's residual graph for the next needs a warm-started solver, which
+scipy does not expose.  So: one compiled flow per source, on its cone.  scipy
+holds the GIL, so threads do not help (two were 2.6x slower).
 """
 
 from __future__ import annotations
@@ -114,9 +121,14 @@ def max_flow(
     flow value).
 
         >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]], [[[1., 0.], [.5, .5]]]]])   # 2 layers
-        >>> max_flow(A, normalize=False)      # Â = [[1, 0], [.25, .75]]; t=1: s=0 via (1,0) or (1,1)
+        >>> max_flow(A, normalize=False)  # Â = [[1, 0], [.25, .75]]; t=1, s=0: .25 via (1, 0) + .25 via (1, 1)
         tensor([[[1.0000, 0.0000],
-                 [0.2500, 0.7500]]])
+                 [0.5000, 0.7500]]])
+        >>> max_flow(A)                   # shares: rows divided by their sums
+        tensor([[[1.0000, 0.0000],
+                 [0.4000, 0.6000]]])
+        >>> max_flow(A, rows=[1], exclude_keys=(0,), normalize=False)   # BOS column zeroed first
+        tensor([[[0., 1.]]])
     """
     if method not in _METHODS:
         raise BadArgumentError(f"method={method!r}; use one of {', '.join(_METHODS)}")
@@ -172,22 +184,22 @@ class _Solver:
         Ci = np.floor(np.where(C >= self.threshold, C, 0.0) * self.scale).astype(np.int32)
         g = _ConeGraph(Ci, C if self.certify else None)
         f, e = np.array([self._solve(g, s) for s in range(n)]).T  # one max flow per source
-        return f / self.scale, e
+        return f / self.scale, e / self.scale
 
     def _solve(self, g: "_ConeGraph", s: int) -> tuple[float, float]:
         from scipy.sparse import csr_array
         from scipy.sparse.csgraph import maximum_flow
 
         indptr, indices, data, source = g.graph(s)
-        if indptr[-1] == indptr[-2]:  # no capacity out of the source
-            return 0.0, 0.0
+        if indptr[-1] == indptr[-2]:  # no capacity left out of the source: what `threshold` dropped there bounds the loss
+            return 0.0, (g.C[0, s:, s].sum() * self.scale if self.certify else 0.0)
         M = csr_array((data, indices, indptr), shape=(source + 1, source + 1))
         M.has_sorted_indices = True
         res = maximum_flow(M, source, 0, method=self.method)
         value = float(res.flow_value)
         if not self.certify:
             return value, 0.0
-        return value, g.cut_gap(s, M, res.flow, value / self.scale)
+        return value, g.cut_gap(s, M, res.flow, value / self.scale, self.scale)
 
 
 class _ConeGraph:
@@ -239,7 +251,7 @@ class _ConeGraph:
         data = np.concatenate([self.data[:nnz], caps[keep].astype(np.int32)])
         return indptr, indices, data, source
 
-    def cut_gap(self, s: int, M, flow, value: float) -> float:
+    def cut_gap(self, s: int, M, flow, value: float, scale: float) -> float:
         """`cap(S, T) - value` with the exact capacities, S = the nodes the source reaches in the residual graph.
 
         `value` (the rounded graph's max flow) is a lower bound of the exact flow and
@@ -261,7 +273,9 @@ class _ConeGraph:
         S[self.L, 0] = float(inS[0])  # (the sink is never in S when the flow is maximal)
         Cs = self.C[:, t - np.arange(m)][:, :, t - np.arange(m)]  # [layer, i', j'] exact capacities on the cone
         cut = np.einsum("li,lij,lj->", 1.0 - S[1:], Cs, S[:-1])  # edges (l-1, j) in S -> (l, i) not in S
-        return max(float(cut) - value, 0.0)
+        # the cuts around the source and the sink bound the flow too (tighter when `threshold` dropped many edges)
+        cut = min(float(cut), Cs[0, :, m - 1].sum(), Cs[-1, 0].sum())
+        return max(cut - value, 0.0) * scale  # in the solver's integer units, like the flow
 
 
 def _row_index(rows: Rows, batch: torch.Size, N: int) -> np.ndarray:

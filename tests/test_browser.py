@@ -14,9 +14,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -25,13 +22,14 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from attnflow.exporters import inline_html, to_html
 from attnflow.attention_trace import AttentionTrace, Span
 
+import browser_util
+from browser_util import set_mode, wait_ready
 from test_parquet import make_trace
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(
-        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+        not browser_util.available(),
         reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
     ),
 ]
@@ -42,7 +40,7 @@ PAYLOADS = [
     "<svg onload=\"window.__pwned=3\"></svg>",
 ]
 READ_TOKENS = """
-return Array.from(document.querySelectorAll(arguments[0] + ' .tok')).map(t =>
+return Array.from(document.querySelectorAll('#tokens .tok')).map(t =>
   [+t.dataset.pos, t.dataset.w === undefined ? null : t.dataset.w.split(' ').map(Number),
    t.dataset.i === undefined ? null : t.dataset.i.split(' ').map(Number), t.textContent]);
 """
@@ -51,26 +49,18 @@ return Array.from(document.querySelectorAll(arguments[0] + ' .tok')).map(t =>
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def driver():
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="attnflow-chromium-")
-    for arg in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1400,1000", f"--user-data-dir={profile}",
-    ):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)  # explicit driver: selenium-manager stays idle
-    d.set_script_timeout(20)
+    d = browser_util.driver(1400, 1000)
     yield d
     d.quit()
 
 
 @pytest.fixture(autouse=True)
-def clean_console(driver):
+def clean_console(driver, request):
     """Every test ends with no console error and no network request (file:// loads only)."""
     yield
+    if "served" in request.fixturenames:  # that test loads over loopback http and checks its own requests
+        driver.get_log("performance")
+        return
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
     requests = []  # (url, document that asked)
@@ -112,21 +102,12 @@ def open_page(driver, path: Path):
     assert driver.execute_script("return window.__pwned") is None
 
 
-def wait_ready(driver):
-    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.getElementById('app').dataset.state") == "ready")
-
-
 def hover(driver, panel: str, pos: int):
-
-    tok = driver.find_element(By.CSS_SELECTOR, f'#{panel} .tok[data-pos="{pos}"]')
-    ActionChains(driver).move_to_element(tok).perform()
-    return tok
+    return browser_util.hover(driver, panel, pos)
 
 
 def double_click(driver, panel: str, pos: int):
-
-    tok = driver.find_element(By.CSS_SELECTOR, f'#{panel} .tok[data-pos="{pos}"]')
-    ActionChains(driver).double_click(tok).perform()
+    browser_util.double_click(driver, panel, pos)
 
 
 def keys(driver, text: str):
@@ -135,8 +116,17 @@ def keys(driver, text: str):
     wait_ready(driver)
 
 
-def tokens(driver, panel: str) -> dict:
-    return {p: (w, i, text) for p, w, i, text in driver.execute_script(READ_TOKENS, f"#{panel}")}
+class Shown(dict):
+    """{position: (weights, intensities, text)} of the token pane, and the keys left out of the colour scale."""
+
+    excluded: set
+
+
+def tokens(driver, panel: str) -> Shown:
+    set_mode(driver, panel)
+    out = Shown({p: (w, i, text) for p, w, i, text in driver.execute_script(READ_TOKENS)})
+    out.excluded = {int(p) for p in driver.execute_script("return document.getElementById('app').dataset.excluded").split()}
+    return out
 
 
 def panel_attr(driver, panel: str, name: str) -> str:
@@ -144,10 +134,11 @@ def panel_attr(driver, panel: str, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- checks
-def check_row(shown: dict, ref_rows: list[torch.Tensor], gamma=1.0, threshold=0.0, tol=None):
+def check_row(shown: Shown, ref_rows: list[torch.Tensor], gamma=1.0, threshold=0.0, tol=None):
     """Displayed weights of one hovered row equal `ref_rows` (one per series) within the uint8 step.
 
     Each stored row is quantised against its own max, so the step is max/255 (error max/510).
+    Colours scale to the largest weight outside the keys left out of the scale (sinks), capped at 1.
     """
     n = len(ref_rows[0])
     for p, (w, i, _) in shown.items():
@@ -159,10 +150,10 @@ def check_row(shown: dict, ref_rows: list[torch.Tensor], gamma=1.0, threshold=0.
             step = float(ref.max()) / 510 if tol is None else tol
             assert abs(w[s] - float(ref[p])) <= step + 1e-5, (p, s, w[s], float(ref[p]))
     for s in range(len(ref_rows)):
-        top = max(w[s] for w, _, _ in shown.values() if w is not None)
+        top = max(w[s] for p, (w, _, _) in shown.items() if w is not None and p not in shown.excluded)
         for p, (w, i, _) in shown.items():
             if w is not None:
-                expect = 0.0 if w[s] < threshold else (w[s] / top) ** gamma
+                expect = 0.0 if w[s] < threshold else min(1.0, (w[s] / top) ** gamma)
                 assert abs(i[s] - expect) <= 1e-4, (p, s, i[s], expect)
 
 
@@ -173,10 +164,11 @@ def test_text_markers_roles_spans_and_settings(driver, story):
     texts = [shown[p][2] for p in range(14)]
     assert texts[:9] == ["<s>", " the", " cat", "\u21b5\n", " sat", "\u21b5\n", *PAYLOADS]
     assert driver.find_elements(By.CSS_SELECTOR, "#app img, #app svg, #app script") == []
-    names = [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, "#observer .span-name")]
+    assert shown.excluded == {0}  # "<s>" at position 0 is a sink: out of the colour scale by default
+    names = [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, "#tokens .span-name")]
     assert names == ["doc <b>1</b>", PAYLOADS[0], "q"]
     roles = driver.execute_script(
-        "return Array.from(document.querySelectorAll('#observer .tok')).map(t => t.classList.contains('completion'))"
+        "return Array.from(document.querySelectorAll('#tokens .tok')).map(t => t.classList.contains('completion'))"
     )
     assert roles == [p >= tr.prompt_lengths[0] for p in range(14)]
     info = driver.find_element(By.ID, "info").get_attribute("textContent")
@@ -446,10 +438,10 @@ def test_word_level_tokens_are_set_apart_by_spaces(driver, tmp_path):
     tr = make_trace([len(words)])
     tr.tokens, tr.prompt_lengths = [words], [len(words)]
     open_page(driver, to_html(tr, tmp_path / "view") / "index.html")
-    text = driver.find_element(By.ID, "observer").text
+    text = driver.find_element(By.ID, "tokens").text
     assert "alice lives in paris ." in text
 
     bpe = make_trace([4])
     bpe.tokens, bpe.prompt_lengths = [["<s>", "Hello", "\u0120world", "!"]], [4]
     open_page(driver, to_html(bpe, tmp_path / "bpe") / "index.html")
-    assert "Hello world!" in driver.find_element(By.ID, "observer").text
+    assert "Hello world!" in driver.find_element(By.ID, "tokens").text

@@ -441,13 +441,14 @@ def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
 def title(model_info: dict) -> str:
     """The model's name for the page title: a file-system path shortened to its last part.
 
-    >>> title({"name": "/usr/lib/python3/site-packages/attnflow/demo/model"}), title({"name": "gpt2"})
-    ('model', 'gpt2')
+    >>> title({"name": "/usr/lib/python3/site-packages/attnflow/demo/model"}), title({"name": "/data/ckpt/run7"})
+    ('attnflow/demo/model', 'run7')
     """
     name = str(model_info.get("name") or "attention")
     if PATHLIKE.match(name):
         parts = [p for p in re.split(r"[\\/]", name) if p]
-        name = parts[-1] if parts else name
+        inside = [i for i, p in enumerate(parts) if p in ("site-packages", "dist-packages")]
+        name = "/".join(parts[inside[-1] + 1 :]) if inside and inside[-1] + 1 < len(parts) else (parts[-1] if parts else name)
     return name
 
 

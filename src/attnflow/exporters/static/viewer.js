@@ -1172,7 +1172,7 @@
     const m = state.mode;
     const W = (c.width = Math.max(240, Math.floor(c.parentNode.clientWidth - 4)));
     lineItems = [];
-    if (pos === null || !ws.length || isNaN(ws[0][pos === 0 && m !== "observed" ? 0 : Math.min(pos, ws[0].length - 1)]) && m !== "observed") {
+    if (pos === null || !ws.length || !ws[0].some((v) => !isNaN(v))) {
       c.height = 24;
       ctx.fillStyle = "#6b7280";
       ctx.font = "12px system-ui, sans-serif";

@@ -838,6 +838,7 @@
         if (firstReady) {
           firstReady = false;
           performance.mark("attnflow:ready");
+          loadThumbs(); // after the first weights, which the first paint waits for
         }
         requestAnimationFrame(() => drawMatrix());
       },
@@ -1500,5 +1501,4 @@
   refresh(); // adds the first shards' <script> tags before the text is laid out
   fillTokens();
   paint();
-  loadThumbs();
 })();

@@ -174,31 +174,6 @@ def inline_html(
     )
 
 
-def default_flow(trace: AttentionTrace) -> tuple[dict, dict]:
-    """`inline_html`'s flow: rollout rows that produced the completion tokens (`({}, {})` when not computable).
-
-    Needs every row recorded (rollout composes all of them) and at least one completion token.
-
-    >>> flow, info = default_flow(tr); info["rollout"]["alpha"]
-    0.5
-    """
-    from attnflow import flow as F
-
-    S = trace.input_ids.shape[1]
-    full = bool((trace.query_positions.shape[1] == S) and (trace.query_positions == torch.arange(S)).masked_fill(
-        trace.attention_mask == 0, True).all())
-    k = min(INLINE_FLOW_ROWS, max(n - p for n, p in zip(trace.lengths, trace.prompt_lengths)))
-    if not full or k <= 0 or S < 2:
-        return {}, {}
-    rows = list(range(S - k - 1, S - 1))  # padded rows that produced the last k tokens
-    R = F.rollout(trace.patterns, alpha=0.5, rows=rows, key_mask=trace.attention_mask)  # [batch, rows, key]
-    qpos = torch.tensor(rows).expand(trace.batch_size, k).clone()
-    qpos[qpos < torch.tensor(trace.pad_offsets).view(-1, 1)] = -1  # pad rows of shorter examples
-    info = {"rollout": {"alpha": 0.5, "heads": "mean", "exclude_keys": [], "rows": f"the {k} rows that produced the last {k} tokens",
-                        "made_by": "inline_html (default)"}}
-    return {"rollout": (R, qpos)}, info
-
-
 def render_command(args) -> int:
     """`attnflow render TRACE_DIR --out DIR [--shard-bytes N]`: a saved trace (with its flow and
     attributions tables when present) to an HTML viewer."""
@@ -347,6 +322,31 @@ def build(
     meta["thumbs"] = [job().header for job in thumb_jobs]
     meta["_thumb_jobs"] = thumb_jobs
     return meta, jobs
+
+
+def default_flow(trace: AttentionTrace) -> tuple[dict, dict]:
+    """`inline_html`'s flow: rollout rows that produced the completion tokens (`({}, {})` when not computable).
+
+    Needs every row recorded (rollout composes all of them) and at least one completion token.
+
+    >>> flow, info = default_flow(tr); info["rollout"]["alpha"]
+    0.5
+    """
+    from attnflow import flow as F
+
+    S = trace.input_ids.shape[1]
+    full = bool((trace.query_positions.shape[1] == S) and (trace.query_positions == torch.arange(S)).masked_fill(
+        trace.attention_mask == 0, True).all())
+    k = min(INLINE_FLOW_ROWS, max(n - p for n, p in zip(trace.lengths, trace.prompt_lengths)))
+    if not full or k <= 0 or S < 2:
+        return {}, {}
+    rows = list(range(S - k - 1, S - 1))  # padded rows that produced the last k tokens
+    R = F.rollout(trace.patterns, alpha=0.5, rows=rows, key_mask=trace.attention_mask)  # [batch, rows, key]
+    qpos = torch.tensor(rows).expand(trace.batch_size, k).clone()
+    qpos[qpos < torch.tensor(trace.pad_offsets).view(-1, 1)] = -1  # pad rows of shorter examples
+    info = {"rollout": {"alpha": 0.5, "heads": "mean", "exclude_keys": [], "rows": f"the {k} rows that produced the last {k} tokens",
+                        "made_by": "inline_html (default)"}}
+    return {"rollout": (R, qpos)}, info
 
 
 def summarise(trace: AttentionTrace, b: int) -> tuple[Tensor, list[int]]:

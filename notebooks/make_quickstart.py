@@ -1,9 +1,11 @@
-"""Write notebooks/quickstart.ipynb from the cells below, executed (tests execute it again with nbclient)."""
+"""Write notebooks/quickstart.ipynb from the cells below, without outputs (tests/test_notebook.py executes a copy).
+
+The committed notebook carries no outputs: nothing machine-specific (paths, timings) goes into the repository.
+"""
 
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 CELLS = [
@@ -54,8 +56,11 @@ CELLS = [
         "print('flow puts the answer in', best, '| truth:', [documents[i][0] for i in example.support])"
     ),
     new_markdown_cell(
-        "The inline viewer (hover a token: what it attended to; double-click to freeze).\n"
-        "`af.exporters.to_html(tr, 'out/')` writes the sharded viewer for big traces."
+        "The inline viewer. Observer: hover position p to see what p attended to; Observed: who attended to p;\n"
+        "Flow: hover a token to see what it was produced from (rollout, alpha 0.5, of the rows that produced the\n"
+        "answer, computed by `inline_html` by default; `af.exporters.inline_html(tr, flow=None)` leaves it out).\n"
+        "Double-click freezes a token. A saved notebook shows a line of text instead: run the cell again.\n"
+        "`af.exporters.to_html(tr, 'out/', gold={0: [...]})` writes the sharded viewer for big traces."
     ),
     new_code_cell("tr"),
 ]
@@ -64,7 +69,6 @@ CELLS = [
 def main() -> None:
     nb = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
     path = Path(__file__).with_name("quickstart.ipynb")
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     tmp = path.with_suffix(".ipynb.tmp")
     nbformat.write(nb, tmp)
     tmp.replace(path)

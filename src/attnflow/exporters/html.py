@@ -6,7 +6,8 @@
     out/viewer.js         the viewer (plain JavaScript written for attnflow)
     out/viewer.css
     out/shards/*.js       one example x layer x group of <= 8 heads each, split further
-                          (smaller head groups, then query-row chunks) to stay under shard_bytes
+                          (smaller head groups, then query-row chunks) to stay under shard_bytes,
+                          and per example the layer x head thumbnails (`e{b}-thumbs-*.js`)
 
 Browsers block `fetch` on file://, so each shard is a script that calls the
 global `attnflowShard(header, data, scales)`; the page adds a `<script src>` for
@@ -19,6 +20,17 @@ base64-encoded, so a uint8 value costs 4/3 bytes.
     >>> to_html(tr, "view/")                          # then open view/index.html
     PosixPath('view')
     >>> to_html(tr, "view/", flow={"rollout": af.flow.rollout(tr.patterns)}, attributions=scores)
+    >>> to_html(tr, "view/", flow={"rollout": R}, flow_info={"rollout": {"alpha": 0.5, "exclude_keys": [0]}},
+    ...         gold={0: ["Document 2"]}, examples=[{"question": "where is bob ?", "answer": "rome", "correct": True}])
+
+What each panel shows (the page says the same in words): Observer, hovering position p, shows
+attention row p (what p attended to); Observed shows column p (who attended to p); Flow,
+hovering token p, shows the composed row p-1, the row whose output produced token p.
+
+Sinks.  Per example, `sinks` lists the keys that take more than SINK_SHARE of the head- and
+layer-averaged attention in more than half of the recorded rows, plus position 0 when it is a
+special token.  When there are any, the viewer leaves them out of the colour scale by default
+(a checkbox turns it off) and says so on screen.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import html as _html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -54,6 +67,11 @@ CSP = (
     "img-src 'none'; connect-src 'none'; base-uri 'none'; form-action 'none'"
 )
 INLINE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
+SINK_SHARE = 0.3  # a key is a sink when it takes more than this share of most rows
+THUMB = 48  # thumbnail side (query x key cells) in the layer x head grid
+INLINE_FLOW_ROWS = 64  # `inline_html` composes rollout for at most this many completion rows
+SPECIAL = re.compile(r"^(<\|[^|]*\|>|</?s>|<unk>|<pad>|\[[A-Z]+\])$")  # the viewer's isSpecial
+PATHLIKE = re.compile(r"^([A-Za-z]:[\\/]|[\\/]|~|\.{1,2}[\\/])")
 
 
 # ------------------------------------------------------------------------------------
@@ -67,6 +85,10 @@ def to_html(
     attributions: Any = None,
     precision: str = "uint8",
     progress: bool = False,
+    *,
+    flow_info: dict[str, dict] | None = None,
+    gold: dict[int, list[str | int]] | None = None,
+    examples: list[dict] | None = None,
 ) -> Path:
     """Write an offline, sharded viewer of `trace` under `path` (replaced whole); open `path/index.html`.
 
@@ -75,14 +97,21 @@ def to_html(
     `attnflow.attribute` returns.  Every shard file is at most `shard_bytes` long; index.html
     grows with the number of tokens only.  `progress=True` shows a progress bar over the shards.
 
-    >>> to_html(tr, "view/", shard_bytes=2**20)
+    `flow_info` records how each flow was made (e.g. `{"rollout": {"alpha": 0.5, "exclude_keys": [0]}}`);
+    the page shows it in its settings block.  `gold` marks supporting spans per example, by span
+    name or index (`{0: ["Document 2"]}`): the viewer outlines them and adds a legend.  `examples`
+    gives one dict per example, shown in the example picker: `question`, `answer` and `correct`
+    (True/False) are read; any other JSON value is listed in the settings block.
+
+    >>> to_html(tr, "view/", shard_bytes=2**20, gold={0: ["Document 2"]})
     PosixPath('view')
     """
     path = Path(path)
     _check(shard_bytes, precision)
-    meta, jobs = build(trace, shard_bytes, flow, attributions, precision)
+    meta, jobs = build(trace, shard_bytes, flow, attributions, precision, flow_info, gold, examples)
+    thumbs = meta.pop("_thumb_jobs")
     with _io.atomic_dir(path) as tmp:
-        for job in tqdm(jobs, desc="attnflow: shards", unit="shard", disable=not progress, leave=False):
+        for job in tqdm(jobs + thumbs, desc="attnflow: shards", unit="shard", disable=not progress, leave=False):
             shard = job()
             text = shard.text
             if len(text) > shard_bytes:  # plan() bounds every shard; this would be a bug
@@ -94,12 +123,26 @@ def to_html(
     return path
 
 
-def inline_html(trace: AttentionTrace, flow: FlowArg | None = None, attributions: Any = None) -> str:
+def inline_html(
+    trace: AttentionTrace,
+    flow: FlowArg | str | None = "auto",
+    attributions: Any = None,
+    *,
+    flow_info: dict[str, dict] | None = None,
+    gold: dict[int, list[str | int]] | None = None,
+    examples: list[dict] | None = None,
+) -> str:
     """One self-contained view (an iframe with everything inline) for Jupyter, or a short refusal.
 
-    Traces whose encoded weights exceed INLINE_LIMIT bytes get a message pointing to `to_html`.
+    `flow="auto"` (what `trace._repr_html_` uses) composes rollout (alpha 0.5, heads averaged,
+    no keys excluded) for the rows that produced the completion tokens, at most INLINE_FLOW_ROWS
+    of them, when every row was recorded; `flow=None` leaves the Flow view out; a dict is used
+    as given (see `to_html`).  Traces whose encoded weights exceed INLINE_LIMIT bytes get a
+    message pointing to `to_html`.  A saved notebook opened untrusted shows a line of text in
+    place of the view, saying how to render it again.
 
-    >>> tr                     # in a notebook: shows the viewer inline
+    >>> tr                     # in a notebook: shows the viewer inline, with rollout for the answer
+    >>> af.exporters.inline_html(tr, flow=None)
     """
     values = _stored_values(trace)
     if values > INLINE_LIMIT * 3 // 4:
@@ -110,12 +153,24 @@ def inline_html(trace: AttentionTrace, flow: FlowArg | None = None, attributions
             f"{INLINE_LIMIT / 2**20:.0f} MiB). Write it with <code>attnflow.exporters.to_html(trace, 'view/')</code> "
             "and open <code>view/index.html</code>, or select fewer layers, rows or heads.</div>"
         )
-    meta, jobs = build(trace, 2**62, flow, attributions, "uint8")
+    if isinstance(flow, str):
+        if flow != "auto":
+            raise BadArgumentError(f"flow={flow!r}; use 'auto', None or a dict method -> Tensor")
+        flow, auto_info = default_flow(trace)
+        flow_info = {**auto_info, **(flow_info or {})}
+    meta, jobs = build(trace, 2**62, flow, attributions, "uint8", flow_info, gold, examples)
     meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in (job() for job in jobs)}
+    meta["inline_thumbs"] = {s.header["id"]: [s.header, s.data, s.scales] for s in (job() for job in meta.pop("_thumb_jobs"))}
     doc = page(meta, inline=True)
+    fallback = (
+        "attnflow viewer: not rendered. This output was saved or the notebook is not trusted; run the cell "
+        "again (or trust the notebook), or write a standalone viewer with attnflow.exporters.to_html(trace, 'view/')."
+    )
+    # An untrusted or saved notebook strips the iframe but keeps the text inside it (an iframe's
+    # content is never shown where iframes work), so the text is the fallback.
     return (
-        '<iframe class="attnflow-inline" style="width:100%;height:560px;border:1px solid #ccc;resize:vertical" '
-        f'srcdoc="{_html.escape(doc, quote=True)}"></iframe>'
+        '<iframe class="attnflow-inline" style="width:100%;height:640px;border:1px solid #ccc;resize:vertical" '
+        f'srcdoc="{_html.escape(doc, quote=True)}">{fallback}</iframe>'
     )
 
 
@@ -130,7 +185,8 @@ class Shard:
 
     @property
     def file(self) -> str:
-        return f"shards/{self.header['id']}.js"
+        folder = "thumbs" if self.header["kind"] == "thumb" else "shards"
+        return f"{folder}/{self.header['id']}.js"
 
     @property
     def text(self) -> str:
@@ -197,15 +253,18 @@ def encode(
 
 
 def build(
-    trace: AttentionTrace, shard_bytes: int, flow, attributions, precision: str
+    trace: AttentionTrace, shard_bytes: int, flow, attributions, precision: str,
+    flow_info: dict | None = None, gold: dict | None = None, examples: list | None = None,
 ) -> tuple[dict, list[Callable[[], Shard]]]:
     """The page's JSON metadata (with the list of shards) and one deferred encoder per shard.
 
     Flow and attributions are validated here, before anything is written; shards are
-    encoded one at a time, when called, so memory stays at one block.
+    encoded one at a time, when called, so memory stays at one block.  Thumbnails and sinks
+    take one pass over each example's layers; their encoders are in `meta["_thumb_jobs"]`.
     """
     causal = is_causal(trace.patterns, trace.query_positions)
     meta = metadata(trace, causal, precision)
+    _annotate(meta, trace, flow_info, gold, examples)
     value_bytes = PRECISIONS[precision]
     jobs: list[Callable[[], Shard]] = []
     for b, ex in enumerate(meta["examples"]):
@@ -237,28 +296,113 @@ def build(
             cols = ["example", "method", "target", "source_span", "score", "rank"]
             meta["attributions"] = {c: tab[c].to_pylist() for c in cols}
     meta["shards"] = [_shard_entry(job.args[0], job.args[-1]) for job in jobs]
+    thumb_jobs: list[Callable[[], Shard]] = []
+    for b, ex in enumerate(meta["examples"]):
+        grid, ex["sinks"] = summarise(trace, b)
+        thumb_jobs += thumb_shards(b, grid, shard_bytes)
+    meta["thumbs"] = [job().header for job in thumb_jobs]
+    meta["_thumb_jobs"] = thumb_jobs
     return meta, jobs
 
 
+def default_flow(trace: AttentionTrace) -> tuple[dict, dict]:
+    """`inline_html`'s flow: rollout rows that produced the completion tokens (`({}, {})` when not computable).
+
+    Needs every row recorded (rollout composes all of them) and at least one completion token.
+
+    >>> flow, info = default_flow(tr); info["rollout"]["alpha"]
+    0.5
+    """
+    from attnflow import flow as F
+
+    S = trace.input_ids.shape[1]
+    full = bool((trace.query_positions.shape[1] == S) and (trace.query_positions == torch.arange(S)).masked_fill(
+        trace.attention_mask == 0, True).all())
+    k = min(INLINE_FLOW_ROWS, max(n - p for n, p in zip(trace.lengths, trace.prompt_lengths)))
+    if not full or k <= 0 or S < 2:
+        return {}, {}
+    rows = list(range(S - k - 1, S - 1))  # padded rows that produced the last k tokens
+    R = F.rollout(trace.patterns, alpha=0.5, rows=rows, key_mask=trace.attention_mask)  # [batch, rows, key]
+    qpos = torch.tensor(rows).expand(trace.batch_size, k).clone()
+    qpos[qpos < torch.tensor(trace.pad_offsets).view(-1, 1)] = -1  # pad rows of shorter examples
+    info = {"rollout": {"alpha": 0.5, "heads": "mean", "exclude_keys": [], "rows": f"the {k} rows that produced the last {k} tokens",
+                        "made_by": "inline_html (default)"}}
+    return {"rollout": (R, qpos)}, info
+
+
+def summarise(trace: AttentionTrace, b: int) -> tuple[Tensor, list[int]]:
+    """Example b's thumbnails (uint8 [layer, head, tq, tk]) and its sink keys, in one pass over the layers.
+
+    A thumbnail is the [row, key] block average of a head's recorded rows, scaled to its max,
+    square-rooted (faint structure stays visible) and quantised to 0..255.
+
+    >>> grid, sinks = summarise(tr, 0); grid.shape, sinks        # doctest: +SKIP
+    (torch.Size([30, 9, 48, 48]), [0])
+    """
+    pad = trace.pad_offsets[b]
+    rows = torch.nonzero(trace.query_positions[b] >= 0).squeeze(1)
+    L, H = trace.patterns.shape[1:3]
+    R, N = len(rows), trace.lengths[b]
+    tq, tk = min(THUMB, R), min(THUMB, N)
+    share = torch.zeros(R, N)  # [row, key]: attention averaged over layers and heads
+    grid = torch.zeros(L, H, tq, tk, dtype=torch.uint8)
+    for li in range(L):
+        A = trace.patterns[b, li][:, rows, pad:].float()  # [head, row, key]
+        share += A.mean(0) / L
+        pooled = torch.nn.functional.adaptive_avg_pool2d(A, (tq, tk))  # [head, tq, tk]
+        top = pooled.flatten(1).amax(-1).clamp(min=1e-30).view(H, 1, 1)
+        grid[li] = (pooled / top).sqrt().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    heavy = ((share > SINK_SHARE).sum(0) * 2 > R).nonzero().squeeze(1).tolist() if R else []
+    if N and SPECIAL.match(trace.tokens[b][0]) and 0 not in heavy:
+        heavy = [0, *heavy]
+    return grid, sorted(heavy)
+
+
+def thumb_shards(b: int, grid: Tensor, shard_bytes: int) -> list[Callable[[], Shard]]:
+    """Deferred encoders of example b's thumbnails, in layer chunks that fit `shard_bytes`."""
+    L, H, tq, tk = grid.shape
+    while tq * tk > 1 and HEADER_BYTES + _b64_len(H * tq * tk) > shard_bytes:  # even one layer is too big
+        tq, tk = max(1, tq * 3 // 4), max(1, tk * 3 // 4)
+        grid = _shrink(grid, tq, tk)
+    per = max(1, (shard_bytes - HEADER_BYTES) * 3 // 4 // (H * tq * tk))
+    out = []
+    for l0 in range(0, L, per):
+        l1 = min(L, l0 + per)
+        header = {"id": f"e{b}-thumbs-l{l0}-{l1}", "kind": "thumb", "example": b, "l0": l0, "l1": l1,
+                  "heads": H, "tq": tq, "tk": tk}
+        data = grid[l0:l1].contiguous().numpy().tobytes()
+        out.append(partial(Shard, header, base64.b64encode(data).decode("ascii"), ""))
+    return out
+
+
+def _shrink(grid: Tensor, tq: int, tk: int) -> Tensor:
+    L, H = grid.shape[:2]
+    small = torch.nn.functional.adaptive_max_pool2d(grid.flatten(0, 1).float(), (tq, tk))
+    return small.round().to(torch.uint8).view(L, H, tq, tk)
+
+
 def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
-    """What the page needs besides the weights: tokens, spans and recorded rows (unpadded), settings."""
+    """What the page needs besides the weights: tokens (raw and display), spans and recorded rows (unpadded), settings."""
     examples = []
+    text = getattr(trace, "text", None)  # display strings (attnflow.tokens), when the trace has them
     for b in range(trace.batch_size):
         pad = trace.pad_offsets[b]
         q = trace.query_positions[b]
         examples.append(
             {
                 "tokens": list(trace.tokens[b]),
+                "text": list(text[b]) if text is not None else None,
                 "length": trace.lengths[b],
                 "prompt_length": int(trace.prompt_lengths[b]),
                 "rows": (q[q >= 0] - pad).tolist(),
                 "spans": [
                     {"name": s.name, "kind": s.kind, "start": s.start, "end": s.end} for s in trace.spans[b]
-                ],
+                ] if b < len(trace.spans) else [],
             }
         )
     return {
         "attnflow_version": __version__,
+        "title": title(trace.model_info),
         "model_info": trace.model_info,
         "settings": trace.settings,
         "layers": list(trace.layers),
@@ -269,7 +413,58 @@ def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
         "precision": precision,
         "examples": examples,
         "flow_methods": [],
+        "flow_info": {},
+        "sink_share": SINK_SHARE,
+        "partial_marker": "\u25cc",
     }
+
+
+def title(model_info: dict) -> str:
+    """The model's name for the page title: a file-system path shortened to its last part.
+
+    >>> title({"name": "/usr/lib/python3/site-packages/attnflow/demo/model"}), title({"name": "/data/ckpt/run7"})
+    ('attnflow/demo/model', 'run7')
+    """
+    name = str(model_info.get("name") or "attention")
+    if PATHLIKE.match(name):
+        parts = [p for p in re.split(r"[\\/]", name) if p]
+        inside = [i for i, p in enumerate(parts) if p in ("site-packages", "dist-packages")]
+        name = "/".join(parts[inside[-1] + 1 :]) if inside and inside[-1] + 1 < len(parts) else (parts[-1] if parts else name)
+    return name
+
+
+def _annotate(meta: dict, trace: AttentionTrace, flow_info, gold, examples) -> None:
+    """Check and add `flow_info`, gold spans and per-example metadata (question, answer, correct)."""
+    if flow_info is not None:
+        if not isinstance(flow_info, dict) or not all(isinstance(v, dict) for v in flow_info.values()):
+            raise BadArgumentError("flow_info must map a flow method to a dict, e.g. {'rollout': {'alpha': 0.5}}")
+        meta["flow_info"] = _json_safe(flow_info, "flow_info")
+    exs = meta["examples"]
+    if examples is not None:
+        if not isinstance(examples, (list, tuple)) or len(examples) != len(exs) or not all(isinstance(e, dict) for e in examples):
+            raise BadArgumentError(f"examples must be a list of {len(exs)} dicts (one per example), e.g. "
+                                   "[{'question': ..., 'answer': ..., 'correct': True}]")
+        for ex, info in zip(exs, _json_safe(list(examples), "examples")):
+            ex["info"] = info
+    for b, names in (gold or {}).items():
+        if not isinstance(b, int) or not 0 <= b < len(exs):
+            raise BadArgumentError(f"gold has example {b!r}; use example indices 0..{len(exs) - 1}")
+        spans = exs[b]["spans"]
+        idx = []
+        for n in names:
+            hits = [i for i, sp in enumerate(spans) if sp["name"] == n] if isinstance(n, str) else [n]
+            if not hits or not all(isinstance(i, int) and 0 <= i < len(spans) for i in hits):
+                known = ", ".join(repr(sp["name"]) for sp in spans) or "none"
+                raise BadArgumentError(f"gold[{b}] names span {n!r}, which example {b} lacks; its spans: {known}")
+            idx += hits
+        exs[b]["gold"] = sorted(set(idx))
+
+
+def _json_safe(obj, what: str):
+    try:
+        return json.loads(json.dumps(obj, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise BadArgumentError(f"{what} must hold JSON values (str, number, bool, list, dict): {e}") from None
 
 
 def _example_flow(F: Tensor, qpos: Tensor, trace: AttentionTrace, b: int, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -316,7 +511,7 @@ def _b64_len(n: int) -> int:
 # ------------------------------------------------------------------------------------
 def page(meta: dict, inline: bool = False) -> str:
     """index.html: CSP, the viewer's static assets (linked, or inlined for Jupyter) and the data as JSON."""
-    title = _html.escape(str(meta["model_info"].get("name", "attention")))
+    name = _html.escape(meta["title"])
     if inline:
         css = f"<style>{_static('viewer.css')}</style>"
         js = f"<script>{_script_safe(_static('viewer.js'))}</script>"
@@ -328,8 +523,7 @@ def page(meta: dict, inline: bool = False) -> str:
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{INLINE_CSP if inline else CSP}">
-<meta name="referrer" content="no-referrer">
-<title>attnflow: {title}</title>
+<title>attnflow: {name}</title>
 {css}
 </head>
 <body>

@@ -88,6 +88,14 @@ def put_in_hf_cache(hf_home: Path, repo_id: str, model_dir: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 class Stack:
     def __init__(self, work_dir: str | os.PathLike, inline_cap: int = 1 << 20, start_timeout: float = 300.0,
                  hf_home: str | os.PathLike | None = None):
@@ -99,6 +107,7 @@ class Stack:
         self.run_id = uuid.uuid4().hex
         self.ray_tmp = Path("/tmp") / f"ndif-ray-{self.run_id[:8]}"  # short: Ray's unix socket paths max 107 bytes
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.last_killed: list[str] = []
         p = {name: free_port() for name in ("redis", "s3", "ray", "client", "dashboard", "api", "objmgr", "nodemgr")}
         self.ports = p
         self.url = f"http://127.0.0.1:{p['api']}"
@@ -183,6 +192,7 @@ class Stack:
     def stop(self) -> list[str]:
         """End every process this stack started; the names of any that needed SIGKILL."""
         killed = []
+        tree = self.ours()  # before the parents go: orphans are re-parented and lose the trail
         for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
@@ -196,7 +206,7 @@ class Stack:
                     proc.wait(timeout=30)
                     killed.append(name)
         time.sleep(1)
-        for pid in self.marked():  # Ray workers that left the head's process group
+        for pid in sorted(set(self.ours()) | set(p for p in tree if _alive(p))):  # left the process groups
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(f"pid {pid}")
@@ -204,6 +214,7 @@ class Stack:
                 pass
         self.procs.clear()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        self.last_killed = killed
         return killed
 
     def marked(self) -> list[int]:
@@ -218,6 +229,27 @@ class Stack:
                 except OSError:
                     pass
         return pids
+
+    def ours(self) -> list[int]:
+        """PIDs of every live process this stack started: marked ones and all their descendants.
+
+        NDIF's sandbox runners get a clean environment, so they are found through their parents.
+        """
+        parents = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        found = set(self.marked()) | {proc.pid for _, proc in self.procs if proc.poll() is None}
+        grew = True
+        while grew:
+            new = {pid for pid, ppid in parents.items() if ppid in found and pid not in found}
+            found |= new
+            grew = bool(new)
+        found.discard(os.getpid())
+        return sorted(found)
 
     def __enter__(self) -> "Stack":
         try:

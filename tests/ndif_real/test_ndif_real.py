@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def ndif(tmp_path_factory):
             REPORT.append(f"stack up in {started:.0f} s, both models deployed after {time.perf_counter() - t0:.0f} s")
             yield stack, models
             REPORT.append(f"all cases done after {time.perf_counter() - t0:.0f} s; stopping")
-        left = stack.marked()
-        REPORT.append(f"stopped; processes left running: {len(left)}")
+        left = stack.ours()
+        REPORT.append(f"stopped (SIGTERM to each process group; SIGKILL needed for: {stack.last_killed or 'none'}); "
+                      f"processes left running: {len(left)}")
         assert not left
     finally:
         nnsight.CONFIG.API.HOST, nnsight.CONFIG.API.APIKEY, nnsight.CONFIG.APP.REMOTE_LOGGING = host, key, logging
@@ -120,14 +122,20 @@ def ndif(tmp_path_factory):
 
 
 def results_in_object_store(stack: Stack) -> list[str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['s3']}/ndif-results?list-type=2", timeout=30) as r:
-        return re.findall(r"<Key>([^<]+\.pt)</Key>", r.read().decode())
+    """Result blobs ("<request id>.pt") in NDIF's bucket; none before the bucket exists."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['s3']}/ndif-results?list-type=2", timeout=30) as r:
+            return re.findall(r"<Key>([^<]+\.pt)</Key>", r.read().decode())
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return []
+        raise
 
 
 def runner_pids(stack: Stack) -> set[int]:
     """PIDs of NDIF's sandbox runner processes (`python -m ...sandbox.runner`) of this stack."""
     pids = set()
-    for pid in stack.marked():
+    for pid in stack.ours():
         try:
             if b"sandbox.runner" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.add(pid)
@@ -209,7 +217,7 @@ def test_untrusted_request_runs_in_sandbox_runner(ndif, monkeypatch):
         check(f"{name}: untrusted (sandbox), mean, last", models[repo], prompts, heads="mean", rows="last")
     time.sleep(2)  # the pool replaces each used runner
     spawned = runner_pids(stack) - before
-    REPORT.append(f"  sandbox runners spawned during the untrusted cases: {len(spawned)}")
+    REPORT.append(f"  sandbox runners: {len(before)} pre-warmed before, {len(spawned)} new after the untrusted cases")
     assert spawned
 
 
@@ -234,4 +242,4 @@ def test_cold_model_passes_check_and_failure_is_explained(ndif):
     with pytest.raises(RemoteError) as err:
         af.trace(cold, PROMPTS, progress=False, remote=True)
     REPORT.append(f"  COLD model request: {err.value}")
-    assert "does not serve this model" in str(err.value) or "failed" in str(err.value)
+    assert "does not serve this model" in str(err.value)

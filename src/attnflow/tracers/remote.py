@@ -38,9 +38,9 @@ import ipaddress
 import json
 import os
 import sys
-from urllib.parse import urlsplit
 from contextlib import contextmanager
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from attnflow.errors import BadArgumentError, RemoteError
 

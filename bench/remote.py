@@ -15,7 +15,12 @@ float16 storage:
                as NDIF compresses it when the request asked for compression, nnsight's default)
     request    bytes of the serialised request (the trace block, its inputs, attnflow's
                registered helpers); the same for both rows
+    route      how the result came back (mock): inline on the websocket, or, above the
+               inline cap (8 MiB, NDIF's default from Redis's pubsub limits), from the
+               object store by URL
     seconds    wall time of the call
+
+The mock has no auth, like an `ndif` server without Postgres: no API key is set.
 
 The ratio is result(all) / result(mean, completion): O(layers·heads·seq²) against
 O(layers·rows·seq), because the reduction runs on the server, inside the trace.
@@ -89,7 +94,8 @@ def run(via: str, seq: int, layers: int, heads: int) -> list[dict]:
 
         nnsight_hf._ID_CACHE[tmp] = REPO  # the hub's canonical id for this directory, answered offline
         nnsight.CONFIG.APP.REMOTE_LOGGING = False
-        os.environ["NDIF_API_KEY"] = "bench"
+        os.environ.pop("NDIF_API_KEY", None)
+        nnsight.CONFIG.API.APIKEY = None
         with serve(tmp, REPO) as mock:
             nnsight.CONFIG.API.HOST = mock.url
             for head_mode, row_mode in CONFIGS:
@@ -99,6 +105,7 @@ def run(via: str, seq: int, layers: int, heads: int) -> list[dict]:
                 job = mock.stats()[-1]
                 rows.append(dict(heads=head_mode, rows=row_mode, shape=tuple(tr.patterns.shape), raw=tr.patterns.nbytes,
                                  result=job["result_bytes"], request=job["request_bytes"],
+                                 route="inline" if job["inline"] else "object store",
                                  seconds=time.perf_counter() - t))
     return rows
 
@@ -113,11 +120,12 @@ def main() -> None:
     rows = run(args.via, args.seq, args.layers, args.heads)
     print(f"small Llama: {args.layers} layers x {args.heads} heads, seq {args.seq} "
           f"({args.seq - COMPLETION} prompt + {COMPLETION} completion), float16 storage, via {args.via}")
-    print(f"{'heads':<6} {'rows':<11} {'shape':<24} {'raw bytes':>12} {'result bytes':>13} {'request bytes':>14} {'seconds':>8}")
+    print(f"{'heads':<6} {'rows':<11} {'shape':<24} {'raw bytes':>12} {'result bytes':>13} {'request bytes':>14} "
+          f"{'route':<13} {'seconds':>8}")
     for r in rows:
         request = "-" if r["request"] is None else f"{r['request']:,}"
         print(f"{r['heads']:<6} {str(r['rows'] or 'all'):<11} {str(r['shape']):<24} {r['raw']:>12,} {r['result']:>13,} "
-              f"{request:>14} {r['seconds']:>8.2f}")
+              f"{request:>14} {r.get('route', '-'):<13} {r['seconds']:>8.2f}")
     full, small = rows
     print(f"ratio  result(all) / result(mean, completion) = {full['result'] / small['result']:,.0f}x "
           f"(raw: {full['raw'] / small['raw']:,.0f}x)")

@@ -5,9 +5,14 @@ deserialises it with user modules hidden, and runs it: it must equal the local
 trace exactly.  `ndif_mock/server.py` goes further: a separate process where
 `import attnflow` fails deserialises the request as NDIF does and runs it on its
 own copy of the weights, so equality with a local run proves a real server could
-run attnflow's request.  The errors a user meets before and after sending (no
-key, a bad key, a model the host does not serve, mismatched nnsight versions, an
-unreachable host) each come back as one-line RemoteErrors.
+run attnflow's request.  The mock answers in the shapes of the real server (ndif
+0.1.2): /status entries named "<replica>:ModelActor:<model key>" (repo_id may be
+None) and COLD entries for cached models, auth only when configured (401 no key,
+400 malformed, 403 unknown), the version gate's own text, and results above the
+inline cap fetched from a URL (the object store).  The errors a user meets before
+and after sending (no key, a bad key, a model the host does not serve,
+mismatched nnsight versions, an unreachable or plain-http host) each come back
+as one-line errors.  tests/ndif_real/ runs the same cases against the real server.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from attnflow.errors import BadArgumentError, RemoteError
 from attnflow.tracers import reduce, remote
 
 REPO = "attnflow-test/tiny-llama"  # the hub id the mock claims to host
+COLD = "attnflow-test/cold-model"  # in the open mock's cache, never deployed
 KEY = "0b6c7c8e-5a1f-4c0e-9d0c-3f0f3c1d2e4a"
 PROMPTS = prompts_ids((6, 11))
 
@@ -47,6 +53,26 @@ def model(model_dir):
 def mock(model_dir):
     with serve(model_dir, REPO, "--api-key", KEY) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def open_mock(model_dir):
+    """A server without auth whose /status has no repo_id, a COLD model, and a 2 KiB inline cap."""
+    with serve(model_dir, REPO, "--no-repo-id", "--cold", COLD, "--inline-cap", "2048") as server:
+        yield server
+
+
+@pytest.fixture
+def open_ndif(open_mock, model_dir, monkeypatch):
+    """nnsight's client pointed at the open mock, with no API key anywhere."""
+    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", open_mock.url)
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
+    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.delenv("NDIF_HOST", raising=False)
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(model_dir), REPO)
+    monkeypatch.setattr(remote, "_CHECKED", set())
+    return open_mock
 
 
 @pytest.fixture
@@ -167,7 +193,7 @@ def test_server_runs_other_nnsight(model, ndif):
 
 def test_server_refuses_old_client(model, ndif):
     ndif.configure(min_nnsight_version="99.0")  # same minor in /env, but the request gate says no
-    with pytest.raises(RemoteError, match="refused this client .*minimum supported version is 99.0"):
+    with pytest.raises(RemoteError, match="refused this client .*below the minimum supported 99.0"):
         af.trace(model, PROMPTS, progress=False, remote=True)
 
 
@@ -195,7 +221,80 @@ def test_bad_remote_value(model):
 
 def test_server_messages_are_explained():
     assert "rejected the API key" in remote.explain("Failed to send request: Missing or invalid API key.")
+    assert remote.explain("Failed to send request: Missing or invalid API key.", key_sent=False).startswith(
+        "no NDIF API key: set NDIF_API_KEY")
+    assert "refused this client" in remote.explain(
+        "Failed to send request: Client nnsight version 0.7.0 is below the minimum supported 0.8.0. "
+        "Please `pip install --upgrade nnsight`."
+    )
+    assert "does not serve this model" in remote.explain("Error provisioning model. Please try again later.")
+    assert "does not serve this model" in remote.explain("Could not deploy this model. Repository Not Found")
     assert "refused this client" in remote.explain(
         "Client nnsight version 0.5.0 is incompatible with the server nnsight version. The minimum supported version is 0.6"
     )
     assert remote.explain("Traceback (most recent call last):\n  ...\nValueError: boom").endswith("failed: ValueError: boom")
+
+
+# --- the real server's shapes: no auth, /status naming, COLD, the object store, key errors -----------
+def test_unknown_uuid_key_is_rejected(model, ndif, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "11111111-2222-3333-4444-555555555555")  # well-formed, not issued: 403
+    with pytest.raises(RemoteError, match=r"rejected the API key \(Invalid API key\.\)"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_malformed_key_is_rejected(model, ndif, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "not-a-key")  # not a UUID: 400
+    with pytest.raises(RemoteError, match="rejected the API key .*Invalid API key format: 'not-a-key'"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+def test_server_without_auth_needs_no_key(model, open_ndif):
+    """Nothing sets a key, /status has repo_id None (matched through its model key), and the result is local's."""
+    local = af.trace(model, PROMPTS, heads="mean", rows="last", progress=False)
+    same(local, af.trace(model, PROMPTS, heads="mean", rows="last", progress=False, remote=True))
+    assert open_ndif.stats()[-1]["inline"]
+
+
+def test_status_names_replicas_by_actor(open_ndif):
+    import httpx
+
+    deployments = httpx.get(f"{open_ndif.url}/status").json()["deployments"]
+    replica = next(name for name in deployments if ":ModelActor:" in name)
+    assert deployments[replica]["repo_id"] is None and deployments[COLD]["deployment_level"] == "COLD"
+    assert remote.hosted_id(replica, deployments[replica]) == REPO
+    assert remote.hosted_id(COLD, deployments[COLD]) == COLD
+
+
+def test_result_above_inline_cap_comes_from_object_store(model, open_ndif):
+    before = len(open_ndif.stats())
+    local = af.trace(model, PROMPTS, dtype=torch.float32, progress=False)
+    got = af.trace(model, PROMPTS, dtype=torch.float32, progress=False, remote=True)
+    same(local, got)
+    (job,) = open_ndif.stats()[before:]
+    assert job["result_bytes"] > 2048 and not job["inline"]
+
+
+def test_cold_model_counts_as_hosted(model, model_dir, open_ndif, monkeypatch):
+    """COLD passes the pre-flight check (NDIF loads it on request); this mock cannot load it, so the job fails."""
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(model_dir), COLD)
+    remote.check_hosted(open_ndif.url, model.to_model_key())  # no error
+    with pytest.raises(RemoteError, match="does not serve this model .*Error provisioning model"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+@pytest.mark.parametrize("url", ["http://example.org", "http://10.0.0.7:8001", "http://127.0.0.1.example.org"])
+def test_plain_http_refused_except_loopback(model, url):
+    with pytest.raises(BadArgumentError, match="plain http .*would send the API key in clear"):
+        af.trace(model, PROMPTS, progress=False, remote=url)
+
+
+def test_plain_http_host_from_environment_refused(model, monkeypatch):
+    monkeypatch.setenv("NDIF_HOST", "http://ndif.example.org")
+    with pytest.raises(BadArgumentError, match="NDIF_HOST: plain http to 'ndif.example.org'"):
+        af.trace(model, PROMPTS, progress=False, remote=True)
+
+
+@pytest.mark.parametrize("url", ["http://localhost:9", "http://[::1]:9", "http://127.0.0.2:9"])
+def test_plain_http_to_loopback_allowed(model, ndif, url):
+    with pytest.raises(RemoteError, match="cannot reach NDIF"):  # accepted, then nothing listens there
+        af.trace(model, PROMPTS, progress=False, remote=url)

@@ -2,7 +2,7 @@
 
     >>> with serve("tiny/dir", repo_id="attnflow-test/tiny") as mock:
     ...     mock.url                # "http://127.0.0.1:<port>", for nnsight's CONFIG.API.HOST
-    ...     mock.stats()            # [{"request_bytes": ..., "result_bytes": ..., "attnflow_imported": False}, ...]
+    ...     mock.stats()            # [{"request_bytes": ..., "result_bytes": ..., "inline": True, ...}, ...]
     ...     mock.configure(nnsight_version="0.7.0")   # pretend the server runs another nnsight
 """
 
@@ -28,7 +28,7 @@ class Mock:
     process: subprocess.Popen
 
     def stats(self) -> list[dict]:
-        """One entry per completed job: request_bytes, result_bytes, compressed, attnflow_imported."""
+        """One entry per completed job: request_bytes, result_bytes, inline, compressed, attnflow_imported."""
         with urllib.request.urlopen(f"{self.url}/stats", timeout=30) as response:
             return json.loads(response.read())
 

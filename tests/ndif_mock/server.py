@@ -1,24 +1,37 @@
 """A loopback stand-in for NDIF's request endpoint, run as a subprocess where `import attnflow` fails.
 
-It speaks the protocol of nnsight 0.8.1's RemoteBackend and runs a request the
-way NDIF's model actor does (ndif `services/ray/deployments/modeling/base.py`):
+It speaks the protocol of nnsight 0.8.1's RemoteBackend and answers in the
+shapes of the real server, ndif 0.1.2 (`services/api/app.py`, `auth.py`,
+`versioning.py`, `ray/deployments/modeling/base.py`, `controller.py`):
 
     GET  /subscribe        websocket: {"session_id": ...}, then status updates of the session's jobs
     POST /request          multipart: data = RequestModel JSON (model_key, session_id, compress, env),
                            blob = the serialized trace; headers ndif-api-key, nnsight-version, python-version
-    GET  /status, /env     the hosted deployment, the server's package versions
+    GET  /status           {"deployments": {"<replica>:ModelActor:<model_key>": {... "repo_id", "model_key",
+                           "deployment_level": "HOT"}, "<repo id>": {"deployment_level": "COLD", "repo_id"}}}
+    GET  /env              the server's python and package versions
+    GET  /objects/<name>   a result too large to go inline (what the object store's presigned GET serves)
     GET  /stats            sizes of every request and result blob, for the tests
     POST /admin            {"nnsight_version", "min_nnsight_version"}: what /env reports and /request requires
+
+Auth exists only when `--api-key` is given (NDIF: only when Postgres is
+configured): then no key is 401, a key that is not a UUID 400, an unknown UUID
+403.  The version gate answers 400 "Client nnsight version X is below the
+minimum supported Y".  A model that is not deployed is accepted and then fails
+on the websocket, as NDIF's processor fails to provision it.
 
 A job is `RequestModel.deserialize(blob, model._remoteable_persistent_objects())`,
 `tracer.execute(tracer.info.code)` inside a trace scope, the values the block
 `nnsight.save()`d collected from its frame, `torch.save`d and zstd-compressed
-when the request was.  The result goes back inline on the websocket, as NDIF
-does for small results.  attnflow is blocked before anything is imported, so a
-request that needs attnflow on the server fails here exactly as on NDIF.
+when the request was.  A result up to `--inline-cap` bytes (NDIF: derived from
+Redis's pubsub limits, 8 MiB on a stock Redis) goes back inline on the
+websocket; a larger one is stored and COMPLETED carries a URL to GET it.
+attnflow is blocked before anything is imported, so a request that needs
+attnflow on the server fails here exactly as on NDIF.
 
-    python tests/ndif_mock/server.py --model DIR --repo-id org/name [--api-key K]
+    python tests/ndif_mock/server.py --model DIR --repo-id org/name [--api-key UUID]
                                      [--nnsight-version V] [--min-nnsight-version V]
+                                     [--no-repo-id] [--cold org/other ...] [--inline-cap BYTES]
     -> prints "PORT <n>" once it listens on 127.0.0.1
 """
 
@@ -72,6 +85,13 @@ class State:
         hf.requires_grad_(False)
         self.model = nnsight.TransformersModel(hf, tokenizer=AutoTokenizer.from_pretrained(args.model))
         self.repo_id = args.repo_id
+        self.model_key = "nnsight.modeling.transformers.TransformersModel:" + json.dumps(
+            {"repo_id": args.repo_id, "revision": None, "task": "text-generation"})
+        self.report_repo_id = not args.no_repo_id
+        self.cold = list(args.cold)
+        self.inline_cap = args.inline_cap
+        self.objects: dict[str, bytes] = {}
+        self.port = 0
         self.api_key = args.api_key
         self.nnsight_version = args.nnsight_version or nnsight.__version__
         self.min_nnsight_version = args.min_nnsight_version
@@ -129,10 +149,18 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/subscribe" and self.headers.get("Upgrade", "").lower() == "websocket":
             return self._subscribe()
         if self.path == "/status":
-            key = {"repo_id": s.repo_id, "revision": "main"}
-            return self._json(200, {"deployments": {s.repo_id: {
-                "repo_id": s.repo_id, "model_key": json.dumps(key), "revision": "main",
-                "deployment_level": "HOT", "application_state": "RUNNING"}}})
+            return self._json(200, status(s))
+        if self.path.startswith("/objects/"):
+            with s.lock:
+                data = s.objects.pop(self.path.removeprefix("/objects/"), None)
+            if data is None:
+                return self._json(404, {"detail": "NoSuchKey"})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
         if self.path == "/env":
             return self._json(200, {"python_version": sys.version,
                                     "packages": {"nnsight": s.nnsight_version, "torch": torch.__version__}})
@@ -178,22 +206,61 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"ok": True})
         if self.path != "/request":
             return self._json(404, {"detail": f"no route {self.path}"})
-        if s.api_key is not None and self.headers.get("ndif-api-key", "") != s.api_key:
-            return self._json(401, {"detail": "Missing or invalid API key. Please visit https://login.ndif.us/ to create a new one."})
-        client = self.headers.get("nnsight-version", "")
-        if s.min_nnsight_version and _version(client) < _version(s.min_nnsight_version):
-            return self._json(400, {"detail": f"Client nnsight version {client} is incompatible with the server "
-                                              f"nnsight version. The minimum supported version is {s.min_nnsight_version}. "
-                                              "Please update nnsight to the latest version: `pip install --upgrade nnsight`"})
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        refused = auth_error(s.api_key, self.headers.get("ndif-api-key", "")) or version_error(
+            s.min_nnsight_version, self.headers.get("nnsight-version", ""))
+        if refused:
+            return self._json(*refused)
         form = _multipart(self.headers["Content-Type"], body)
         meta, blob = json.loads(form["data"]), form["blob"]
-        _, key = meta["model_key"].split(":", 1)
-        if json.loads(key).get("repo_id") != s.repo_id:
-            return self._json(400, {"detail": f"Model {key} is not deployed on this server"})
-        job = str(uuid.uuid4())
+        job = uuid.uuid4().hex
         s.jobs.put((job, meta, blob))
         self._json(200, ResponseModel(id=job, status=Status.RECEIVED, description="received").model_dump(mode="json"))
+
+
+def status(s: State) -> dict:
+    """/status as NDIF's controller builds it: running replicas by actor name, cached repos as COLD."""
+    replica = "0"
+    deployments = {f"{replica}:ModelActor:{s.model_key}": {
+        "application_state": "RUNNING", "deployment_level": "HOT", "model_key": s.model_key, "replica_id": replica,
+        "repo_id": s.repo_id if s.report_repo_id else None, "task": "text-generation", "revision": None}}
+    for repo in s.cold:
+        deployments[repo] = {"deployment_level": "COLD", "repo_id": repo}
+    return {"deployments": deployments, "cluster": {"nodes": {}}}
+
+
+def auth_error(required: str | None, sent: str) -> tuple[int, dict] | None:
+    """NDIF's verify_api_key: nothing without auth; else 401 no key, 400 not a UUID, 403 unknown."""
+    if required is None:
+        return None
+    if not sent:
+        return 401, {"detail": "Missing or invalid API key. Please visit https://login.ndif.us/ to create a new one."}
+    try:
+        uuid.UUID(sent)
+    except ValueError:
+        return 400, {"detail": f"Invalid API key format: '{sent}'. API keys must be in the format: "
+                               "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx. You can obtain a valid API key from https://login.ndif.us"}
+    return None if sent == required else (403, {"detail": "Invalid API key."})
+
+
+def version_error(minimum: str | None, client: str) -> tuple[int, dict] | None:
+    """NDIF's validate_client_versions for nnsight (NDIF_MIN_NNSIGHT_VERSION)."""
+    if not minimum:
+        return None
+    if not client:
+        return 400, {"detail": "Client nnsight version was not provided. This usually means an outdated nnsight; "
+                               "please `pip install --upgrade nnsight` and retry."}
+    if _version(client) < _version(minimum):
+        return 400, {"detail": f"Client nnsight version {client} is below the minimum supported {minimum}. "
+                               "Please `pip install --upgrade nnsight`."}
+    return None
+
+
+def _repo_of(model_key: str) -> str | None:
+    try:
+        return json.loads(model_key.split(":", 1)[1]).get("repo_id")
+    except (IndexError, ValueError, AttributeError):
+        return None
 
 
 def _version(v: str) -> tuple:
@@ -233,16 +300,28 @@ def worker(state: State) -> None:
                 message = response.pickle() if binary else response.model_dump_json().encode()
                 updates.put((message, 0x2 if binary else 0x1, final))
 
-        send(ResponseModel(id=job, status=Status.RUNNING, description="running"), False)
+        if _repo_of(meta.get("model_key", "")) != state.repo_id:  # NDIF accepts it, then fails to provision it
+            send(ResponseModel(id=job, status=Status.ERROR, description="Error provisioning model. "
+                               "Please try again later. Sorry for the inconvenience."), True)
+            continue
+        send(ResponseModel(id=job, status=Status.RUNNING, description="Your job has started running."), False)
         try:
             result = execute(state, meta, blob)
         except Exception:
             send(ResponseModel(id=job, status=Status.ERROR, description=traceback.format_exc()), True)
             continue
+        inline = len(result) <= state.inline_cap
         with state.lock:
-            state.stats.append({"job": job, "request_bytes": len(blob), "result_bytes": len(result),
+            state.stats.append({"job": job, "request_bytes": len(blob), "result_bytes": len(result), "inline": inline,
                                 "compressed": bool(meta["compress"]), "attnflow_imported": "attnflow" in sys.modules})
-        send(ResponseModel(id=job, status=Status.COMPLETED, description="completed", data=result), True, binary=True)
+            if not inline:
+                state.objects[f"{job}.pt"] = result
+        done = "Your job has been completed."
+        if inline:
+            send(ResponseModel(id=job, status=Status.COMPLETED, description=done, data=result), True, binary=True)
+        else:
+            url = f"http://127.0.0.1:{state.port}/objects/{job}.pt"
+            send(ResponseModel(id=job, status=Status.COMPLETED, description=done, data=url), True)
 
 
 def main() -> None:
@@ -252,10 +331,14 @@ def main() -> None:
     p.add_argument("--api-key", default=None, help="require this ndif-api-key header")
     p.add_argument("--nnsight-version", default=None, help="the nnsight version /env reports")
     p.add_argument("--min-nnsight-version", default=None, help="reject older clients with 400, as NDIF does")
+    p.add_argument("--no-repo-id", action="store_true", help="report repo_id None, as NDIF does for a config without one")
+    p.add_argument("--cold", action="append", default=[], help="a repo id in the server's HF cache, not deployed")
+    p.add_argument("--inline-cap", type=int, default=8 << 20, help="larger results go through /objects/ (8 MiB)")
     args = p.parse_args()
     state = State(args)
     Handler.state = state
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = server.server_address[1]
     server.daemon_threads = True
     threading.Thread(target=worker, args=(state,), daemon=True).start()
     print(f"PORT {server.server_address[1]}", flush=True)

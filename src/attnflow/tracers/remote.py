@@ -8,16 +8,23 @@ the server needs no attnflow).  `remote=` takes
 
     False          a local run
     True           NDIF at $NDIF_HOST or nnsight's CONFIG.API.HOST (https://api.ndif.us)
-    "https://..."  another NDIF-compatible host
+    "https://..."  another NDIF-compatible host, e.g. a self-hosted `ndif` server
+    "http://..."   only to a loopback address (127.0.0.0/8, ::1, localhost): the API key
+                   travels in the request headers and the reply is unpickled
     "local"        nnsight's serialisation round trip, run here: what NDIF would run, without a server
 
 Before the first request to a host, `trace_kwargs` checks what would otherwise
 fail late or cryptically, each with an `attnflow.errors.RemoteError` saying what
-to do: no API key ($NDIF_API_KEY, else nnsight's config), a model the host does
-not serve (its `/status`), and an nnsight whose major.minor differs from the
-server's (its `/env`).  `translate_errors` turns what the server or the network
-says afterwards (a rejected key, a refused client version, a failed job) into
-the same one-line RemoteError.
+to do: a model the host does not serve (its `/status`), and an nnsight whose
+major.minor differs from the server's (its `/env`).  A model counts as served
+when `/status` lists it at any level: HOT (loaded), WARM (parked in CPU memory)
+or COLD (weights in the server's cache, loaded on the first request, which waits
+for the load).  The API key ($NDIF_API_KEY, else nnsight's config) is sent when
+there is one; a server without auth (an `ndif` without Postgres) needs none, so
+a missing key is reported only when the server asks for one (401).
+`translate_errors` turns what the server or the network says afterwards (no key,
+a rejected key, a refused client version, a failed job) into the same one-line
+RemoteError.
 
     >>> kwargs = trace_kwargs(model, True)          # {"backend": RemoteBackend(...)} after the checks
     >>> with translate_errors(kwargs):
@@ -27,11 +34,13 @@ the same one-line RemoteError.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from attnflow.errors import BadArgumentError, RemoteError
 
@@ -55,10 +64,34 @@ def check_remote(remote: Any) -> Any:
     if remote is True or remote == "local":
         return remote
     if isinstance(remote, str) and remote.startswith(("http://", "https://")):
-        return remote.rstrip("/")
+        return check_scheme(remote.rstrip("/"), f"remote={remote!r}")
     raise BadArgumentError(
         f"remote={remote!r}; use False, True (NDIF), 'local' (nnsight's serialisation round trip) or an http(s) host URL"
     )
+
+
+def check_scheme(url: str, what: str) -> str:
+    """`url` if it is https, or http to a loopback address; else BadArgumentError (the key would travel in clear).
+
+    >>> check_scheme("http://127.0.0.1:8001", "remote")
+    'http://127.0.0.1:8001'
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname or "")):
+        return url
+    raise BadArgumentError(
+        f"{what}: plain http to {parts.hostname or url!r} would send the API key in clear and unpickle an "
+        "unauthenticated reply; use https://, or http:// only to 127.0.0.1, ::1 or localhost"
+    )
+
+
+def _loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def host(remote: Any) -> str:
@@ -67,17 +100,15 @@ def host(remote: Any) -> str:
         return remote
     from nnsight import CONFIG
 
-    return (os.environ.get("NDIF_HOST") or CONFIG.API.HOST).rstrip("/")
+    url = (os.environ.get("NDIF_HOST") or CONFIG.API.HOST).rstrip("/")
+    return check_scheme(url, "NDIF_HOST" if os.environ.get("NDIF_HOST") else "nnsight's CONFIG.API.HOST")
 
 
 def api_key() -> str:
-    """$NDIF_API_KEY, else the key in nnsight's config; RemoteError when neither is set."""
+    """$NDIF_API_KEY, else the key in nnsight's config, else "" (sent without a key: the server decides)."""
     from nnsight import CONFIG
 
-    key = os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY
-    if not key:
-        raise RemoteError(f"no NDIF API key: {KEY_HELP}")
-    return key
+    return os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY or ""
 
 
 def model_key(model: Any) -> str:
@@ -169,13 +200,27 @@ def _get(url: str, path: str) -> Any:
 
 
 def check_hosted(url: str, key: str) -> None:
-    """RemoteError unless the host's /status lists a deployment of the model's hub id."""
+    """RemoteError unless the host's /status lists the model's hub id, at any level (HOT, WARM or COLD)."""
     deployments = (_get(url, "/status") or {}).get("deployments", {}) or {}
     wanted = repo_id(key)
-    hosted = sorted({d.get("repo_id", name) for name, d in deployments.items() if isinstance(d, dict)})
+    hosted = sorted({hosted_id(name, d) for name, d in deployments.items() if isinstance(d, dict)})
     if wanted not in hosted:
         listed = ", ".join(hosted[:10]) + (", ..." if len(hosted) > 10 else "") if hosted else "nothing right now"
         raise RemoteError(f"NDIF at {url} does not host {wanted!r} (it hosts {listed}); pick a model from nnsight.status()")
+
+
+def hosted_id(name: str, entry: dict) -> str:
+    """The hub id of one /status entry: its repo_id, else the one in its model_key or its name.
+
+    NDIF names a replica "<replica>:ModelActor:<model key>" and reports repo_id
+    from the model's config, which can be None; a COLD entry is named by its id.
+
+    >>> hosted_id('0:ModelActor:m.TransformersModel:{"repo_id": "org/a"}', {"repo_id": None})
+    'org/a'
+    """
+    if entry.get("repo_id"):
+        return entry["repo_id"]
+    return repo_id(entry.get("model_key") or name.split(":ModelActor:", 1)[-1])
 
 
 def check_versions(url: str) -> None:
@@ -209,12 +254,13 @@ def translate_errors(kwargs: dict | None = None) -> Iterator[None]:
         return
     backend = kwargs.get("backend")
     url = getattr(backend, "host", None) or "NDIF"
+    key_sent = bool(getattr(backend, "api_key", ""))
     from nnsight.intervention.backends.remote import RemoteError as NnsightRemoteError
 
     try:
         yield
     except NnsightRemoteError as err:
-        raise RemoteError(explain(str(err), url)) from err
+        raise RemoteError(explain(str(err), url, key_sent)) from err
     except (ConnectionError, TimeoutError) as err:
         raise RemoteError(f"cannot reach NDIF at {url} ({_first_line(err)}); check the network or NDIF_HOST") from err
     except Exception as err:
@@ -223,18 +269,20 @@ def translate_errors(kwargs: dict | None = None) -> Iterator[None]:
         raise
 
 
-def explain(message: str, url: str = "NDIF") -> str:
-    """One line saying what a server's error message means and what to do."""
+def explain(message: str, url: str = "NDIF", key_sent: bool = True) -> str:
+    """One line saying what a server's error message means and what to do (`key_sent`: was an API key sent)."""
     import nnsight
 
     detail = _last_line(message).removeprefix("Failed to send request: ")
     low = message.lower()
+    if ("api key" in low or "401" in low) and not key_sent:
+        return f"no NDIF API key: {KEY_HELP} (NDIF at {url} asks for one: {detail})"
     if "api key" in low or "401" in low:
         return f"NDIF at {url} rejected the API key ({detail}); {KEY_HELP}"
     if "version" in low and ("nnsight" in low or "python" in low) and ("minimum" in low or "incompatible" in low):
         py = ".".join(map(str, sys.version_info[:2]))
         return f"NDIF at {url} refused this client (nnsight {nnsight.__version__}, python {py}): {detail}"
-    if "not deployed" in low or "not hosted" in low or "model mismatch" in low:
+    if any(s in low for s in ("not deployed", "not hosted", "model mismatch", "could not deploy", "provisioning model")):
         return f"NDIF at {url} does not serve this model ({detail}); pick a model from nnsight.status()"
     if "no module named 'attnflow" in low:
         return f"NDIF at {url} has no attnflow and this request needed it ({detail}); this is an attnflow bug: please report it"

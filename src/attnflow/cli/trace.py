@@ -183,7 +183,7 @@ def run(args) -> int:
     summary = summarize(tr, method, top=args.top, exclude_keys=exclude) if method else None
     dtype = str(tr.patterns.dtype).removeprefix("torch.")
     if args.json:
-        print(json.dumps(_json(args, tr, out, dtype, method, summary, completion_text), ensure_ascii=False))
+        print(json.dumps(_json(args, model, tr, out, dtype, method, summary, completion_text), ensure_ascii=False))
         return 0
     where_saved = f"-> {out}" if out is not None else "(not saved; --out DIR keeps it)"
     print(
@@ -195,13 +195,15 @@ def run(args) -> int:
     return 0
 
 
-def _json(args, tr, out, dtype, method, summary, completion_text) -> dict:
+def _json(args, model, tr, out, dtype, method, summary, completion_text) -> dict:
     examples = summary or [
         {"example": b, "completion": completion_text(tr, b), "completion_tokens": tr.lengths[b] - tr.prompt_lengths[b]}
         for b in range(tr.batch_size)
     ]
     return {
         "model": os.fspath(args.model),
+        "model_dtype": None if args.remote else str(model._module.dtype).removeprefix("torch."),
+        "device": "remote" if args.remote else str(model._module.device),
         "method": method,
         "saved": None if out is None else str(out),
         "patterns": {"shape": list(tr.patterns.shape), "dtype": dtype, "heads": tr.heads, "layers": list(tr.layers)},

@@ -65,6 +65,7 @@ def check_out_dir(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike | None] = (),
     flag: str = "--out",
+    again: str | None = None,
 ) -> Path:
     """`out` if attnflow may write a `kind` output there; else BadArgumentError saying why and what to do.
 
@@ -74,6 +75,7 @@ def check_out_dir(
     inputs     paths the command reads (model, data files): out may be none of them, nor contain one
                (checked first, so even --overwrite cannot replace an input)
     flag       how the message names the output (the CLI flag, or an argument name)
+    again      how the message says "overwrite" (default: --overwrite for a flag, overwrite=True otherwise)
     """
     path = Path(out).expanduser()
     shown = str(out)
@@ -95,7 +97,7 @@ def check_out_dir(
     if found != kind:
         raise BadArgumentError(f"{flag} {shown!r} holds an attnflow {found}, not a {kind}; pick a new output folder")
     if not overwrite:
-        again = "--overwrite" if flag.startswith("--") else "overwrite=True"
+        again = again or ("--overwrite" if flag.startswith("--") else "overwrite=True")
         raise BadArgumentError(
             f"{flag} {shown!r} is not an empty folder: it holds an attnflow {kind}; pass {again} to replace it, "
             "or pick a new output folder"

@@ -33,6 +33,7 @@ _OBJECTS = {
     "trace": "attnflow.tracers",
     "TraceOptions": "attnflow.tracers",
     "head_weights_from_o_proj": "attnflow.tracers.heads",
+    "save_model": "attnflow.gguf",
     "serve": "attnflow.explorer",  # the function; the package is `attnflow.explorer`
 }
 
@@ -47,6 +48,7 @@ __all__ = [
     "flow",
     "head_weights_from_o_proj",
     "load",
+    "save_model",
     "serve",
     "trace",
     "__version__",

@@ -70,12 +70,15 @@ def load_gguf(
     return hf, tok
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
+def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, overwrite: bool = False, source: Any = None) -> Path:
     """Write `model` (a GGUF-loaded one included) and `tokenizer` as a plain safetensors folder.
 
     model      a transformers PreTrainedModel, or an nnsight wrapper of one (`af.load`)
     tokenizer  its tokenizer; None takes the wrapper's `.tokenizer`
     out_dir    a new or empty folder; it appears only once complete
+    overwrite  replace `out_dir` if it is a model folder attnflow saved (its `manifest.json` says kind "model");
+               any other non-empty folder, or a file, is refused
+    source     the checkpoint it came from (a path): recorded in the manifest, and never replaced
 
         >>> save_model(*load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf"), "smollm2")
         PosixPath('smollm2')
@@ -84,15 +87,16 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
     """
     hf = getattr(model, "_module", model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BadArgumentError(f"{str(out)!r} already exists and is not an empty folder; pick a new output folder")
+    from attnflow.outdirs import check_out_dir, write_marker
+
+    out = check_out_dir(out_dir, "model", overwrite=overwrite, inputs=[source], flag="out_dir")
     if tokenizer is None:
         raise BadArgumentError("save_model needs the model's tokenizer; pass it as the second argument")
     plain = _plain_copy(hf)
     with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_marker(tmp, "model", source=None if source is None else os.fspath(source))
     return out
 
 

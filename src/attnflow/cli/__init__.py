@@ -1,4 +1,4 @@
-"""`attnflow` command line: demo, trace, render, eval, serve.
+"""`attnflow` command line: demo, trace, convert, render, eval, serve.
 
 Every command takes --help; bad input exits with code 2 and one line on stderr,
 Ctrl-C with 130.  Each command is a module with `add_parser(subparsers)` and
@@ -15,10 +15,10 @@ import argparse
 import sys
 
 from attnflow._version import __version__
-from attnflow.cli import demo, eval, render, serve, trace  # noqa: A004  (the command, not the builtin)
+from attnflow.cli import convert, demo, eval, render, serve, trace  # noqa: A004  (the command, not the builtin)
 from attnflow.errors import AttnflowError
 
-COMMANDS = (demo, trace, render, eval, serve)
+COMMANDS = (demo, trace, convert, render, eval, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ run over the same limit.  The out directory is described in `attnflow.eval.runne
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def add_parser(subparsers) -> None:
         ep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
         ep.add_argument("--no-progress", action="store_true")
         ep.add_argument("--views", type=int, default=50, help="write attention views for the first N examples (default 50)")
-        ep.add_argument("--dtype", default="float32", help="model weights dtype: float32 | bfloat16 | float16")
+        ep.add_argument("--model-dtype", default="float32", help="dtype of the model weights: float32 | bfloat16 | float16")
+        ep.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # gone: refused with a pointer to --model-dtype
         ep.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda")
         ep.set_defaults(func=run)
     m = esub.add_parser("merge", help="combine the outputs of --shard runs")
@@ -61,6 +63,11 @@ def config_from_args(args):
     from attnflow.eval.config import DEFAULT_DEMO_EXAMPLES, RunConfig, parse_shard
 
     task = args.eval_command
+    if getattr(args, "dtype", None) is not None:
+        raise BadArgumentError(
+            f"eval --dtype {args.dtype!r}: the weights' dtype is --model-dtype now (--dtype is the storage dtype "
+            "of `attnflow trace`); use --model-dtype"
+        )
     if args.batch_size < 1:
         raise BadArgumentError(f"--batch-size {args.batch_size}; use a positive integer")
     for name in ("limit", "max_context_tokens", "max_new_tokens"):
@@ -82,7 +89,7 @@ def config_from_args(args):
         max_context_tokens=args.max_context_tokens,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
-        dtype=getattr(args, "dtype", "float32"),
+        dtype=getattr(args, "model_dtype", "float32"),
         device_map=getattr(args, "device_map", None),
     )
 

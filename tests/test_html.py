@@ -151,7 +151,7 @@ def test_output_replaced_atomically_and_bad_arguments(tmp_path):
     with pytest.raises(BadArgumentError, match="shard_bytes"):
         to_html(make_trace([5]), out, shard_bytes=100)
     assert len(page_data(out)["shards"]) == 6
-    to_html(make_trace([5], layers=(0,)), out)
+    to_html(make_trace([5], layers=(0,)), out, overwrite=True)  # issue 17: replacing needs overwrite=True
     assert len(list((out / "shards").iterdir())) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["view"]
 

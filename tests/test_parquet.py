@@ -256,7 +256,7 @@ def test_bad_attributions_leave_existing_output(tmp_path):
 def test_output_replaced_whole(tmp_path):
     out = tmp_path / "run"
     to_parquet(make_trace([5, 3], layers=(0, 1, 2)), out, attributions=pa.table(attribution_rows()))
-    to_parquet(make_trace([4], layers=(7,)), out)
+    to_parquet(make_trace([4], layers=(7,)), out, overwrite=True)  # issue 17: replacing needs overwrite=True
     assert sorted(p.name for p in (out / "attention").iterdir()) == ["layer=7"]
     assert not (out / "attributions").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary leftovers

@@ -52,7 +52,7 @@ def test_save_replaces_whole_directory(model, tmp_path):
     a = af.trace(model, PROMPTS, progress=False)
     b = af.trace(model, PROMPTS[:1], rows="last", progress=False)
     a.save(tmp_path / "t")
-    b.save(tmp_path / "t")
+    b.save(tmp_path / "t", overwrite=True)  # issue 17: replacing needs overwrite=True
     assert_same(b, af.AttentionTrace.load(tmp_path / "t"))
 
 

@@ -159,18 +159,28 @@ class AttentionTrace:
         return one.patterns[0], one.query_positions[0]
 
     # --- persistence ---------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the trace as a Parquet dataset with `manifest.json` under `path` (replaced whole)."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the trace as a Parquet dataset with `manifest.json` under the new folder `path`.
+
+        An existing folder is replaced (whole) only if it holds a trace attnflow saved and
+        `overwrite=True`; a file, or a folder of anything else, is never touched (DataError).
+
+        >>> tr.save("run/"); tr.save("run/", overwrite=True)
+        PosixPath('run')
+        """
         path = Path(path)
-        with _io.atomic_dir(path) as tmp:
+        with _io.output_dir(path, "trace", overwrite=overwrite) as tmp:
             codec.write_trace(self, tmp)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionTrace":
-        """Read a trace written by `save` or `attnflow.exporters.to_parquet`."""
+        """Read a trace written by `save` or `attnflow.exporters.to_parquet`, checked whole (DataError if damaged)."""
         fields = codec.read_trace(Path(path))
-        fields["spans"] = [[Span(**s) for s in spans] for spans in fields["spans"]]
+        try:
+            fields["spans"] = [[Span(**s) for s in spans] for spans in fields["spans"]]
+        except DataError as err:
+            raise DataError(f"{Path(path) / 'spans'}: {err}") from None
         return cls(**fields)
 
     def _repr_html_(self) -> str:

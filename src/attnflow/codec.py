@@ -1,4 +1,4 @@
-"""The Parquet codec of schema v1 (src/attnflow/exporters/SCHEMA.md), shared by `AttentionTrace.save`/`load`,
+"""The Parquet codec of schema v2 (src/attnflow/exporters/SCHEMA.md), shared by `AttentionTrace.save`/`load`,
 `exporters.to_parquet` and `exporters.to_html`.
 
 It owns the tables' Arrow schemas, the storage dtypes, the manifest, atomic table writes and the
@@ -20,7 +20,10 @@ but `_io`, `_version` and `errors`, so the data model can build on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import numbers
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -74,7 +77,7 @@ FLOW_SCHEMA = pa.schema(
         ("example", pa.int32()),
         ("method", pa.string()),
         ("query", pa.int32()),
-        ("weights", pa.list_(pa.float32())),
+        ("weights", pa.list_(pa.field("element", pa.float32()))),
     ]
 )
 SOURCE_COLUMNS = {"spans": "source_span", "tokens": "source_token"}
@@ -89,7 +92,7 @@ def attention_schema(dtype: torch.dtype) -> pa.Schema:
             ("example", pa.int32()),
             ("head", pa.int16()),
             ("query", pa.int32()),
-            ("weights", pa.list_(ARROW[STORAGE[dtype]])),
+            ("weights", pa.list_(pa.field("element", ARROW[STORAGE[dtype]]))),
         ]
     )
 
@@ -162,7 +165,8 @@ def unpack(values: Float[Tensor, "value"], starts: Int[Tensor, "row"], widths: I
 def list_array(values: Tensor, widths: Int[Tensor, "row"], value_type: pa.DataType) -> pa.ListArray:
     """An Arrow list array whose row r holds the next `widths[r]` of `values`."""
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(widths, 0)])
-    return pa.ListArray.from_arrays(pa.array(offsets.numpy().astype(np.int32)), pa.array(values.numpy(), value_type))
+    values = pa.array(values.numpy(), value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets.numpy().astype(np.int32)), values, type=pa.list_(pa.field("element", value_type)))
 
 
 def list_values(column: pa.ChunkedArray | pa.ListArray) -> tuple[Tensor, Int[Tensor, "row"]]:
@@ -191,14 +195,47 @@ def is_causal(rows: Float[Tensor, "batch *group query key"], query_positions: In
 # ------------------------------------------------------------------------------------
 # the trace: tokens, spans, attention, manifest
 # ------------------------------------------------------------------------------------
+HEAD_MODES = ("all", "mean", "max", "weighted")
+WEIGHT_TOL = 0.02  # fp16 rounding over long rows stays far below; rows summing to 1.5 or 5 do not
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_layers(layers: Any, where: Any = "layers") -> list[int]:
+    """`layers` as distinct non-negative ints, else DataError: they become folder names `layer=<n>`.
+
+    >>> check_layers([0, "1/../../x"])
+    DataError: layers holds '1/../../x', not a non-negative integer; ...
+    """
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise DataError(f"{where}: layers is {_short(layers)}; need a non-empty list of layer indices")
+    out = []
+    for v in layers:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise DataError(f"{where}: layers holds {_short(v)}, not a non-negative integer; layers name folders (layer=<n>)")
+        out.append(int(v))
+    if len(set(out)) != len(out):
+        raise DataError(f"{where}: layers {out} name a layer twice; each recorded layer once")
+    return out
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def manifest(tr: AttentionTrace, causal: bool) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
+        "kind": "trace",  # the output-folder marker (attnflow._io.folder_kind); to_parquet writes "parquet"
         "attnflow_version": __version__,
         "model_info": tr.model_info,
         "settings": tr.settings,
         "dtype": dtype_name(tr.patterns.dtype),
-        "layers": list(tr.layers),
+        "layers": check_layers(tr.layers, "the trace"),
         "heads": tr.heads,
         "num_heads": int(tr.patterns.shape[2]),
         "batch": tr.batch_size,
@@ -255,39 +292,89 @@ def attention_table(tr: AttentionTrace, layer_index: int, causal: bool) -> pa.Ta
 
 
 def write_trace(tr: AttentionTrace, out: Path) -> dict:
-    """Write tokens, spans, attention (hive-partitioned by layer) and manifest.json into `out`; the manifest."""
+    """Write tokens, spans, attention (hive-partitioned by layer) and manifest.json into `out`; the manifest.
+
+    The manifest records the sha256 of every table file (`"sha256": {"tokens/part-0.parquet": hex, ...}`).
+    """
     man = manifest(tr, is_causal(tr.patterns, tr.query_positions))
     write_table(tokens_table(tr), out / "tokens" / "part-0.parquet")
     write_table(spans_table(tr), out / "spans" / "part-0.parquet")
-    for li, layer in enumerate(tr.layers):
+    for li, layer in enumerate(man["layers"]):
         write_table(attention_table(tr, li, man["causal"]), out / "attention" / f"layer={layer}" / "part-0.parquet")
+    man["sha256"] = file_hashes(out)
     _io.write_json(out / "manifest.json", man)
     return man
 
 
+# ------------------------------------------------------------------------------------
+# reading, every field checked
+# ------------------------------------------------------------------------------------
 def read_manifest(path: Path) -> dict:
+    """The manifest of the trace folder `path`, checked (types, ranges, layers); DataError naming what is wrong."""
     file = path / "manifest.json"
     if not file.is_file():
         raise DataError(f"{path} holds no manifest.json; pass a directory written by AttentionTrace.save or to_parquet")
     try:
-        man = json.loads(file.read_text())
+        man = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{file} is not valid JSON ({err}); write the directory again with AttentionTrace.save") from None
-    if man.get("schema_version") not in READABLE_VERSIONS:
+    if not isinstance(man, dict):
+        raise DataError(f"{file} holds a JSON {type(man).__name__}, not an object; write the directory again")
+    if man.get("schema_version") not in READABLE_VERSIONS or not _int(man.get("schema_version")):
         raise DataError(
             f"{path} has schema_version {man.get('schema_version')!r}; this attnflow reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade attnflow or write the trace again"
         )
+    check_manifest(man, file)
     return man
 
 
+_MANIFEST_RULES = (  # key, test, what it must be
+    ("dtype", lambda v: isinstance(v, str), "a dtype name"),
+    ("layers", lambda v: isinstance(v, list), "a list of layer indices"),
+    ("heads", lambda v: v in HEAD_MODES, f"one of {', '.join(HEAD_MODES)}"),
+    ("num_heads", lambda v: _int(v) and v >= 1, "a positive integer"),
+    ("batch", lambda v: _int(v) and v >= 1, "a positive integer"),
+    ("causal", lambda v: isinstance(v, bool), "true or false"),
+    ("pad_token_id", lambda v: _int(v), "an integer"),
+    ("prompt_lengths", lambda v: isinstance(v, list) and all(_int(x) and x >= 0 for x in v), "a list of non-negative integers"),
+    ("model_info", lambda v: isinstance(v, dict), "an object"),
+    ("settings", lambda v: isinstance(v, dict), "an object"),
+)
+
+
+def check_manifest(man: dict, file: Path) -> None:
+    """DataError unless `man` has every key of a trace manifest with a value of the right type and range."""
+    for key, ok, what in _MANIFEST_RULES:
+        if key not in man:
+            raise DataError(f"{file} lacks {key!r}; the manifest is damaged: write the directory again")
+        if not ok(man[key]):
+            raise DataError(f"{file}: {key} is {_short(man[key])}, expected {what}; the manifest is damaged")
+    man["layers"] = check_layers(man["layers"], file)
+    _stored_dtype(man["dtype"], file)
+    if len(man["prompt_lengths"]) != man["batch"]:
+        raise DataError(f"{file}: prompt_lengths has {len(man['prompt_lengths'])} entries for batch {man['batch']}")
+    if man["heads"] != "all" and man["num_heads"] != 1:
+        raise DataError(f"{file}: heads {man['heads']!r} keeps one head, but num_heads is {man['num_heads']}")
+    hashes = man.get("sha256")
+    if hashes is not None and not (
+        isinstance(hashes, dict) and all(isinstance(k, str) and isinstance(v, str) and _HEX64.match(v) for k, v in hashes.items())
+    ):
+        raise DataError(f"{file}: sha256 is not a map of file names to sha256 hex digests; the manifest is damaged")
+
+
 def read_trace(path: Path) -> dict[str, Any]:
-    """The fields of the AttentionTrace saved under `path`; spans as dicts of Span's fields."""
+    """The fields of the AttentionTrace saved under `path`; spans as dicts of Span's fields.
+
+    Everything is checked before it is used: the manifest, each table's columns, duplicate and
+    missing rows, indices in range, finite weights in [0, 1] with row sums at most 1, and (last,
+    so the specific messages come first) each file's sha256 against the manifest.
+    """
     if not path.is_dir():
         raise DataError(f"no saved trace at {path}: the directory does not exist")
     man = read_manifest(path)
     B = man["batch"]
-    ids, toks, text = _read_tokens(path, B)
+    ids, toks, text = _read_tokens(path, man)
     lengths = [len(x) for x in ids]
     S = max(lengths)
     pads = torch.tensor([S - n for n in lengths])
@@ -296,17 +383,14 @@ def read_trace(path: Path) -> dict[str, Any]:
     for b in range(B):
         input_ids[b, pads[b] :] = torch.tensor(ids[b], dtype=torch.long)
         attention_mask[b, pads[b] :] = 1
+    spans = _read_spans(path, B, lengths)
 
-    spans = [[] for _ in range(B)]
-    for r in sorted(read_table(path, "spans").to_pylist(), key=lambda r: (r["example"], r["span_id"])):
-        spans[r.pop("example")].append({k: v for k, v in r.items() if k != "span_id"})
-
-    layers = man["layers"]
-    dtype = _stored_dtype(man["dtype"], path)
-    query_positions = _query_positions(read_table(path / "attention", f"layer={layers[0]}"), pads)
+    layers, dtype = man["layers"], _stored_dtype(man["dtype"], path)
+    first = _read_layer(path, layers[0], man, lengths)
+    query_positions = _query_positions(first, pads)
     patterns = torch.zeros((B, len(layers), man["num_heads"], query_positions.shape[1], S), dtype=STORAGE[dtype])
     for li, layer in enumerate(layers):
-        t = read_table(path / "attention", f"layer={layer}")
+        t = first if li == 0 else _read_layer(path, layer, man, lengths, like=first)
         ex = torch.from_numpy(t["example"].to_numpy().astype(np.int64))
         head = torch.from_numpy(t["head"].to_numpy().astype(np.int64)).clamp(min=0)
         query = torch.from_numpy(t["query"].to_numpy().astype(np.int64)) + pads[ex]
@@ -318,7 +402,9 @@ def read_trace(path: Path) -> dict[str, Any]:
                 f"{path / 'attention'} layer={layer} row {r} holds {int(widths[r])} weights, expected {int(expected[r])}; "
                 "the file is damaged: write the directory again"
             )
+        _check_weights(values, widths, man["heads"], path / "attention" / f"layer={layer}")
         patterns[ex, li, head, _row_index(query_positions, ex, query)] = unpack(values, pads[ex], widths, S).to(patterns.dtype)
+    verify_hashes(path, man, ("tokens", "spans", "attention"))
     return dict(
         patterns=patterns.to(dtype),
         input_ids=input_ids,
@@ -335,19 +421,137 @@ def read_trace(path: Path) -> dict[str, Any]:
     )
 
 
-def _read_tokens(path: Path, batch: int) -> tuple[list[list[int]], list[list[str]], list[list[str]] | None]:
+def _check_columns(t: pa.Table, schema: pa.Schema, where: Path) -> None:
+    for f in schema:
+        if f.name not in t.column_names:
+            raise DataError(f"{where} lacks column {f.name!r}; the file is damaged: write the directory again")
+        if t.schema.field(f.name).type != f.type:
+            raise DataError(f"{where} column {f.name!r} has type {t.schema.field(f.name).type}, expected {f.type}")
+
+
+def _ints(t: pa.Table, name: str, where: Path) -> np.ndarray:
+    col = t[name]
+    if col.null_count:
+        raise DataError(f"{where} column {name!r} has {col.null_count} empty (null) values; the file is damaged")
+    return col.to_numpy().astype(np.int64)
+
+
+def _out_of_range(values: np.ndarray, low, high) -> int | None:
+    """Index of the first value outside [low, high) (bounds may be arrays), else None."""
+    bad = np.flatnonzero((values < low) | (values >= high))
+    return int(bad[0]) if len(bad) else None
+
+
+def _read_tokens(path: Path, man: dict) -> tuple[list[list[int]], list[list[str]], list[list[str]] | None]:
     """(ids, raw tokens, display text or None) per example; v1 tables and traces recorded without text give None."""
-    tok = read_table(path, "tokens").to_pydict()
-    texts = tok.get("text") or [None] * len(tok["token"])
-    ids = [[] for _ in range(batch)]
-    toks = [[] for _ in range(batch)]
-    text = [[] for _ in range(batch)]
-    for b, _, tid, t, d in sorted(zip(tok["example"], tok["position"], tok["token_id"], tok["token"], texts)):
-        ids[b].append(tid)
-        toks[b].append(t)
-        text[b].append(d)
+    B, where = man["batch"], path / "tokens"
+    t = read_table(path, "tokens")
+    v2 = man["schema_version"] >= 2
+    _check_columns(t, TOKENS_SCHEMA if v2 else TOKENS_SCHEMA.remove(TOKENS_SCHEMA.get_field_index("text")), where)
+    ex, pos, tid = _ints(t, "example", where), _ints(t, "position", where), _ints(t, "token_id", where)
+    if (r := _out_of_range(ex, 0, B)) is not None:
+        raise DataError(f"{where} row {r} is of example {ex[r]}, outside the manifest's batch of {B}")
+    if (r := _out_of_range(tid, 0, 2**62)) is not None:
+        raise DataError(f"{where} row {r} has token_id {tid[r]}; token ids are non-negative")
+    order = np.lexsort((pos, ex))
+    ex, pos = ex[order], pos[order]
+    counts = np.bincount(ex, minlength=B)
+    if (counts == 0).any():
+        raise DataError(f"{where} holds no tokens of example {int(np.argmin(counts))} (batch {B}); the file is damaged")
+    expect = np.arange(len(ex)) - (np.cumsum(counts) - counts)[ex]
+    if (r := _out_of_range(pos - expect, 0, 1)) is not None:
+        e, p = int(ex[r]), int(pos[r])
+        what = f"position {p} twice" if r and ex[r - 1] == e and pos[r - 1] == p else f"position {p} where {int(expect[r])} belongs"
+        raise DataError(f"{where} holds example {e}'s {what}; a row is duplicated or missing: write the directory again")
+    plen = np.asarray(man["prompt_lengths"], dtype=np.int64)
+    if (b := _out_of_range(plen, 1, counts + 1)) is not None:
+        raise DataError(f"{path / 'manifest.json'}: prompt_lengths[{b}] is {plen[b]}, but example {b} has {counts[b]} tokens")
+    role = np.asarray(t["role"].to_pylist(), dtype=object)[order]
+    if (role != np.where(pos < plen[ex], "prompt", "completion")).any():
+        raise DataError(f"{where} roles disagree with the manifest's prompt_lengths; the file is damaged")
+    tok = t["token"].to_pylist()
+    if None in tok:
+        raise DataError(f"{where} column 'token' has empty (null) values; the file is damaged")
+    texts = t["text"].to_pylist() if v2 else [None] * len(tok)
+    ids, toks, text = ([[] for _ in range(B)] for _ in range(3))
+    tid = tid[order]
+    for i, r in enumerate(order.tolist()):
+        b = int(ex[i])
+        ids[b].append(int(tid[i]))
+        toks[b].append(tok[r])
+        text[b].append(texts[r])
     has_text = any(d is not None for per in text for d in per)
     return ids, toks, text if has_text else None
+
+
+def _read_spans(path: Path, batch: int, lengths: list[int]) -> list[list[dict]]:
+    where = path / "spans"
+    t = read_table(path, "spans")
+    _check_columns(t, SPANS_SCHEMA, where)
+    for name in ("example", "span_id", "start", "end"):
+        _ints(t, name, where)
+    spans = [[] for _ in range(batch)]
+    for r in sorted(t.to_pylist(), key=lambda r: (r["example"], r["span_id"])):
+        b = r.pop("example")
+        if not 0 <= b < batch:
+            raise DataError(f"{where} holds a span of example {b}, outside the manifest's batch of {batch}")
+        if r.pop("span_id") != len(spans[b]):
+            raise DataError(f"{where} span ids of example {b} are not 0, 1, 2, ... (one is duplicated or missing)")
+        if r["name"] is None or not 0 <= r["start"] <= r["end"] <= lengths[b]:
+            raise DataError(
+                f"{where} span {r['name']!r} of example {b} covers {r['start']}..{r['end']}, outside its {lengths[b]} tokens"
+            )
+        spans[b].append(r)
+    return spans
+
+
+def _read_layer(path: Path, layer: int, man: dict, lengths: list[int], like: pa.Table | None = None) -> pa.Table:
+    """One layer's table, checked: columns, example/head/query in range, every (example, head, query) once."""
+    where = path / "attention" / f"layer={layer}"
+    t = read_table(path / "attention", f"layer={layer}")
+    _check_columns(t, attention_schema(_stored_dtype(man["dtype"], path)), where)
+    B, H = man["batch"], man["num_heads"]
+    ex, head, q = _ints(t, "example", where), _ints(t, "head", where), _ints(t, "query", where)
+    if (r := _out_of_range(ex, 0, B)) is not None:
+        raise DataError(f"{where} row {r} is of example {ex[r]}, outside the manifest's batch of {B}")
+    if (r := _out_of_range(q, 0, np.asarray(lengths)[ex])) is not None:
+        raise DataError(f"{where} row {r} has query {q[r]}, outside example {ex[r]}'s {lengths[ex[r]]} tokens")
+    low, high = (0, H) if man["heads"] == "all" else (-1, 0)
+    if (r := _out_of_range(head, low, high)) is not None:
+        raise DataError(f"{where} row {r} has head {head[r]}; heads {man['heads']!r} with num_heads {H} stores {low}..{high - 1}")
+    S = max(lengths)
+    key = (ex * H + (head - low)) * S + q
+    uniq, counts = np.unique(key, return_counts=True)
+    if (counts > 1).any():
+        k = int(uniq[np.argmax(counts > 1)])
+        raise DataError(f"{where} holds (example {k // S // H}, head {k // S % H + low}, query {k % S}) twice; a row is duplicated")
+    pairs = np.unique(ex * S + q)
+    if len(t) != H * len(pairs):
+        raise DataError(f"{where} has {len(t)} rows for {len(pairs)} query rows x {H} heads; rows are missing (or num_heads is wrong)")
+    if like is not None and not np.array_equal(pairs, np.unique(_ints(like, "example", where) * S + _ints(like, "query", where))):
+        raise DataError(f"{where} records other query rows than layer={man['layers'][0]}; the file is damaged")
+    rows = man.get("query_rows")
+    if rows is not None and list(np.bincount(pairs // S, minlength=B)) != rows:
+        raise DataError(f"{where} rows per example disagree with the manifest's query_rows {_short(rows)}")
+    return t
+
+
+def _check_weights(values: Tensor, widths: Tensor, heads: str, where: Path) -> None:
+    """Finite, in [0, 1], and (unless heads="max") each row's sum at most 1: softmax rows, sinks may take some."""
+    if len(values) == 0:
+        return
+    v = values.numpy()
+    lo, hi = float(v.min()), float(v.max())  # NaN propagates: no copy needed to find it
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DataError(f"{where} holds NaN or inf weights; the file is damaged: write the directory again")
+    if lo < -WEIGHT_TOL or hi > 1 + WEIGHT_TOL:
+        raise DataError(f"{where} holds weights from {lo:.4g} to {hi:.4g}; attention weights lie in [0, 1]")
+    if heads != "max":
+        starts = (torch.cumsum(widths, 0) - widths).numpy()
+        sums = np.add.reduceat(v, starts, dtype=np.float64)
+        r = int(np.argmax(sums))
+        if sums[r] > 1 + WEIGHT_TOL:
+            raise DataError(f"{where} row {r} sums to {sums[r]:.4g}; attention rows sum to at most 1")
 
 
 def _query_positions(table: pa.Table, pads: Tensor) -> Int[Tensor, "batch query"]:
@@ -367,6 +571,48 @@ def _row_index(query_positions: Tensor, ex: Tensor, padded_q: Tensor) -> Tensor:
     rows = query_positions[ex]  # [n, Q]
     return (rows == padded_q.unsqueeze(-1)).long().argmax(-1)
 
+
+# ------------------------------------------------------------------------------------
+# content hashes
+# ------------------------------------------------------------------------------------
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _table_files(path: Path, name: str) -> set[str]:
+    """Files pyarrow reads as table `name` (it skips names starting with '.' or '_'), relative to `path`."""
+    files = set()
+    for f in (path / name).rglob("*"):
+        rel = f.relative_to(path)
+        if f.is_file() and not any(part[0] in "._" for part in rel.parts):
+            files.add(rel.as_posix())
+    return files
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """{path relative to `root`: sha256 hex} of every Parquet file under `root`, as the manifest records them."""
+    return {f.relative_to(root).as_posix(): _sha256(f) for f in sorted(root.rglob("*.parquet"))}
+
+
+def verify_hashes(path: Path, man: dict, tables: tuple[str, ...]) -> None:
+    """DataError unless the files of `tables` under `path` are exactly those the manifest hashed, unchanged.
+
+    Traces written before hashes (no "sha256", or schema v1) have nothing to check.
+    """
+    hashes = man.get("sha256")
+    if hashes is None or man["schema_version"] < 2:
+        return
+    for name in tables:
+        found = _table_files(path, name)
+        listed = {k for k in hashes if k.split("/", 1)[0] == name}
+        for rel in sorted(found - listed):
+            raise DataError(f"{path / rel} is not one of the files manifest.json lists; remove it or write the directory again")
+        for rel in sorted(listed - found):
+            raise DataError(f"{path / rel} is missing (manifest.json lists it); write the directory again")
+        for rel in sorted(found):
+            if _sha256(path / rel) != hashes[rel]:
+                raise DataError(f"{path / rel} does not match its sha256 in manifest.json; the file was changed or damaged")
 
 # ------------------------------------------------------------------------------------
 # flow and attributions
@@ -498,5 +744,5 @@ def read_table(path: Path, name: str, hint: str = "write the directory again wit
         raise DataError(f"{path} holds no {name} table; {hint}")
     try:
         return pq.read_table(where)
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowException, OSError) as err:
         raise DataError(f"{where} cannot be read as Parquet ({err}); write the directory again") from None

@@ -1,4 +1,4 @@
-"""`attnflow demo [--out DIR] [--examples N] [--two-hop] [--seed S] [--no-progress]`: the model organism end to end.
+"""`attnflow demo [--out DIR] [--overwrite] [--examples N] [--two-hop] [--seed S] [--no-progress]`: the model organism end to end.
 
     $ attnflow demo --examples 32 --out attnflow-demo
     attnflow demo: 32 held-out single-hop questions (seed 1234), ...
@@ -13,6 +13,7 @@ from attnflow.errors import BadArgumentError
 def add_parser(subparsers) -> None:
     d = subparsers.add_parser("demo", help="run the embedded model organism end to end (offline)")
     d.add_argument("--out", default="attnflow-demo", help="output directory (default: ./attnflow-demo)")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it holds a demo run attnflow wrote")
     d.add_argument("--examples", type=int, default=32, help="held-out task instances to answer (default: 32)")
     d.add_argument("--two-hop", action="store_true", help="ask two-hop questions (the answer needs two documents)")
     d.add_argument("--seed", type=int, default=1234, help="seed of the generated instances")
@@ -27,7 +28,7 @@ def run(args) -> int:
     if args.examples < 1:
         raise BadArgumentError(f"--examples {args.examples}; give at least 1")
     summary = run_demo(args.out, examples=args.examples, two_hop=args.two_hop, seed=args.seed,
-                       progress=not args.no_progress)  # fmt: skip
+                       progress=not args.no_progress, overwrite=args.overwrite)  # fmt: skip
     print(format_summary(summary))
     print(summary["viewer"])
     return 0

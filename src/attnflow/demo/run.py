@@ -90,11 +90,14 @@ def _timed(timings: dict, name: str):
     timings[name] = time.perf_counter() - t0
 
 
-def run(out: str | Path, examples: int = 32, two_hop: bool = False, seed: int = 1234, progress: bool = True) -> dict:
+def run(
+    out: str | Path, examples: int = 32, two_hop: bool = False, seed: int = 1234, progress: bool = True, overwrite: bool = False
+) -> dict:
     """Answer `examples` held-out instances, attribute, write everything under `out`; returns the summary.
 
     The summary is what `summary.json` holds (`format_summary` prints it), plus
-    `viewer`, the path of the HTML viewer's index.html.
+    `viewer`, the path of the HTML viewer's index.html.  `out` must be new or empty, or (with
+    `overwrite=True`) a demo run attnflow wrote: it is replaced whole, never merged into.
 
         >>> s = run("attnflow-demo", examples=8, progress=False)
         >>> list(s["attribution"]), s["viewer"]
@@ -107,6 +110,7 @@ def run(out: str | Path, examples: int = 32, two_hop: bool = False, seed: int = 
     if examples < 1:
         raise BadArgumentError(f"examples={examples}; give at least 1")
     out, timings = Path(out), {}
+    _io.check_output(out, "demo", overwrite)  # before the model runs
     if not progress:  # also transformers' "Loading weights" bar
         from transformers.utils import logging as hf_logging
 
@@ -126,14 +130,15 @@ def run(out: str | Path, examples: int = 32, two_hop: bool = False, seed: int = 
     with _timed(timings, "attribute"):
         tables = [attribute(tr, method=m, span_kind="document", exclude_keys=EXCLUDE_KEYS) for m in METHODS]
         attributions = pa.concat_tables(tables)
-    with _timed(timings, "write"):
-        to_parquet(tr, out / "parquet", flow=flows, attributions=attributions)
-        index = to_html(tr, out / "html", flow=flows, attributions=attributions) / "index.html"
-        summary = summarize(instances, generated, attributions, two_hop=two_hop, seed=seed)
-        _io.write_json(out / "examples.json", example_records(instances, generated))
-    summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    _io.write_json(out / "summary.json", summary)
-    return summary | {"viewer": index}
+    with _io.output_dir(out, "demo", overwrite) as tmp:
+        with _timed(timings, "write"):
+            to_parquet(tr, tmp / "parquet", flow=flows, attributions=attributions)
+            to_html(tr, tmp / "html", flow=flows, attributions=attributions)
+            summary = summarize(instances, generated, attributions, two_hop=two_hop, seed=seed)
+            _io.write_json(tmp / "examples.json", example_records(instances, generated))
+        summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+        _io.write_json(tmp / "summary.json", summary)
+    return summary | {"viewer": out / "html" / "index.html"}
 
 
 def example_records(examples: list[task.Example], generated: list[str]) -> list[dict]:

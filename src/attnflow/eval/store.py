@@ -173,6 +173,9 @@ def merge(shards: Shards, out: Path) -> dict:
     """Write the merged run (config, tables, report) of `shards` under `out`; returns the report's facts."""
     from attnflow.eval.report import write_report
 
+    _io.check_inputs(out, shards.dirs)  # merging into a shard run would overwrite it
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder for the merged run")
     out.mkdir(parents=True, exist_ok=True)
     merged = dict(_unsharded(shards.configs[0]), shard=None, merged_from=[c["shard"] for c in shards.configs])
     _io.write_json(out / "config.json", merged)

@@ -32,4 +32,4 @@ def write_views(tr, batch: list[Job], targets: Sequence[Sequence[int]], out: Pat
             name: (target_flow(item, q.tolist(), method, exclude_keys=(0,) if sink else ()), q)
             for name, method, sink in VIEW_METHODS
         }
-        to_html(item, out / "views" / f"{job.example.index:09d}", flow=composed)
+        to_html(item, out / "views" / f"{job.example.index:09d}", flow=composed, overwrite=True)  # a resumed batch redraws

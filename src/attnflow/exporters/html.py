@@ -89,8 +89,12 @@ def to_html(
     flow_info: dict[str, dict] | None = None,
     gold: dict[int, list[str | int]] | None = None,
     examples: list[dict] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write an offline, sharded viewer of `trace` under `path` (replaced whole); open `path/index.html`.
+    """Write an offline, sharded viewer of `trace` in the new folder `path`; open `path/index.html`.
+
+    An existing folder is replaced (whole, readers see the old view or the new one) only if
+    `to_html` wrote it and `overwrite=True`; a file, or a folder of anything else, is never touched.
 
     `flow` and `attributions` follow `to_parquet`: a dict method -> Tensor [batch, query, key]
     (or (Tensor [batch, rows, key], query positions [batch, rows])), and the table
@@ -110,7 +114,7 @@ def to_html(
     _check(shard_bytes, precision)
     meta, jobs = build(trace, shard_bytes, flow, attributions, precision, flow_info, gold, examples)
     thumbs = meta.pop("_thumb_jobs")
-    with _io.atomic_dir(path) as tmp:
+    with _io.output_dir(path, "html", overwrite=overwrite) as tmp:
         for job in tqdm(jobs + thumbs, desc="attnflow: shards", unit="shard", disable=not progress, leave=False):
             shard = job()
             text = shard.text

@@ -32,10 +32,12 @@ from attnflow.attention_trace import AttentionTrace
 from attnflow.codec import (  # noqa: F401  (flow_tensor stays importable from here)
     FlowArg,
     attribution_table,
+    file_hashes,
     flow_table,
     flow_tensor,
     read_manifest,
     read_table,
+    verify_hashes,
     write_table,
     write_trace,
 )
@@ -46,8 +48,12 @@ def to_parquet(
     path: str | Path,
     flow: FlowArg | None = None,
     attributions: Any = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `trace` (and optional flow / attributions) as a Parquet dataset under `path`, replaced whole.
+    """Write `trace` (and optional flow / attributions) as a Parquet dataset in the new folder `path`.
+
+    An existing folder is replaced (whole) only if `to_parquet` wrote it and `overwrite=True`;
+    a file, or a folder of anything else, is never touched (DataError).
 
     `flow` maps a method name to a Tensor [batch, query, key] in the trace's padded
     coordinates whose rows are `trace.query_positions`, or to a tuple
@@ -61,14 +67,15 @@ def to_parquet(
     path = Path(path)
     flow_tab = flow_table(trace, flow) if flow else None
     attr_tab = attribution_table(attributions) if attributions is not None else None
-    with _io.atomic_dir(path) as tmp:
+    with _io.output_dir(path, "parquet", overwrite=overwrite) as tmp:
         man = write_trace(trace, tmp)
         tables = {"tokens": "tokens", "spans": "spans", "attention": "attention"}
         for name, tab in (("flow", flow_tab), ("attributions", attr_tab)):
             if tab is not None:
                 write_table(tab, tmp / name / "part-0.parquet")
                 tables[name] = name
-        man.update(recording_info(trace, flow_tab, attr_tab, tables))
+        man.update(recording_info(trace, flow_tab, attr_tab, tables), kind="parquet")
+        man["sha256"] = file_hashes(tmp)
         _io.write_json(tmp / "manifest.json", man)
     return path
 
@@ -98,5 +105,7 @@ def read_attributions(path: str | Path) -> pa.Table:
 
 
 def _read(path: Path, name: str, hint: str) -> pa.Table:
-    read_manifest(path)
-    return read_table(path, name, hint)
+    man = read_manifest(path)
+    table = read_table(path, name, hint)
+    verify_hashes(path, man, (name,))
+    return table

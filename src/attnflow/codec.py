@@ -485,6 +485,8 @@ def _read_tokens(path: Path, man: dict) -> tuple[list[list[int]], list[list[str]
 
 
 def _read_spans(path: Path, batch: int, lengths: list[int]) -> list[list[dict]]:
+    from attnflow.attention_trace import SPAN_KINDS  # loaded by now: the data model imports this module
+
     where = path / "spans"
     t = read_table(path, "spans")
     _check_columns(t, SPANS_SCHEMA, where)
@@ -501,6 +503,8 @@ def _read_spans(path: Path, batch: int, lengths: list[int]) -> list[list[dict]]:
             raise DataError(
                 f"{where} span {r['name']!r} of example {b} covers {r['start']}..{r['end']}, outside its {lengths[b]} tokens"
             )
+        if r["kind"] not in SPAN_KINDS:
+            raise DataError(f"{where} span {r['name']!r} of example {b} has kind {r['kind']!r}; kinds are {', '.join(SPAN_KINDS)}")
         spans[b].append(r)
     return spans
 

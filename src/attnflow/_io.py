@@ -42,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: writers are not serialised
     fcntl = None
 
-KINDS = ("trace", "parquet", "html", "demo", "eval")
+KINDS = ("trace", "parquet", "html", "demo")
 TMP_TAG = ".attnflow-tmp."
 _TMP_RE = re.compile(r"^\..+" + re.escape(TMP_TAG) + r"(\d+)\.[A-Za-z0-9_]+$")
 

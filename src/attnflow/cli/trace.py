@@ -179,7 +179,7 @@ def run(args) -> int:
         model = af.load(args.model, dtype=args.model_dtype, device_map=where)
     built = [build_prompt(p, model.tokenizer, documents=documents, chat=args.chat, system=args.system) for p in prompts]
     tr = af.trace(model, [b.prompt for b in built], spans=[b.spans for b in built], options=options)
-    out = tr.save(args.out) if args.out is not None else None
+    out = tr.save(args.out, overwrite=args.overwrite) if args.out is not None else None
     summary = summarize(tr, method, top=args.top, exclude_keys=exclude) if method else None
     dtype = str(tr.patterns.dtype).removeprefix("torch.")
     if args.json:

@@ -663,8 +663,8 @@ def _excluded(real: Float[Tensor, "*batch key"], exclude_keys: tuple[int, ...] |
     where an example has no such key or an earlier entry already named it.  A key
     mask `[*batch, key]` gives `keep` only (no positions).
     """
-    if isinstance(exclude_keys, Tensor):
-        if tuple(exclude_keys.shape) != tuple(real.shape):
+    if isinstance(exclude_keys, Tensor):  # broadcast as torch does (maxflow treats layers as a batch dim)
+        if exclude_keys.shape[-1:] != real.shape[-1:] or torch.broadcast_shapes(exclude_keys.shape, real.shape) != real.shape:
             raise ShapeError(f"exclude_keys mask has shape {tuple(exclude_keys.shape)}, expected {tuple(real.shape)} (*batch, key)")
         empty = real.new_zeros((*real.shape[:-1], 0))
         return real * ~exclude_keys.to(real.device), empty.long(), empty

@@ -69,6 +69,21 @@ def test_sink_detection_finds_the_planted_keys():
         at.excluded_positions(tr, "page")
 
 
+def test_a_sink_hidden_behind_another_is_found_in_a_second_round():
+    tr = planted_trace(layers=1)
+    g = torch.Generator().manual_seed(1)
+    for i in range(5, 8):  # example 0, rows after key 4: .6 to key 2, .2 to key 4 (.5 of the rest), .2 spread
+        rest = torch.rand(i + 1, generator=g, dtype=torch.float64)
+        rest[[2, 4]] = 0
+        tr.patterns[0, 0, :, i, : i + 1] = 0.2 * rest / rest.sum()
+        tr.patterns[0, 0, :, i, 2] = 0.6
+        tr.patterns[0, 0, :, i, 4] = 0.2
+    assert at.sink_keys(tr, min_rows=3, rounds=1)[0] == [2]
+    assert at.sink_keys(tr, min_rows=3)[0] == [2, 4]
+    assert at.sink_keys(tr, min_rows=3, exclude=[[2], []])[0] == [4]
+    assert at.sink_keys(tr)[0] == [2]  # key 4 is seen by 3 rows, fewer than SINK_MIN_ROWS
+
+
 def test_mask_exclusion_equals_composing_each_example_alone():
     tr = planted_trace()
     keys = at.excluded_positions(tr, "sinks")

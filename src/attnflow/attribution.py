@@ -264,16 +264,21 @@ def rank_scores(scores: Float[Tensor, "*batch source"]) -> Int[Tensor, "*batch s
 # ------------------------------------------------------------------------------------
 # excluded keys: positions, span kinds, sinks
 # ------------------------------------------------------------------------------------
-def sink_keys(trace: AttentionTrace, share: float = SINK_SHARE, min_rows: int = SINK_MIN_ROWS) -> list[list[int]]:
+def sink_keys(
+    trace: AttentionTrace, share: float = SINK_SHARE, min_rows: int = SINK_MIN_ROWS, exclude: Sequence[Sequence[int]] | None = None,
+    rounds: int = 3,
+) -> list[list[int]]:
     """Keys that take more than `share` of the attention in most rows after them: unpadded positions per example.
 
     The attention is the trace's patterns averaged over layers and heads; a key j
     is a sink when more than half of the recorded real rows i > j (at least
-    `min_rows` of them) give it more than `share`.  Position 0 is not special here
-    (`"sinks"` adds it anyway).
+    `min_rows` of them) give it more than `share`.  A sink hides the next one (with
+    position 0 out, SmolLM2's rows move to the template's "system" token), so the
+    test is repeated up to `rounds` times on the rows renormalised without the keys
+    found so far (and without `exclude`, per example, e.g. position 0 and special tokens).
 
-        >>> sink_keys(tr)            # SmolLM2, a chat prompt: <|im_start|> and the "system" after it
-        [[0, 1]]
+        >>> sink_keys(tr, exclude=[[0]])     # SmolLM2, a chat prompt: "system", after <|im_start|>
+        [[1]]
     """
     if not 0.0 < share < 1.0:
         raise BadArgumentError(f"share={share}; use a share of the row in (0, 1)")
@@ -286,9 +291,20 @@ def sink_keys(trace: AttentionTrace, share: float = SINK_SHARE, min_rows: int = 
     keys = torch.arange(P.shape[-1], device=P.device)
     after = (qpos[..., None] > keys) & (qpos[..., None] >= 0)  # [batch, query, key]: real rows after the key
     seen = after.sum(1)  # [batch, key]
-    hits = ((mean > share) & after).sum(1)
-    sink = (seen >= min_rows) & (2 * hits > seen) & (trace.attention_mask.to(P.device) != 0)
-    return [[int(k) - pad for k in sink[b].nonzero()[:, 0].tolist()] for b, pad in enumerate(trace.pad_offsets)]
+    real = trace.attention_mask.to(P.device) != 0
+    dropped = torch.zeros_like(real)
+    for b, (ks, pad) in enumerate(zip(exclude or [], trace.pad_offsets)):
+        dropped[b, [pad + k for k in ks]] = True
+    found = torch.zeros_like(real)
+    for _ in range(rounds):
+        kept = mean * ~(dropped | found)[:, None, :]
+        kept = kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        hits = ((kept > share) & after).sum(1)
+        new = (seen >= min_rows) & (2 * hits > seen) & real & ~(dropped | found)
+        if not bool(new.any()):
+            break
+        found |= new
+    return [[int(k) - pad for k in found[b].nonzero()[:, 0].tolist()] for b, pad in enumerate(trace.pad_offsets)]
 
 
 def special_positions(trace: AttentionTrace) -> list[list[int]] | None:
@@ -317,9 +333,9 @@ def excluded_positions(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -
     for item in items:
         if isinstance(item, str):
             if item == "sinks":
-                special = special_positions(trace) or [[] for _ in lengths]
-                for b, (sp, sk) in enumerate(zip(special, sink_keys(trace))):
-                    out[b] |= {0, *sp, *sk}
+                known = [[0, *sp] for sp in special_positions(trace) or [[] for _ in lengths]]
+                for b, (kn, sk) in enumerate(zip(known, sink_keys(trace, exclude=known))):
+                    out[b] |= {*kn, *sk}
             elif item in SPAN_KINDS:
                 for b, spans in enumerate(trace.spans):
                     out[b] |= {k for sp in spans if sp.kind == item for k in range(sp.start, min(sp.end, lengths[b]))}

@@ -42,11 +42,11 @@ def rows_of(table):
 
 
 def test_schema():
-    t = af.attribute(tiny_trace(), method="raw")
+    t = af.attribute(tiny_trace(), method="raw", shares=False)
     assert t.schema.names == ["example", "method", "target", "source_span", "score", "rank"]
     assert [str(f.type) for f in t.schema] == ["int32", "string", "int32", "int32", "float", "int32"]
     assert set(t["method"].to_pylist()) == {"raw"}
-    tok = af.attribute(tiny_trace(), method="raw", sources="tokens")
+    tok = af.attribute(tiny_trace(), method="raw", sources="tokens", shares=False)
     assert tok.schema.names[3] == "source_token"
 
 

@@ -18,6 +18,25 @@ unnormalised flow row sums to 2^L, so "flow" and "flow_normalized" give the same
 shares on row-stochastic patterns), then summed over a span's tokens and, with
 `reduce`, averaged (or summed) over the target rows.  Ranks are 1 for the highest
 score within an (example, target) group, ties broken by span (or token) order.
+
+Sinks.  `exclude_keys` takes positions (`(0,)`: each example's first token), span
+kinds (`"question"`: every key of the example's question spans), `"sinks"`, or a
+mix (`("sinks", "question")`).  `"sinks"` is position 0, every token whose id the
+tokenizer calls special (`trace.model_info["special_token_ids"]`, recorded by the
+tracer: BOS, the chat template's `<|im_start|>` ...), and the keys `sink_keys`
+detects in the example's own attention: keys that take more than `SINK_SHARE` of
+the (layer- and head-mean) attention in most of the rows after them.  Excluded
+keys' columns are zeroed and rows renormalised before composing (`attnflow.flow`).
+
+Nothing is hidden: next to `score` (the share among the kept keys, used for the
+ranks) the table reports per target `share` (the source's share of the whole
+row), `excluded_share` (what the same method *without* the exclusion puts on the
+excluded keys), `completion_share` (the completion's own tokens) and
+`other_share` (prompt tokens outside every scored source), with
+`share = score · (1 - excluded_share)`, so that over non-overlapping sources
+`Σ share + excluded_share + completion_share + other_share = 1`; `excluded_keys`
+lists the excluded positions of the example.  Document attribution
+(`span_kind="document"`) is sink-aware by default (`exclude_keys="auto"`).
 """
 
 from __future__ import annotations
@@ -28,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from einops import einsum
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attnflow import flow as F
@@ -36,12 +55,16 @@ from attnflow.errors import BadArgumentError
 from attnflow.attention_trace import SPAN_KINDS, AttentionTrace, Span
 
 __all__ = [
+    "SINK_SHARE",
     "attribute",
+    "excluded_positions",
+    "exclusion_mask",
     "flow_rows",
     "producing_row",
     "produced_position",
     "rank_scores",
     "reduce_targets",
+    "sink_keys",
     "span_matrix",
     "span_scores",
     "target_flow",
@@ -51,6 +74,10 @@ __all__ = [
 ]
 
 SOURCE_COLUMNS = {"spans": "source_span", "tokens": "source_token"}
+SHARE_COLUMNS = ("share", "excluded_share", "completion_share", "other_share")
+SINK_SHARE = 0.3  # a detected sink takes more than this share of the attention ...
+SINK_MIN_ROWS = 4  # ... in most of the (at least this many) rows after it
+Exclude = str | Sequence[int | str] | Tensor
 
 
 # ------------------------------------------------------------------------------------
@@ -99,18 +126,23 @@ def text_spans(
     return [Span(name, kind, s, e, a, b) for (name, a, b), (s, e) in zip(ranges, tok)]
 
 
-def attribution_schema(sources: str = "spans") -> pa.Schema:
-    """The attributions table's columns (src/attnflow/exporters/SCHEMA.md); `source_token` replaces `source_span` for tokens."""
-    return pa.schema(
-        [
-            ("example", pa.int32()),
-            ("method", pa.string()),
-            ("target", pa.int32()),
-            (SOURCE_COLUMNS[sources], pa.int32()),
-            ("score", pa.float32()),
-            ("rank", pa.int32()),
-        ]
-    )
+def attribution_schema(sources: str = "spans", shares: bool = False) -> pa.Schema:
+    """The attributions table's columns (src/attnflow/exporters/SCHEMA.md); `source_token` replaces `source_span` for tokens.
+
+    `shares=True` adds the accounting columns after the six: share, excluded_share,
+    completion_share, other_share (float32) and excluded_keys (list<int32>).
+    """
+    fields = [
+        ("example", pa.int32()),
+        ("method", pa.string()),
+        ("target", pa.int32()),
+        (SOURCE_COLUMNS[sources], pa.int32()),
+        ("score", pa.float32()),
+        ("rank", pa.int32()),
+    ]
+    if shares:
+        fields += [(c, pa.float32()) for c in SHARE_COLUMNS] + [("excluded_keys", pa.list_(pa.int32()))]
+    return pa.schema(fields)
 
 
 # ------------------------------------------------------------------------------------
@@ -230,6 +262,118 @@ def rank_scores(scores: Float[Tensor, "*batch source"]) -> Int[Tensor, "*batch s
 
 
 # ------------------------------------------------------------------------------------
+# excluded keys: positions, span kinds, sinks
+# ------------------------------------------------------------------------------------
+def sink_keys(
+    trace: AttentionTrace, share: float = SINK_SHARE, min_rows: int = SINK_MIN_ROWS, exclude: Sequence[Sequence[int]] | None = None,
+    rounds: int = 3,
+) -> list[list[int]]:
+    """Keys that take more than `share` of the attention in most rows after them: unpadded positions per example.
+
+    The attention is the trace's patterns averaged over layers and heads; a key j
+    is a sink when more than half of the recorded real rows i > j (at least
+    `min_rows` of them) give it more than `share`.  A sink hides the next one (with
+    position 0 out, SmolLM2's rows move to the template's "system" token), so the
+    test is repeated up to `rounds` times on the rows renormalised without the keys
+    found so far (and without `exclude`, per example, e.g. position 0 and special tokens).
+
+        >>> sink_keys(tr)                    # SmolLM2, a 1,117-token HotPotQA chat prompt: <|im_start|>
+        [[0]]
+        >>> sink_keys(tr, exclude=[[0]])     # none takes > 30% of the rest in most rows
+        [[]]
+    """
+    if not 0.0 < share < 1.0:
+        raise BadArgumentError(f"share={share}; use a share of the row in (0, 1)")
+    P = trace.patterns
+    mean = torch.zeros(P.shape[0], P.shape[3], P.shape[4], dtype=torch.float32, device=P.device)
+    for l in range(P.shape[1]):  # one layer at a time: no float32 copy of the whole trace
+        mean += P[:, l].float().mean(1)
+    mean /= P.shape[1]  # [batch, query, key]
+    qpos = trace.query_positions.to(P.device)  # [batch, query], padded, -1 = no row
+    keys = torch.arange(P.shape[-1], device=P.device)
+    after = (qpos[..., None] > keys) & (qpos[..., None] >= 0)  # [batch, query, key]: real rows after the key
+    seen = after.sum(1)  # [batch, key]
+    real = trace.attention_mask.to(P.device) != 0
+    dropped = torch.zeros_like(real)
+    for b, (ks, pad) in enumerate(zip(exclude or [], trace.pad_offsets)):
+        dropped[b, [pad + k for k in ks]] = True
+    found = torch.zeros_like(real)
+    for _ in range(rounds):
+        kept = mean * ~(dropped | found)[:, None, :]
+        kept = kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        hits = ((kept > share) & after).sum(1)
+        new = (seen >= min_rows) & (2 * hits > seen) & real & ~(dropped | found)
+        if not bool(new.any()):
+            break
+        found |= new
+    return [[int(k) - pad for k in found[b].nonzero()[:, 0].tolist()] for b, pad in enumerate(trace.pad_offsets)]
+
+
+def special_positions(trace: AttentionTrace) -> list[list[int]] | None:
+    """Unpadded positions of the tokens whose id is special (`model_info["special_token_ids"]`); None when unrecorded."""
+    ids = trace.model_info.get("special_token_ids")
+    if ids is None:
+        return None
+    special = torch.isin(trace.input_ids.cpu(), torch.tensor(sorted(int(i) for i in ids), dtype=torch.long))
+    special &= trace.attention_mask.cpu() != 0
+    return [[int(k) - pad for k in special[b].nonzero()[:, 0].tolist()] for b, pad in enumerate(trace.pad_offsets)]
+
+
+def excluded_positions(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -> list[list[int]]:
+    """The unpadded key positions `exclude_keys` names in each example, sorted.
+
+    Ints are positions among the example's keys (negative ones from the end; out
+    of range ones name nothing); strings are span kinds (`SPAN_KINDS`) or
+    `"sinks"`: position 0, special tokens and `sink_keys`.
+
+        >>> excluded_positions(tr, "sinks")  # SmolLM2: <|im_start|> <|im_end|> <|im_start|> ... <|im_end|> <|im_start|>
+        [[0, 19, 21, 1111, 1113]]
+    """
+    items = [exclude_keys] if isinstance(exclude_keys, str) else list(exclude_keys)
+    out: list[set[int]] = [set() for _ in range(trace.batch_size)]
+    lengths = trace.lengths
+    for item in items:
+        if isinstance(item, str):
+            if item == "sinks":
+                known = [[0, *sp] for sp in special_positions(trace) or [[] for _ in lengths]]
+                for b, (kn, sk) in enumerate(zip(known, sink_keys(trace, exclude=known))):
+                    out[b] |= {*kn, *sk}
+            elif item in SPAN_KINDS:
+                for b, spans in enumerate(trace.spans):
+                    out[b] |= {k for sp in spans if sp.kind == item for k in range(sp.start, min(sp.end, lengths[b]))}
+            else:
+                raise BadArgumentError(f"exclude_keys names {item!r}; use positions, 'sinks' or a span kind ({', '.join(SPAN_KINDS)})")
+        else:
+            k = int(item)
+            for b, n in enumerate(lengths):
+                u = n + k if k < 0 else k
+                if 0 <= u < n:
+                    out[b].add(u)
+    return [sorted(x) for x in out]
+
+
+def exclusion_mask(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -> Bool[Tensor, "batch key"]:
+    """`excluded_positions` as a key mask `[batch, key]` in the trace's padded coordinates (True = excluded).
+
+    It is what `attnflow.flow` takes as `exclude_keys` to leave different keys out of each example.
+    """
+    mask = torch.zeros(trace.input_ids.shape, dtype=torch.bool)
+    for b, (keys, pad) in enumerate(zip(excluded_positions(trace, exclude_keys), trace.pad_offsets)):
+        mask[b, [pad + k for k in keys]] = True
+    return mask
+
+
+def _flow_exclusion(trace: AttentionTrace, exclude_keys: Exclude) -> tuple[int, ...] | Tensor:
+    """What `attnflow.flow` takes: plain positions pass through, anything naming kinds or sinks becomes a mask."""
+    if isinstance(exclude_keys, Tensor):
+        return exclude_keys
+    items = [exclude_keys] if isinstance(exclude_keys, str) else list(exclude_keys)
+    if all(not isinstance(k, str) for k in items):
+        return tuple(int(k) for k in items)
+    return exclusion_mask(trace, items).to(trace.patterns.device)
+
+
+# ------------------------------------------------------------------------------------
 # composing a trace
 # ------------------------------------------------------------------------------------
 def flow_rows(
@@ -237,7 +381,7 @@ def flow_rows(
     method: str = "flow",
     *,
     alpha: float = 0.5,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = (),
     heads: F.Heads = "mean",
 ) -> Float[Tensor, "batch query key"]:
     """The composed matrix of every recorded query row, in the trace's padded coordinates.
@@ -249,7 +393,8 @@ def flow_rows(
         >>> af.exporters.to_parquet(tr, "run/", flow={"rollout": R})
 
     Composed methods need a trace recorded with every query row and every layer;
-    `method="raw"` (the last recorded layer) works on any trace.
+    `method="raw"` (the last recorded layer) works on any trace.  `exclude_keys`
+    takes positions, span kinds or `"sinks"` (see the module docstring).
     """
     _check_method(method)
     _check_composable(trace, method)
@@ -262,7 +407,7 @@ def target_flow(
     method: str = "flow",
     *,
     alpha: float = 0.5,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = (),
     heads: F.Heads = "mean",
 ) -> Float[Tensor, "batch target key"]:
     """Composed rows `rows[b]` (unpadded query rows) of each example: `[batch, max |rows|, key]`.
@@ -299,7 +444,7 @@ def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]
 def _flow_kwargs(trace: AttentionTrace, alpha, exclude_keys, heads) -> dict:
     return {
         "heads": _trace_heads(trace, heads),
-        "exclude_keys": tuple(exclude_keys),
+        "exclude_keys": _flow_exclusion(trace, exclude_keys),
         "key_mask": trace.attention_mask.to(trace.patterns.device),
         "alpha": alpha,  # used by rollout only
     }
@@ -347,9 +492,10 @@ def attribute(
     targets: str | Sequence[int] = "completion",
     reduce: str | None = "mean",
     alpha: float = 0.5,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = "auto",
     heads: F.Heads = "mean",
     span_kind: str | None = None,
+    shares: bool = True,
 ) -> pa.Table:
     """Score sources (spans or tokens) for target tokens: a pyarrow Table (`.to_pandas()` for a DataFrame).
 
@@ -357,11 +503,14 @@ def attribute(
     produced token; -1 when `reduce` merged the targets), `source_span` int32
     (index into `trace.spans[example]`, the spans table's `span_id`) or
     `source_token` int32 (unpadded key position), score float32 (the source's
-    share of the target row), rank int32 (1 = best within example and target).
+    share of the target row among the kept keys), rank int32 (1 = best within
+    example and target); with `shares` (the default) also share, excluded_share,
+    completion_share, other_share float32 and excluded_keys list<int32> (the
+    module docstring says what they mean; they add up to 1 over non-overlapping sources).
 
         >>> tr.spans[0]
         [Span(name='doc 0', kind='document', start=0, end=3), Span(name='doc 1', kind='document', start=3, end=6)]
-        >>> af.attribute(tr, method="rollout", span_kind="document").to_pydict()   # scores rounded
+        >>> af.attribute(tr, method="rollout", span_kind="document", shares=False).to_pydict()   # scores rounded
         {'example': [0, 0], 'method': ['rollout', 'rollout'], 'target': [-1, -1],
          'source_span': [0, 1], 'score': [0.61, 0.27], 'rank': [1, 2]}
 
@@ -369,8 +518,10 @@ def attribute(
     produced token's position; `sources="tokens"` scores every key position.
 
     Only the target rows are composed (top-down).  `method` is one of rollout,
-    flow, flow_normalized, sum, raw; `alpha` applies to rollout; `exclude_keys`
-    (e.g. `(0,)` for the BOS sink) and `heads` are passed to `attnflow.flow`.
+    flow, flow_normalized, sum, raw; `alpha` applies to rollout; `heads` is passed
+    to `attnflow.flow`.  `exclude_keys` takes positions, span kinds or `"sinks"`;
+    the default `"auto"` is `"sinks"` for document attribution (`span_kind="document"`)
+    and no exclusion otherwise: pass `exclude_keys=()` for the plain method.
     """
     _check_method(method)
     if sources not in SOURCE_COLUMNS:
@@ -383,13 +534,22 @@ def attribute(
     if sources == "spans" and not any(spans):
         kind = f" of kind {span_kind!r}" if span_kind else ""
         raise BadArgumentError(f"the trace has no spans{kind}; use sources='tokens' or give the trace spans")
+    if isinstance(exclude_keys, str) and exclude_keys == "auto":
+        exclude_keys = "sinks" if span_kind == "document" else ()
 
     rows = [[producing_row(t) for t in ts] for ts in positions]
-    R = target_flow(trace, rows, method, alpha=alpha, exclude_keys=exclude_keys, heads=heads).detach().float().cpu()
-    table = {name: [] for name in attribution_schema(sources).names}
+    excl = _flow_exclusion(trace, exclude_keys)
+    R = target_flow(trace, rows, method, alpha=alpha, exclude_keys=excl, heads=heads).detach().float().cpu()
+    drop = _drop_mask(trace, excl)  # [batch, key] padded, or None without exclusion
+    plain = None
+    if drop is not None and shares:  # what the method gives the excluded keys when it keeps them
+        plain = target_flow(trace, rows, method, alpha=alpha, exclude_keys=(), heads=heads).detach().float().cpu()
+    table = {name: [] for name in attribution_schema(sources, shares).names}
     for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
-        X = R[b, : len(rows[b]), pad : pad + n]  # [target, key], unpadded keys
-        X = X / torch.where(X.sum(-1, keepdim=True) != 0, X.sum(-1, keepdim=True), 1.0)  # shares of each row
+        T = len(rows[b])
+        keep = torch.ones(n) if drop is None else (~drop[b, pad : pad + n]).float()  # [key]
+        X = R[b, :T, pad : pad + n] * keep  # [target, key], unpadded keys, kept ones
+        X = X / _nonzero(X.sum(-1, keepdim=True))  # shares of the kept keys
         if sources == "spans":
             ids = [i for i, _ in spans[b]]
             if not ids:
@@ -398,14 +558,61 @@ def attribute(
         else:
             ids = list(range(n))
             scores = X
-        scores = reduce_targets(scores, reduce)
-        ranks = rank_scores(scores)
+        ranks = rank_scores(reduce_targets(scores, reduce))
         target_col = [-1] if reduce is not None else positions[b]
+        cols = {"score": reduce_targets(scores, reduce), "rank": ranks}
+        if shares:
+            cols |= _accounting(X, scores, keep, plain, b, pad, n, trace.prompt_lengths[b], spans[b] if sources == "spans" else None, reduce)
+            excluded = torch.nonzero(keep == 0)[:, 0].tolist()
         for j, t in enumerate(target_col):
             table["example"] += [b] * len(ids)
             table["method"] += [method] * len(ids)
             table["target"] += [t] * len(ids)
             table[SOURCE_COLUMNS[sources]] += ids
-            table["score"] += scores[j].tolist()
-            table["rank"] += ranks[j].tolist()
-    return pa.table(table, schema=attribution_schema(sources))
+            table["score"] += cols["score"][j].tolist()
+            table["rank"] += cols["rank"][j].tolist()
+            if shares:
+                table["share"] += cols["share"][j].tolist()
+                for c in SHARE_COLUMNS[1:]:
+                    table[c] += [float(cols[c][j])] * len(ids)
+                table["excluded_keys"] += [excluded] * len(ids)
+    return pa.table(table, schema=attribution_schema(sources, shares))
+
+
+def _nonzero(x: Tensor) -> Tensor:
+    return torch.where(x != 0, x, torch.ones_like(x))
+
+
+def _drop_mask(trace: AttentionTrace, excl: tuple[int, ...] | Tensor) -> Bool[Tensor, "batch key"] | None:
+    """The excluded keys as a padded mask, or None when nothing is excluded."""
+    if isinstance(excl, Tensor):
+        return excl.cpu()
+    return exclusion_mask(trace, excl) if excl else None
+
+
+def _accounting(
+    X: Float[Tensor, "target key"], scores: Tensor, keep: Tensor, plain: Tensor | None, b: int, pad: int, n: int,
+    prompt_length: int, spans: list | None, reduce: str | None,
+) -> dict[str, Tensor]:
+    """share, excluded_share, completion_share, other_share of each target row (reduced like the scores)."""
+    T = X.shape[0]
+    excluded = torch.zeros(T)
+    if plain is not None:
+        P = plain[b, :T, pad : pad + n]  # [target, key]: the method without the exclusion
+        excluded = (P * (1 - keep)).sum(-1) / _nonzero(P.sum(-1))
+    scale = (1 - excluded)[:, None]  # the kept keys' part of the whole row
+    covered = torch.zeros(n, dtype=torch.bool)
+    if spans is None:  # tokens: every kept key is a source
+        covered[:] = True
+    else:
+        for _, s in spans:
+            covered[s.start : min(s.end, n)] = True
+    completion = torch.arange(n) >= prompt_length
+    rest = X * ~covered  # kept mass outside every source
+    out = {
+        "share": scores * scale,
+        "excluded_share": excluded[:, None],
+        "completion_share": (rest * completion).sum(-1, keepdim=True) * scale,
+        "other_share": (rest * ~completion).sum(-1, keepdim=True) * scale,
+    }
+    return {k: reduce_targets(v, reduce)[..., 0] if k != "share" else reduce_targets(v, reduce) for k, v in out.items()}

@@ -24,6 +24,12 @@ Formulas (Ā_l is layer l after the head reduction, I the identity on real posit
     flow             X_0 = I,  X_l = Ā_l X_{l-1} + X_{l-1}
     flow_normalized  the same with rows renormalised each layer  (= rollout with alpha 0.5)
     rollout          Â_l = alpha·Ā_l + (1-alpha)·I, rows renormalised,  R = Â_L ··· Â_1
+    rollout_measured the same with a measured weight per layer and query row (Kobayashi et al. 2021):
+                     w_li = ‖a_li‖ / (‖a_li‖ + ‖x_li‖),  Â_l = diag(w_l)·Ā_l + diag(1-w_l)·I,
+                     a_li the attention output and x_li the residual input of layer l at position i
+                     (`attn_norms`, `residual_norms` [*batch, layer, query]); equal norms give alpha 0.5
+    heads="norm"     Ā_l = rownorm(Σ_h α^h_ij·‖W_O^h v^h_j‖)   (Kobayashi et al. 2020; `value_norms`
+                     [*batch, layer, head, key]: each key's transformed-value norm per head)
 
 Padding.  Pad query rows and pad key columns are zero.  Real positions come from
 `key_mask` (`[*batch, key]`, 1 = real) or, when it is None, from the row sums of
@@ -36,7 +42,9 @@ mass is dropped from the result, not renormalised away.)
 `exclude_keys` zeroes key columns (e.g. `(0,)`, the BOS attention sink) and
 renormalises the rows before composing.  Its positions count each example's
 *real* keys, so `0` is the first real token of every example of a left-padded
-batch and `-1` the last.  `rows` index the query dim as given (padded
+batch and `-1` the last.  A boolean tensor `[*batch, key]` (padded coordinates,
+True = exclude) names different keys per example instead, e.g. the sinks
+`attnflow.attribution.exclusion_mask` finds.  `rows` index the query dim as given (padded
 coordinates): a list shared by the batch, or an integer tensor `[*batch, rows]`.
 
 Compute is float32 for float16 / bfloat16 / float32 input and float64 for float64
@@ -50,6 +58,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -63,26 +72,36 @@ __all__ = [
     "raw",
     "reduce_heads",
     "residual_flow",
+    "measured_rollout",
+    "mixing_weights",
     "rollout",
     "total_attention",
 ]
 
-METHODS = ("rollout", "flow", "flow_normalized", "sum", "raw")
+METHODS = ("rollout", "flow", "flow_normalized", "sum", "raw", "rollout_measured")
 _COMPOSED = ("rollout", "flow", "flow_normalized", "sum")
 
 Heads = str | Float[Tensor, "layer head"]
 Rows = Sequence[int] | Int[Tensor, "*batch rows"] | None
+Exclude = Sequence[int] | Tensor
 
 
 # ------------------------------------------------------------------------------------
 # head reduction
 # ------------------------------------------------------------------------------------
-def reduce_heads(A: Float[Tensor, "*batch layer head query key"], heads: Heads = "mean") -> Float[Tensor, "*batch layer 1 query key"]:
-    """Reduce the head dim to 1: `"mean"`, `"max"`, or a weight tensor `[layer, head]`.
+def reduce_heads(
+    A: Float[Tensor, "*batch layer head query key"],
+    heads: Heads = "mean",
+    value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+) -> Float[Tensor, "*batch layer 1 query key"]:
+    """Reduce the head dim to 1: `"mean"`, `"max"`, `"norm"`, or a weight tensor `[layer, head]`.
 
     Weights are normalised to sum to 1 within each layer, so the result of a
     weighted reduction of row-stochastic patterns is row-stochastic.  `"max"` rows
-    do not sum to 1; rollout and `flow_normalized` renormalise them.
+    do not sum to 1; rollout and `flow_normalized` renormalise them.  `"norm"`
+    (Kobayashi et al. 2020) weighs each head's pattern by the norm of each key's
+    transformed value, `α^h_ij·‖W_O^h v^h_j‖` given as `value_norms`, sums the heads
+    as the model sums their outputs, and renormalises the rows.
 
         >>> A = torch.tensor([[[[[1., 0.], [.5, .5]], [[1., 0.], [.1, .9]]]]])  # 1 layer, 2 heads
         >>> reduce_heads(A, "mean")[0, 0, 0]
@@ -91,18 +110,43 @@ def reduce_heads(A: Float[Tensor, "*batch layer head query key"], heads: Heads =
         >>> reduce_heads(A, torch.tensor([[3., 1.]]))[0, 0, 0]        # weights 0.75, 0.25
         tensor([[1.0000, 0.0000],
                 [0.4000, 0.6000]])
+        >>> n = torch.tensor([[[[1., 3.], [1., 1.]]]])                 # batch layer head key
+        >>> reduce_heads(A, "norm", value_norms=n)[0, 0, 0]            # row 1: (.5 + .1, 1.5 + .9) / 3
+        tensor([[1.0000, 0.0000],
+                [0.2000, 0.8000]])
     """
     _check_patterns(A)
     w = _head_weights(heads, A.shape[-4], A.shape[-3], A)
-    layers = [_reduce_layer(A[..., l, :, :, :], heads, None if w is None else w[l]) for l in range(A.shape[-4])]
+    _check_value_norms(heads, value_norms, A)
+    layers = [
+        _reduce_layer(A[..., l, :, :, :], heads, None if w is None else w[l], _layer_norms(value_norms, l))
+        for l in range(A.shape[-4])
+    ]
     return torch.stack(layers, dim=-3).unsqueeze(-3)
 
 
+def _layer_norms(value_norms: Tensor | None, l: int) -> Tensor | None:
+    return None if value_norms is None else value_norms[..., l, :, :]
+
+
+def _check_value_norms(heads: Heads, value_norms: Tensor | None, A: Tensor) -> None:
+    """`value_norms [*batch, layer, head, key]` comes with heads="norm" and only with it."""
+    if not (isinstance(heads, str) and heads == "norm"):
+        if value_norms is not None:
+            raise BadArgumentError("value_norms= weighs heads only with heads='norm'; pass heads='norm' or drop value_norms")
+        return
+    if value_norms is None:
+        raise BadArgumentError("heads='norm' needs value_norms= [*batch, layer, head, key] (each key's ‖W_O^h v^h_j‖)")
+    expected = (*A.shape[:-2], A.shape[-1])
+    if tuple(value_norms.shape) != expected:
+        raise ShapeError(f"value_norms have shape {tuple(value_norms.shape)}, expected {expected} (*batch, layer, head, key)")
+
+
 def _head_weights(heads: Heads, L: int | None, H: int, A: Tensor) -> Tensor | None:
-    """Per-layer normalised weights `[layer, head]` in A's compute dtype, or None for "mean"/"max"."""
+    """Per-layer normalised weights `[layer, head]` in A's compute dtype, or None for "mean"/"max"/"norm"."""
     if isinstance(heads, str):
-        if heads not in ("mean", "max"):
-            raise BadArgumentError(f"heads={heads!r}; use 'mean', 'max' or a weight tensor [layer, head]")
+        if heads not in ("mean", "max", "norm"):
+            raise BadArgumentError(f"heads={heads!r}; use 'mean', 'max', 'norm' or a weight tensor [layer, head]")
         return None
     if not isinstance(heads, Tensor):
         raise BadArgumentError(f"heads has type {type(heads).__name__}; use 'mean', 'max' or a weight tensor [layer, head]")
@@ -128,9 +172,14 @@ def normalize_head_weights(w: Float[Tensor, "layer head"]) -> Float[Tensor, "lay
     return w / total
 
 
-def _reduce_layer(A_l: Float[Tensor, "*batch head query key"], heads: Heads, w_l: Tensor | None) -> Float[Tensor, "*batch query key"]:
+def _reduce_layer(
+    A_l: Float[Tensor, "*batch head query key"], heads: Heads, w_l: Tensor | None, norms_l: Tensor | None = None
+) -> Float[Tensor, "*batch query key"]:
     dtype = _compute_dtype(A_l)
     H, Q, K = A_l.shape[-3:]
+    if norms_l is not None:  # heads="norm": Σ_h α^h_ij·‖f_h(x_j)‖, rows renormalised
+        P = einsum(A_l.to(dtype), norms_l.to(device=A_l.device, dtype=dtype), "... h q k, ... h k -> ... q k")
+        return P * _safe_inv(P.sum(-1))[..., None]
     if w_l is None and H == 1:
         return A_l[..., 0, :, :].to(dtype)
     if w_l is None and heads == "max":
@@ -165,6 +214,9 @@ class FlowAccumulator:
     `add(A_l, layer=l)` names the layer in errors and picks the row of a weight
     tensor `heads=[layer, head]`; it defaults to the count of layers added so far
     (so a top-down accumulator with head weights must be told `layer`).
+    `add(A_l, value_norms=n_l)` gives the layer's `[*batch, head, key]` norms for
+    `heads="norm"`; `add(A_l, alpha=w_l)` a rollout's measured mixing weights
+    `[*batch, query]` for this layer (`mixing_weights`), in place of the fixed alpha.
     """
 
     def __init__(
@@ -174,7 +226,7 @@ class FlowAccumulator:
         alpha: float = 0.5,
         heads: Heads = "mean",
         rows: Rows = None,
-        exclude_keys: Sequence[int] = (),
+        exclude_keys: Exclude = (),
         key_mask: Int[Tensor, "*batch key"] | None = None,
         top_down: bool = False,
     ):
@@ -185,14 +237,22 @@ class FlowAccumulator:
         if top_down and rows is None and method != "sum":
             raise BadArgumentError("top_down=True composes selected rows; pass rows=[...] (or use top_down=False)")
         self.method, self.alpha, self.heads, self.top_down = method, float(alpha), heads, top_down
-        self.rows, self.exclude_keys, self.key_mask = rows, tuple(int(k) for k in exclude_keys), key_mask
+        self.rows, self.exclude_keys, self.key_mask = rows, _exclusion(exclude_keys), key_mask
+        self._has_excluded = _any_excluded(self.exclude_keys)
         self.state: Tensor | None = None
         self.count = 0
         self._finite: list[Tensor] = []
         self._layers: list[int] = []
         self._weights: Tensor | None = None
 
-    def add(self, A_l: Float[Tensor, "*batch head query key"], layer: int | None = None) -> None:
+    def add(
+        self,
+        A_l: Float[Tensor, "*batch head query key"],
+        layer: int | None = None,
+        *,
+        value_norms: Float[Tensor, "*batch head key"] | None = None,
+        alpha: Float[Tensor, "*batch query"] | None = None,
+    ) -> None:
         """Fold in one layer's patterns (head dim 1 when already reduced)."""
         if A_l.ndim < 3:
             raise ShapeError(f"one layer's patterns have shape {tuple(A_l.shape)}, expected (*batch, head, query, key)")
@@ -204,11 +264,15 @@ class FlowAccumulator:
                 raise BadArgumentError("a top-down accumulator with head weights needs add(A_l, layer=l)")
             layer = self.count
         w_l = None if weights is None else weights[layer]
-        P = _reduce_layer(A_l, self.heads, w_l)
+        if (value_norms is not None) != (isinstance(self.heads, str) and self.heads == "norm"):
+            raise BadArgumentError("heads='norm' needs add(A_l, value_norms=...) for every layer, and only it takes them")
+        if alpha is not None and self.method != "rollout":
+            raise BadArgumentError(f"per-token mixing weights apply to rollout, not {self.method!r}")
+        P = _reduce_layer(A_l, self.heads, w_l, value_norms)
         if self.method == "sum":
             self._add_sum(P)
         else:
-            self._add_product(P)
+            self._add_product(P, alpha)
         self.count += 1
         self._layers.append(layer)
 
@@ -236,28 +300,33 @@ class FlowAccumulator:
         self.keep, self._drop_pos, self._drop_valid = _excluded(self.real, self.exclude_keys)
         # without excluded keys or a key_mask, pad key columns of P are zero (pad keys are known
         # only from P's own zero rows), so masking them again would be a no-op
-        self._mask_keys = bool(self.exclude_keys) or self.key_mask is not None
+        self._mask_keys = self._has_excluded or self.key_mask is not None
         self._idx = None if self.rows is None else _row_index(self.rows, P.shape[:-2], N, P.device)
 
-    def _gains(self, P: Tensor) -> tuple[Tensor, Tensor]:
+    def _gains(self, P: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(g, h) with this layer's step `M = diag(g) · P · diag(keep) + diag(h)`; also flags non-finite P."""
         row_sums = P.sum(-1)  # one pass over P; NaN / inf anywhere in P shows here
         self._finite.append(torch.isfinite(row_sums).all())
         if self.state is None:
             self._setup(P, row_sums)
         kept = row_sums  # attention mass on kept keys (recorded patterns put none on pad keys)
-        if self.exclude_keys:
+        if isinstance(self.exclude_keys, Tensor):
+            kept = (P @ self.keep[..., :, None])[..., 0]
+        elif self.exclude_keys:
             idx = self._drop_pos[..., None, :].expand(*P.shape[:-1], self._drop_pos.shape[-1])
             kept = row_sums - (P.gather(-1, idx) * self._drop_valid[..., None, :]).sum(-1)
-        a = self.real * _safe_inv(kept) if self.exclude_keys else self.real
+        a = self.real * _safe_inv(kept) if self._has_excluded else self.real
         if self.method == "flow":
             return a, self.real
-        alpha = 0.5 if self.method == "flow_normalized" else self.alpha
+        if alpha is None:
+            alpha = 0.5 if self.method == "flow_normalized" else self.alpha
+        else:
+            alpha = alpha.to(device=P.device, dtype=P.dtype)
         inv = _safe_inv(alpha * a * kept + (1 - alpha) * self.real)
         return alpha * a * inv, (1 - alpha) * self.real * inv
 
-    def _add_product(self, P: Tensor) -> None:
-        g, h = self._gains(P)
+    def _add_product(self, P: Tensor, alpha: Tensor | None = None) -> None:
+        g, h = self._gains(P, alpha)
         keep = self.keep
         if self.state is None:  # the first step is the layer's own matrix (or its selected rows)
             if self.top_down:
@@ -291,7 +360,7 @@ class FlowAccumulator:
         else:
             real = self.real
         A = P * real[..., :, None] * self.keep[..., None, :]
-        if self.exclude_keys:
+        if self._has_excluded:
             A = A * _safe_inv(A.sum(-1))[..., None]
         self.state = A if self.state is None else self.state + A
 
@@ -301,8 +370,9 @@ def rollout(
     alpha: float = 0.5,
     heads: Heads = "mean",
     rows: Rows = None,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
+    value_norms: Float[Tensor, "*batch layer head key"] | None = None,
 ) -> Float[Tensor, "*batch query key"]:
     """Attention rollout (Abnar & Zuidema 2020): `R = Â_L ··· Â_1`, `Â_l = rownorm(alpha·Ā_l + (1-alpha)·I)`.
 
@@ -316,7 +386,7 @@ def rollout(
         >>> rollout(A, rows=[1], exclude_keys=(0,))                 # BOS column zeroed first
         tensor([[[0., 1.]]])
     """
-    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, alpha=alpha)
+    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, alpha=alpha, value_norms=value_norms)
 
 
 def residual_flow(
@@ -324,8 +394,9 @@ def residual_flow(
     normalize: bool = False,
     heads: Heads = "mean",
     rows: Rows = None,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
+    value_norms: Float[Tensor, "*batch layer head key"] | None = None,
 ) -> Float[Tensor, "*batch query key"]:
     """Residual-inclusive flow: `X_0 = I`, `X_l = Ā_l X_{l-1} + X_{l-1}`; rows sum to 2^L.
 
@@ -340,15 +411,16 @@ def residual_flow(
                  [0.2500, 0.7500]]])
     """
     method = "flow_normalized" if normalize else "flow"
-    return _compose(A, method, heads, rows, exclude_keys, key_mask)
+    return _compose(A, method, heads, rows, exclude_keys, key_mask, value_norms=value_norms)
 
 
 def total_attention(
     A: Float[Tensor, "*batch layer head query key"],
     heads: Heads = "mean",
     rows: Rows = None,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
+    value_norms: Float[Tensor, "*batch layer head key"] | None = None,
 ) -> Float[Tensor, "*batch query key"]:
     """Total attention `Σ_l Ā_l`, rows renormalised to sum to 1.
 
@@ -357,7 +429,7 @@ def total_attention(
         tensor([[[1.0000, 0.0000],
                  [0.5000, 0.5000]]])
     """
-    return _compose(A, "sum", heads, rows, exclude_keys, key_mask)
+    return _compose(A, "sum", heads, rows, exclude_keys, key_mask, value_norms=value_norms)
 
 
 def raw(
@@ -365,8 +437,9 @@ def raw(
     layer: int = -1,
     heads: Heads = "mean",
     rows: Rows = None,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
+    value_norms: Float[Tensor, "*batch layer head key"] | None = None,
 ) -> Float[Tensor, "*batch query key"]:
     """One layer's head-reduced patterns `Ā_layer` (the last by default).
 
@@ -388,7 +461,8 @@ def raw(
         raise BadArgumentError(f"layer={layer} is out of range for patterns with {L} layers")
     layer %= L
     w = _head_weights(heads, L, A.shape[-3], A)
-    P = _reduce_layer(A[..., layer, :, :, :], heads, None if w is None else w[layer])
+    _check_value_norms(heads, value_norms, A)
+    P = _reduce_layer(A[..., layer, :, :, :], heads, None if w is None else w[layer], _layer_norms(value_norms, layer))
     _raise_non_finite([torch.isfinite(P.sum(-1)).all()], [layer])
     Q, N = P.shape[-2:]
     if Q == N:
@@ -396,8 +470,9 @@ def raw(
         P = P * real[..., :, None]
     else:
         real = _real_keys_from_columns(P, key_mask)
+    exclude_keys = _exclusion(exclude_keys)
     P = P * _excluded(real, exclude_keys)[0][..., None, :]
-    if exclude_keys:
+    if _any_excluded(exclude_keys):
         P = P * _safe_inv(P.sum(-1))[..., None]
     if rows is not None:
         P = _take_rows(P, _row_index(rows, P.shape[:-2], Q, P.device))
@@ -411,20 +486,28 @@ def compose(
     alpha: float = 0.5,
     heads: Heads = "mean",
     rows: Rows = None,
-    exclude_keys: Sequence[int] = (),
+    exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
     layer: int = -1,
+    value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+    attn_norms: Float[Tensor, "*batch layer query"] | None = None,
+    residual_norms: Float[Tensor, "*batch layer query"] | None = None,
 ) -> Float[Tensor, "*batch query key"]:
-    """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw.
+    """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw, rollout_measured.
 
     Every method takes the same arguments, so a loop over methods can pass them
-    all: `alpha` is used by rollout only (flow_normalized is alpha 0.5), `layer` by raw only.
+    all: `alpha` is used by rollout only (flow_normalized is alpha 0.5), `layer` by raw only,
+    `attn_norms` / `residual_norms` by rollout_measured only (and needed there).
 
         >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]]]])
         >>> compose(A, "flow_normalized", rows=[-1])      # == residual_flow(A, normalize=True, rows=[-1])
         tensor([[[0.2500, 0.7500]]])
     """
-    kw = {"heads": heads, "rows": rows, "exclude_keys": exclude_keys, "key_mask": key_mask}
+    kw = {"heads": heads, "rows": rows, "exclude_keys": exclude_keys, "key_mask": key_mask, "value_norms": value_norms}
+    if method == "rollout_measured":
+        if attn_norms is None or residual_norms is None:
+            raise BadArgumentError("method='rollout_measured' needs attn_norms= and residual_norms= [*batch, layer, query]")
+        return measured_rollout(A, attn_norms, residual_norms, **kw)
     if method == "rollout":
         return rollout(A, alpha=alpha, **kw)
     if method in ("flow", "flow_normalized"):
@@ -436,17 +519,75 @@ def compose(
     raise BadArgumentError(f"method={method!r}; use one of {', '.join(METHODS)}")
 
 
-def _compose(A: Tensor, method: str, heads: Heads, rows: Rows, exclude_keys, key_mask, alpha: float = 0.5) -> Tensor:
+def _compose(
+    A: Tensor, method: str, heads: Heads, rows: Rows, exclude_keys, key_mask, alpha: float = 0.5,
+    value_norms: Tensor | None = None, mixing: Tensor | None = None,
+) -> Tensor:
     _check_patterns(A)
     _head_weights(heads, A.shape[-4], A.shape[-3], A)  # validate once, before the loop
+    _check_value_norms(heads, value_norms, A)
     top_down = rows is not None and method != "sum"
     acc = FlowAccumulator(
         method, alpha=alpha, heads=heads, rows=rows, exclude_keys=exclude_keys, key_mask=key_mask, top_down=top_down
     )
     L = A.shape[-4]
     for l in reversed(range(L)) if top_down else range(L):
-        acc.add(A[..., l, :, :, :], layer=l)
+        w_l = None if mixing is None else mixing[..., l, :]
+        acc.add(A[..., l, :, :, :], layer=l, value_norms=_layer_norms(value_norms, l), alpha=w_l)
     return acc.result()
+
+
+def mixing_weights(
+    attn_norms: Float[Tensor, "*batch layer query"], residual_norms: Float[Tensor, "*batch layer query"]
+) -> Float[Tensor, "*batch layer query"]:
+    """Measured mixing weights `w = ‖a‖ / (‖a‖ + ‖x‖)` (0 where both norms are 0), Kobayashi et al. 2021.
+
+    `a` is a layer's attention output and `x` its residual input at each position;
+    `w` is the share of the attention in the updated residual stream, so rollout with
+    `alpha = w` weighs context against the token itself as the model measurably does.
+
+        >>> mixing_weights(torch.tensor([[1., 3., 0.]]), torch.tensor([[1., 1., 0.]]))
+        tensor([[0.5000, 0.7500, 0.0000]])
+    """
+    if attn_norms.shape != residual_norms.shape:
+        raise ShapeError(f"attn_norms {tuple(attn_norms.shape)} and residual_norms {tuple(residual_norms.shape)} differ in shape")
+    dtype = torch.float64 if attn_norms.dtype == torch.float64 else torch.float32
+    a, x = attn_norms.to(dtype), residual_norms.to(device=attn_norms.device, dtype=dtype)
+    ok = torch.isfinite(a).all() & torch.isfinite(x).all() & (a >= 0).all() & (x >= 0).all()
+    if not bool(ok):  # one host synchronisation, before any layer is composed
+        raise BadArgumentError("attn_norms and residual_norms must be finite and non-negative (they are vector norms)")
+    return a * _safe_inv(a + x)
+
+
+def measured_rollout(
+    A: Float[Tensor, "*batch layer head query key"],
+    attn_norms: Float[Tensor, "*batch layer query"],
+    residual_norms: Float[Tensor, "*batch layer query"],
+    heads: Heads = "mean",
+    rows: Rows = None,
+    exclude_keys: Exclude = (),
+    key_mask: Int[Tensor, "*batch key"] | None = None,
+    value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+) -> Float[Tensor, "*batch query key"]:
+    """Rollout with measured residual mixing (Kobayashi et al. 2021): `Â_l = diag(w_l)·Ā_l + diag(1-w_l)·I`.
+
+    `w_l = mixing_weights(attn_norms, residual_norms)[..., l, :]` is each query
+    position's measured attention share in layer l (query positions in the patterns'
+    padded coordinates); rows are renormalised after `exclude_keys`, as in `rollout`.
+    Equal norms everywhere give `rollout(alpha=0.5)`.
+
+        >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]]]])                 # batch layer head query key
+        >>> measured_rollout(A, torch.tensor([[[1., 3.]]]), torch.tensor([[[1., 1.]]]))   # w = [.5, .75]
+        tensor([[[1.0000, 0.0000],
+                 [0.3750, 0.6250]]])
+    """
+    _check_patterns(A)
+    expected = (*A.shape[:-3], A.shape[-2])
+    for name, t in (("attn_norms", attn_norms), ("residual_norms", residual_norms)):
+        if tuple(t.shape) != expected:
+            raise ShapeError(f"{name} have shape {tuple(t.shape)}, expected {expected} (*batch, layer, query)")
+    w = mixing_weights(attn_norms, residual_norms).to(A.device)
+    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, value_norms=value_norms, mixing=w)
 
 
 # ------------------------------------------------------------------------------------
@@ -500,13 +641,33 @@ def _checked_mask(key_mask: Tensor, P: Tensor) -> Tensor:
     return (key_mask.to(P.device) != 0).to(P.dtype)
 
 
-def _excluded(real: Float[Tensor, "*batch key"], exclude_keys: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _exclusion(exclude_keys: Exclude) -> tuple[int, ...] | Tensor:
+    """Positions as a tuple of ints, or a key mask `[*batch, key]` as a bool tensor."""
+    if isinstance(exclude_keys, Tensor):
+        if exclude_keys.dtype != torch.bool and exclude_keys.is_floating_point():
+            raise BadArgumentError("exclude_keys as a tensor is a key mask [*batch, key]: bool (True = exclude) or 0/1 integers")
+        return exclude_keys != 0
+    return tuple(int(k) for k in exclude_keys)
+
+
+def _any_excluded(exclude_keys: tuple[int, ...] | Tensor) -> bool:
+    """Whether rows are renormalised after excluding keys (always for a mask: no host sync to look)."""
+    return isinstance(exclude_keys, Tensor) or bool(exclude_keys)
+
+
+def _excluded(real: Float[Tensor, "*batch key"], exclude_keys: tuple[int, ...] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(keep, positions, valid): `real` with the excluded keys zeroed, and where those keys are.
 
     Excluded positions count each example's real keys (negative ones from the
     end); `positions [*batch, k]` are padded key indices, `valid [*batch, k]` is 0
-    where an example has no such key or an earlier entry already named it.
+    where an example has no such key or an earlier entry already named it.  A key
+    mask `[*batch, key]` gives `keep` only (no positions).
     """
+    if isinstance(exclude_keys, Tensor):  # broadcast as torch does (maxflow treats layers as a batch dim)
+        if exclude_keys.shape[-1:] != real.shape[-1:] or torch.broadcast_shapes(exclude_keys.shape, real.shape) != real.shape:
+            raise ShapeError(f"exclude_keys mask has shape {tuple(exclude_keys.shape)}, expected {tuple(real.shape)} (*batch, key)")
+        empty = real.new_zeros((*real.shape[:-1], 0))
+        return real * ~exclude_keys.to(real.device), empty.long(), empty
     k = len(exclude_keys)
     if not k:
         return real, real.new_zeros((*real.shape[:-1], 0), dtype=torch.long), real.new_zeros((*real.shape[:-1], 0))

@@ -1,10 +1,12 @@
 """`attnflow demo`: the embedded model organism end to end, offline, against a known ground truth.
 
 It generates held-out task instances, lets the demo model answer them greedily
-while attnflow records every layer's attention, composes rollout and
-residual-inclusive flow, attributes each answer token to the documents, checks
-the attribution against the documents the generator knows support the answer,
-and writes Parquet tables and an offline HTML viewer.
+while attnflow records every layer's attention, composes rollout,
+residual-inclusive flow and total attention (each plain and sink-aware),
+attributes each answer token to the documents, checks the attribution against
+the documents the generator knows support the answer, and writes Parquet tables
+and an offline HTML viewer that opens on `VIEWER_FIRST`, the method that ranks
+the supporting document first most often on the organism.
 
     $ attnflow demo --examples 32 --out attnflow-demo
     ...
@@ -37,8 +39,21 @@ from attnflow.demo import task
 from attnflow.errors import BadArgumentError
 from attnflow.eval import metrics as M
 
-METHODS = ("rollout", "flow", "raw")  # raw = the last layer's attention, a baseline for the composed ones
 EXCLUDE_KEYS = (0,)  # the <s> sink takes most attention and is no document; leave it out before composing
+# (name, attnflow method, exclude_keys): "rollout" and "flow" leave <s> out, "/sinks" every sink
+# (attnflow.attribution: <s>, special tokens, keys detected as sinks), "sum" is total attention
+METHODS = (
+    ("sum", "sum", EXCLUDE_KEYS),
+    ("sum/sinks", "sum", "sinks"),
+    ("rollout", "rollout", EXCLUDE_KEYS),
+    ("rollout/sinks", "rollout", "sinks"),
+    ("flow", "flow", EXCLUDE_KEYS),
+    ("flow/sinks", "flow", "sinks"),
+    ("raw", "raw", EXCLUDE_KEYS),  # the last layer's attention, a baseline for the composed ones
+)
+# the best document ranking measured on the organism (`attnflow eval demo --limit 200 --batch-size 8`,
+# paragraph P@1: sum/sinks 0.870, rollout 0.580, rollout/sinks 0.530, maxflow 0.305): the viewer opens on it
+VIEWER_FIRST = "sum/sinks"
 
 
 def document_spans(tok, prompt: str, char_spans: list[tuple[str, int, int]]) -> list[Span]:
@@ -101,7 +116,7 @@ def run(
 
         >>> s = run("attnflow-demo", examples=8, progress=False)
         >>> list(s["attribution"]), s["viewer"]
-        (['rollout', 'flow', 'raw'], PosixPath('attnflow-demo/html/index.html'))
+        (['sum', 'sum/sinks', 'rollout', 'rollout/sinks', 'flow', 'flow/sinks', 'raw'], PosixPath('attnflow-demo/html/index.html'))
     """
     from attnflow.demo import load
     from attnflow.exporters import to_html, to_parquet
@@ -125,20 +140,41 @@ def run(
         tr = trace(model, [text for text, _ in rendered], max_new_tokens=1, heads="all", spans=spans,
                    dtype=torch.float32, progress=progress)
     generated = [tr.tokens[b][tr.prompt_lengths[b]] for b in range(len(instances))]
+    if "special_token_ids" not in tr.model_info:  # what "sinks" reads (older tracers do not record it)
+        tr.model_info["special_token_ids"] = sorted(set(tok.all_special_ids))
+    order = sorted(METHODS, key=lambda m: m[0] != VIEWER_FIRST)  # the viewer opens on the first flow
     with _timed(timings, "flow"):
-        flows = {m: flow_rows(tr, m, exclude_keys=EXCLUDE_KEYS) for m in ("rollout", "flow")}
+        flows = {name: flow_rows(tr, m, exclude_keys=ex) for name, m, ex in order if m != "raw"}
     with _timed(timings, "attribute"):
-        tables = [attribute(tr, method=m, span_kind="document", exclude_keys=EXCLUDE_KEYS) for m in METHODS]
+        tables = [named(attribute(tr, method=m, span_kind="document", exclude_keys=ex), name) for name, m, ex in order]
         attributions = pa.concat_tables(tables)
     with _io.output_dir(out, "demo", overwrite) as tmp:
         with _timed(timings, "write"):
             to_parquet(tr, tmp / "parquet", flow=flows, attributions=attributions)
             to_html(tr, tmp / "html", flow=flows, attributions=attributions)
             summary = summarize(instances, generated, attributions, two_hop=two_hop, seed=seed)
+            summary["attribution"] = {name: summary["attribution"][name] for name, _, _ in METHODS}  # table order
+            shares = excluded_shares(attributions)
+            summary["excluded_share"] = {name: shares[name] for name, _, _ in METHODS}
             _io.write_json(tmp / "examples.json", example_records(instances, generated))
         summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         _io.write_json(tmp / "summary.json", summary)
     return summary | {"viewer": out / "html" / "index.html"}
+
+
+def named(table: pa.Table, name: str) -> pa.Table:
+    """The attributions table with its `method` column set to the demo's method name."""
+    return table.set_column(table.schema.get_field_index("method"), "method", pa.array([name] * len(table), pa.string()))
+
+
+def excluded_shares(attributions: pa.Table) -> dict[str, float]:
+    """Per method: the mean share of the answer rows that went to the excluded keys (one value per example)."""
+    rows = attributions.select(["example", "method", "excluded_share"]).to_pylist()
+    per = {(r["method"], r["example"]): r["excluded_share"] for r in rows}
+    out: dict[str, list[float]] = {}
+    for (method, _), v in per.items():
+        out.setdefault(method, []).append(v)
+    return {m: float(np.mean(v)) for m, v in out.items()}
 
 
 def example_records(examples: list[task.Example], generated: list[str]) -> list[dict]:
@@ -177,12 +213,16 @@ def format_summary(s: dict) -> str:
         "attribution of each answer token to the documents, against the supporting documents",
         f"  {'method':<22}{'top-1':>8}{'top-2':>8}",
     ]
-    names = {"rollout": "rollout (alpha 0.5)", "flow": "flow (residual)", "raw": "raw (last layer)"}
+    names = {"sum": "total attention", "sum/sinks": "total attention/sinks", "rollout": "rollout (alpha 0.5)",
+             "flow": "flow (residual)", "raw": "raw (last layer)"}
     for method, hits in s["attribution"].items():
         lines.append(f"  {names.get(method, method):<22}{hits['top1']:>8.1%}{hits['top2']:>8.1%}")
     lines.append(f"  {'random ranking':<22}{s['random']['top1']:>8.1%}{s['random']['top2']:>8.1%}")
     lines.append("  top-1: the highest-scored document supports the answer; "
                  "top-2: every supporting document ranks in the best two")
+    if s.get("excluded_share"):
+        shares = ", ".join(f"{names.get(m, m)} {v:.1%}" for m, v in s["excluded_share"].items())
+        lines.append(f"  share of the answer rows on the excluded keys (<s>, sinks): {shares}")
     sec = s.get("seconds", {})
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items())]
     return "\n".join(lines)

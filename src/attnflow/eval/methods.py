@@ -5,16 +5,20 @@ from the rows that produce the answer tokens (the token at t+1 comes from query
 row t), composed by `attribution.target_flow` and averaged over those rows; a
 span's score is the sum over its tokens.
 
-    name                    flow.py call                                  BOS sink
-    random                  expected metrics of a uniformly random ranking  -
-    raw, raw/nosink         raw(A, layer=-1)  (last layer)                kept / excluded
-    sum, sum/nosink         total_attention(A)
-    rollout, ...            rollout(A, alpha=0.5)
-    flow, ...               residual_flow(A)              (unnormalised)
-    flow_normalized, ...    residual_flow(A, normalize=True)   (= rollout alpha 0.5 by construction)
+    name                         flow.py call                                  excluded keys
+    random                       expected metrics of a uniformly random ranking  -
+    raw, raw/nosink, raw/sinks   raw(A, layer=-1)  (last layer)                none / BOS / sinks
+    sum, ...                     total_attention(A)
+    rollout, ...                 rollout(A, alpha=0.5)
+    flow, ...                    residual_flow(A)              (unnormalised)
+    flow_normalized, ...         residual_flow(A, normalize=True)   (= rollout alpha 0.5 by construction)
+    maxflow, maxflow/sinks       maxflow.max_flow(A)   (Abnar & Zuidema's attention flow; prompts of at
+                                 most MAXFLOW_MAX_TOKENS tokens, else NaN scores and `skip_reason`)
 
 "/nosink" methods pass `exclude_keys=(0,)`: the first real token's column is
-zeroed and rows renormalised before composing (flow.py).
+zeroed and rows renormalised before composing (flow.py).  "/sinks" methods
+exclude `attribution.excluded_positions(trace, "sinks")`: position 0, special
+tokens and the keys detected as sinks in the example's own attention.
 
     >>> rows, mask = answer_rows(prompt_lengths=[4], answer_lengths=[2], pad_offsets=[1])
     >>> rows, mask                     # rows 3, 4 unpadded -> 4, 5 padded
@@ -33,15 +37,28 @@ from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from attnflow.attribution import target_flow
+from attnflow.attribution import exclusion_mask, target_flow
 
-# (name, flow method, exclude the first-token sink); "random" has no flow method
-METHODS: tuple[tuple[str, str | None, bool], ...] = (("random", None, False),) + tuple(
-    (f"{m}/nosink" if sink else m, m, sink)
-    for m in ("raw", "sum", "rollout", "flow", "flow_normalized")
-    for sink in (False, True)
+SUFFIX = {(): "", (0,): "/nosink", "sinks": "/sinks"}
+# (name, flow method, exclude_keys); "random" has no flow method
+METHODS: tuple[tuple[str, str | None, tuple | str], ...] = (
+    (("random", None, ()),)
+    + tuple(
+        (m + SUFFIX[ex], m, ex)
+        for m in ("raw", "sum", "rollout", "flow", "flow_normalized")
+        for ex in ((), (0,), "sinks")
+    )
+    + (("maxflow", "maxflow", ()), ("maxflow/sinks", "maxflow", "sinks"))
 )
 METHOD_NAMES = tuple(name for name, _, _ in METHODS)
+MAXFLOW_MAX_TOKENS = 160  # exact max flow costs ~n^3 per target row (maxflow.py): 30 layers, n=512 is 35 s a row
+
+
+def skip_reason(name: str, n_tokens: int) -> str | None:
+    """Why method `name` has no scores (NaN) for an example of `n_tokens` tokens, or None when it has them."""
+    if name.startswith("maxflow") and n_tokens > MAXFLOW_MAX_TOKENS:
+        return f"maxflow skipped: {n_tokens} tokens > {MAXFLOW_MAX_TOKENS} (exact max flow is too slow)"
+    return None
 
 
 def answer_rows(
@@ -71,11 +88,33 @@ def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, 
     T = int(counts.max())
     weights = (torch.arange(T)[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
     out = {}
-    for name, method, sink in METHODS:
+    sinks = exclusion_mask(trace, "sinks").to(trace.patterns.device)  # [batch, key]: detected once per batch
+    for name, method, ex in METHODS:
         if method is None:
             continue
-        R = target_flow(trace, rows, method, exclude_keys=(0,) if sink else ())  # [batch, target, key]
+        excl = sinks if ex == "sinks" else ex
+        if method == "maxflow":
+            R = _maxflow_rows(trace, rows, excl)
+        else:
+            R = target_flow(trace, rows, method, exclude_keys=excl)  # [batch, target, key]
         out[name] = einsum(R.float(), weights.to(R.device), "batch target key, batch target -> batch key")
+    return out
+
+
+def _maxflow_rows(trace, rows: Sequence[Sequence[int]], excl) -> Float[Tensor, "batch target key"]:
+    """max_flow shares of each example's rows (padded like `target_flow`); NaN rows for examples it skips."""
+    from attnflow.maxflow import max_flow
+
+    T = max(len(r) for r in rows)
+    out = torch.zeros(trace.batch_size, T, trace.input_ids.shape[1])
+    for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
+        if skip_reason("maxflow", n) is not None:
+            out[b] = float("nan")
+            continue
+        one = trace.patterns[b : b + 1, :, :, pad:, pad:]
+        ex_b = excl[b : b + 1, pad:] if isinstance(excl, Tensor) else excl
+        idx = [rows[b][min(j, len(rows[b]) - 1)] for j in range(T)]
+        out[b, :, pad:] = max_flow(one, rows=idx, exclude_keys=ex_b)[0].float().cpu()
     return out
 
 

@@ -21,13 +21,17 @@ Formulas (Ā_l is layer l after the head reduction, I the identity on real posit
 
     raw              Ā_l                                   (one layer, `layer=-1` by default)
     sum              Σ_l Ā_l, rows renormalised
-    flow             X_0 = I,  X_l = Ā_l X_{l-1} + X_{l-1}
+    flow             X_0 = I,  X_l = Ā_l X_{l-1} + X_{l-1}   (the residual recurrence: 2^L x rollout on
+                     row-stochastic patterns; NOT the paper's "attention flow", which is maxflow)
     flow_normalized  the same with rows renormalised each layer  (= rollout with alpha 0.5)
     rollout          Â_l = alpha·Ā_l + (1-alpha)·I, rows renormalised,  R = Â_L ··· Â_1
     rollout_measured the same with a measured weight per layer and query row (Kobayashi et al. 2021):
                      w_li = ‖a_li‖ / (‖a_li‖ + ‖x_li‖),  Â_l = diag(w_l)·Ā_l + diag(1-w_l)·I,
                      a_li the attention output and x_li the residual input of layer l at position i
                      (`attn_norms`, `residual_norms` [*batch, layer, query]); equal norms give alpha 0.5
+    maxflow          Abnar & Zuidema's attention flow: for target row t and key s, the maximum flow from
+                     node (0, s) to node (L, t) of the layered graph with capacities rownorm(alpha·Ā_l +
+                     (1-alpha)·I), shares per row (`max_flow`, exact, scipy's compiled Dinic)
     heads="norm"     Ā_l = rownorm(Σ_h α^h_ij·‖W_O^h v^h_j‖)   (Kobayashi et al. 2020; `value_norms`
                      [*batch, layer, head, key]: each key's transformed-value norm per head)
 
@@ -68,6 +72,7 @@ __all__ = [
     "METHODS",
     "FlowAccumulator",
     "compose",
+    "max_flow",
     "normalize_head_weights",
     "raw",
     "reduce_heads",
@@ -78,7 +83,7 @@ __all__ = [
     "total_attention",
 ]
 
-METHODS = ("rollout", "flow", "flow_normalized", "sum", "raw", "rollout_measured")
+METHODS = ("rollout", "flow", "flow_normalized", "sum", "raw", "rollout_measured", "maxflow")
 _COMPOSED = ("rollout", "flow", "flow_normalized", "sum")
 
 Heads = str | Float[Tensor, "layer head"]
@@ -493,7 +498,7 @@ def compose(
     attn_norms: Float[Tensor, "*batch layer query"] | None = None,
     residual_norms: Float[Tensor, "*batch layer query"] | None = None,
 ) -> Float[Tensor, "*batch query key"]:
-    """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw, rollout_measured.
+    """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw, rollout_measured, maxflow.
 
     Every method takes the same arguments, so a loop over methods can pass them
     all: `alpha` is used by rollout only (flow_normalized is alpha 0.5), `layer` by raw only,
@@ -516,7 +521,29 @@ def compose(
         return total_attention(A, **kw)
     if method == "raw":
         return raw(A, layer=layer, **kw)
+    if method == "maxflow":
+        if value_norms is not None:
+            raise BadArgumentError("method='maxflow' takes no value_norms=; reduce heads with heads='mean' or weights")
+        return max_flow(A, rows=rows, heads=heads, alpha=alpha, exclude_keys=exclude_keys, key_mask=key_mask)
     raise BadArgumentError(f"method={method!r}; use one of {', '.join(METHODS)}")
+
+
+def max_flow(A: Float[Tensor, "*batch layer head query key"], **kwargs) -> Float[Tensor, "*batch query key"]:
+    """Abnar & Zuidema's *attention flow*: the exact max flow from each key to each target row.
+
+    Unlike "flow" above (the residual recurrence, 2^L x rollout on row-stochastic
+    patterns), this is the paper's maximum flow through the layered graph with
+    capacities `alpha·Ā_l + (1-alpha)·I`, rows renormalised; see `attnflow.maxflow.max_flow`
+    for every argument.  The solver is scipy's compiled Dinic, imported here on first
+    use so this module itself stays torch-only.
+
+        >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]]]])
+        >>> max_flow(A, rows=[-1])                        # one layer: max flow == the rollout row
+        tensor([[[0.2500, 0.7500]]])
+    """
+    from attnflow.maxflow import max_flow as solve
+
+    return solve(A, **kwargs)
 
 
 def _compose(

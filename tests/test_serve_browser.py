@@ -218,11 +218,14 @@ def test_xss_payloads_in_prompt_and_document_names_stay_inert(driver, server):
 
 
 def test_screenshot_and_offline_export(driver, server, tmp_path):
+    driver.get("about:blank")  # a fresh page: the earlier tests' document names and tau are gone
+    driver.set_window_size(1400, 1180)
     open_page(driver, server)
     run_prompt(driver, "question : what is the city of alice ?\nanswer :")
     out = Path(os.environ.get("ATTNFLOW_SCREENSHOT") or tmp_path / "serve.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(out))
+    driver.set_window_size(1400, 1000)
     assert out.stat().st_size > 10_000
     # the export of the run opens offline from file:// with no network request
     run_id = driver.execute_script("return document.querySelector('#graph') && performance.getEntriesByType('resource')"

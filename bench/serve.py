@@ -1,7 +1,7 @@
 """`attnflow serve` on the demo model: time from Run to first graph, /graph size, server peak memory.
 
     python bench/serve.py                    # 5 runs on the demo model
-    python bench/serve.py --model DIR --prompt-tokens 2000   # a long prompt on a local model (e.g. SmolLM2-135M)
+    python bench/serve.py --model DIR_OR_GGUF --prompt-tokens 2000 --runs 2   # a long prompt on a local model
 
 The server runs in a child process (as `attnflow serve --no-browser` would), driven over
 HTTP on 127.0.0.1 with urllib.  "run -> first graph" is POST /api/runs, reading the
@@ -44,10 +44,11 @@ def call(base: str, path: str, body: dict | None = None) -> bytes:
         return r.read()
 
 
-def run_to_graph(base: str, body: dict) -> tuple[float, int, int]:
-    """(seconds from POST to the first /graph answer, /graph bytes, edges)."""
+def run_to_graph(base: str, body: dict) -> tuple[float, int, int, int]:
+    """(seconds from POST to the first /graph answer, /graph bytes, edges, prompt tokens)."""
     t0 = time.perf_counter()
-    rid = json.loads(call(base, "/api/runs", body))["id"]
+    posted = json.loads(call(base, "/api/runs", body))
+    rid = posted["id"]
     req = urllib.request.Request(f"{base}/api/runs/{rid}/events", headers={"X-Attnflow-Token": TOKEN})
     with urllib.request.urlopen(req, timeout=600) as stream:
         for line in stream:
@@ -56,13 +57,10 @@ def run_to_graph(base: str, body: dict) -> tuple[float, int, int]:
             if line.startswith(b"event: error"):
                 raise SystemExit(f"run failed: {stream.readline().decode()}")
     g = call(base, f"/api/runs/{rid}/graph?tau=0.01")
-    return time.perf_counter() - t0, len(g), sum(json.loads(g)["edge_counts"])
+    return time.perf_counter() - t0, len(g), sum(json.loads(g)["edge_counts"]), posted["prompt_tokens"]
 
 
-def long_prompt(model_dir: str, n: int) -> str:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
+def long_prompt(tok, n: int) -> str:
     words = ("the river runs past the old mill where alice keeps her boat and bob counts the fish . " * n).split()
     lo, hi = 1, len(words)
     while lo < hi:  # the longest prefix with at most n tokens
@@ -71,12 +69,11 @@ def long_prompt(model_dir: str, n: int) -> str:
     return " ".join(words[:lo])
 
 
-def standalone(model_dir: str, prompt: str, new: int) -> float:
+def standalone(model, prompt: str, new: int) -> float:
     import torch
 
     import attnflow as af
 
-    model = af.load(model_dir)
     t0 = time.perf_counter()
     af.trace(model, prompt, max_new_tokens=new, heads="mean", dtype=torch.float32, progress=False)
     return time.perf_counter() - t0
@@ -93,13 +90,18 @@ def main() -> None:
     if args.child:
         return child(args.model, max(4096, (args.prompt_tokens or 0) + 64))
 
+    model = None
+    if args.model:  # loaded here for its tokenizer and the reference (a .gguf loads through af.load too)
+        import attnflow as af
+
+        model = af.load(args.model)
     cmd = [sys.executable, __file__, "--child"] + (["--model", args.model] if args.model else [])
     cmd += ["--prompt-tokens", str(args.prompt_tokens)] if args.prompt_tokens else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     line = proc.stdout.readline()
     base = line.split("serve: ")[1].split("/#")[0]
     if args.model and args.prompt_tokens:
-        body = {"prompt": long_prompt(args.model, args.prompt_tokens), "max_new_tokens": args.max_new_tokens}
+        body = {"prompt": long_prompt(model.tokenizer, args.prompt_tokens), "max_new_tokens": args.max_new_tokens}
     else:
         body = {"prompt": PROMPT, "documents": DOCS, "max_new_tokens": args.max_new_tokens}
     try:
@@ -109,17 +111,17 @@ def main() -> None:
         proc.wait(30)
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     cold, warm = results[0], results[1:]
-    med = statistics.median(t for t, _, _ in warm)
+    med = statistics.median(r[0] for r in warm)
     rows = [
         ("model", args.model or "demo (embedded)"),
-        ("prompt tokens", str(args.prompt_tokens or "~26")),
+        ("prompt tokens (+ new)", f"{cold[3]} (+ {args.max_new_tokens})"),
         ("run -> first graph, first run (loads model)", f"{cold[0]:.3f} s"),
         (f"run -> first graph, median of {len(warm)}", f"{med:.3f} s" + ("  (goal <= 2 s)" if not args.model else "")),
         ("/graph response at tau 0.01", f"{warm[-1][1]} B, {warm[-1][2]} edges"),
         ("server peak RSS", f"{peak_mib:.0f} MiB"),
     ]
     if args.model and args.prompt_tokens:
-        ref = standalone(args.model, body["prompt"], args.max_new_tokens)
+        ref = standalone(model, body["prompt"], args.max_new_tokens)
         rows.append(("standalone af.trace(heads='mean')", f"{ref:.3f} s  (goal: run <= {1.15 * ref + 10:.1f} s)"))
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")

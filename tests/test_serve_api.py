@@ -344,3 +344,63 @@ def test_app_works_when_nnsight_was_imported_first():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- gold marks, token text
+GOLD_DOCS = [{"name": "doc1", "text": "bob owns a cat .", "supporting": False},
+             {"name": "doc2", "text": "alice lives in paris .", "gold": True}]
+
+
+def test_gold_documents_are_marked_in_the_run_attribution_and_export(client, tmp_path):
+    from test_html import page_data
+
+    rid = start_run(client, documents=GOLD_DOCS)
+    assert events(client, rid)[-1][0] == "done"
+    info = client.get(f"/api/runs/{rid}", headers=H).json()
+    assert info["gold"] == [1] and info["spans"][1]["name"] == "doc2"
+    a = client.get(f"/api/runs/{rid}/attribution", headers=H).json()
+    assert {d["name"]: d["gold"] for d in a["documents"]} == {"doc1": False, "doc2": True}
+    r = client.get(f"/api/runs/{rid}/export", headers=H)
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path)
+    meta = page_data(tmp_path / f"attnflow-run-{rid}" / "html")
+    assert meta["examples"][0]["gold"] == [1]
+    plain = client.get(f"/api/runs/{start_run(client)}", headers=H)  # no flags: nothing marked
+    assert plain.status_code == 200
+
+
+def test_a_gold_flag_that_is_no_boolean_is_400(client):
+    docs = [{"name": "doc1", "text": "bob owns a cat .", "gold": "yes"}]
+    r = client.post("/api/runs", json={"model": "demo", "prompt": PROMPT, "documents": docs}, headers=H)
+    assert r.status_code == 400 and "boolean" in r.json()["error"]
+
+
+def test_byte_level_tokens_are_sent_as_the_text_they_cover():
+    """A byte-level BPE model: `text` spells the prompt exactly ("Ramírez", "–"), `tokens` keeps the raw strings."""
+    import nnsight
+    from test_tokens import TEXT, byte_bpe
+    from tiny_models import tiny_model
+
+    from attnflow.tokens import PARTIAL, text_of
+
+    tok = byte_bpe()
+    lm = nnsight.LanguageModel(tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256), tokenizer=tok)
+    client = TestClient(create_app({"bpe": lambda: lm}, TOKEN, limits=Limits(max_tokens=200)), base_url=BASE)
+    doc = "\u00c9dgar Ram\u00edrez met Abdul"
+    r = client.post("/api/runs", json={"model": "bpe", "prompt": TEXT, "max_new_tokens": 6,
+                                       "documents": [{"name": "d", "text": doc, "gold": True}]}, headers=H)
+    assert r.status_code == 202, r.text
+    evs = events(client, r.json()["id"])
+    assert evs[-1][0] == "done", evs
+    info = client.get(f"/api/runs/{r.json()['id']}", headers=H).json()
+    n, ids = info["prompt_length"], tok.convert_tokens_to_ids(info["tokens"])
+    assert info["tokens"] == tok.convert_ids_to_tokens(ids) and any("\u0120" in t or "\u00c3" in t for t in info["tokens"])
+    special = [i in tok.all_special_ids for i in ids[:n]]
+    assert text_of(info["text"][:n], special) == f"d : {doc}\n{TEXT}"
+    s = info["spans"][0]
+    assert text_of(info["text"][s["start"]:s["end"]]).strip() == doc and info["gold"] == [0]
+    completion = tok.decode(ids[n:]).rstrip("\ufffd")
+    assert "".join(t for t in info["text"][n:] if t != PARTIAL) == completion
+    streamed = [d["text"] for e, d in evs if e == "token"]
+    # (a random model emits invalid UTF-8 too; the stream, decoded over a window, may mark it differently)
+    assert len(streamed) == len(ids) - n
+    assert "".join(t for t in streamed if t != PARTIAL).replace("\ufffd", "") == completion.replace("\ufffd", "")

@@ -139,6 +139,19 @@ def test_type_a_prompt_run_first_graph(driver, server):
     assert bars[:2] == ["doc1", "doc2"]
 
 
+def test_gold_document_outlined_with_a_legend(driver, server):
+    """The page's example marks doc2 gold: its columns are outlined, the legend and its bar say so."""
+    boxes = by_css(driver, "#graph .gold-box")
+    assert [b.get_attribute("data-span") for b in boxes] == ["1"]
+    legend = by_css(driver, "#legend")[0]
+    assert legend.is_displayed() and "gold" in legend.text and "doc2" in legend.text
+    assert [b.get_attribute("textContent") for b in by_css(driver, "#attribution .bar.gold .name")] == ["doc2"]
+    # the outline spans the columns of doc2's tokens ("alice lives in paris .")
+    x0, w = float(boxes[0].get_attribute("x")), float(boxes[0].get_attribute("width"))
+    labels = [t for t in by_css(driver, "#graph .tok-label") if t.get_attribute("textContent") == "alice"]
+    assert labels and all(x0 < float(t.get_attribute("x")) < x0 + w for t in labels[:1])
+
+
 def test_tau_slider_changes_edge_count(driver, server):
     from selenium.webdriver.common.keys import Keys
 
@@ -205,11 +218,14 @@ def test_xss_payloads_in_prompt_and_document_names_stay_inert(driver, server):
 
 
 def test_screenshot_and_offline_export(driver, server, tmp_path):
+    driver.get("about:blank")  # a fresh page: the earlier tests' document names and tau are gone
+    driver.set_window_size(1400, 1180)
     open_page(driver, server)
     run_prompt(driver, "question : what is the city of alice ?\nanswer :")
     out = Path(os.environ.get("ATTNFLOW_SCREENSHOT") or tmp_path / "serve.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(out))
+    driver.set_window_size(1400, 1000)
     assert out.stat().st_size > 10_000
     # the export of the run opens offline from file:// with no network request
     run_id = driver.execute_script("return document.querySelector('#graph') && performance.getEntriesByType('resource')"

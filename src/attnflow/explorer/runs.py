@@ -7,6 +7,11 @@
     >>> runner.graph(run, target=None, tau=0.01)["edge_counts"]
     [7, 9, 8, 6]
 
+A document may carry `"gold": true` (or `"supporting": true`): its span is listed in
+the run's `gold` (span indices), which the page outlines and the export marks.
+Token text is sent twice: `tokens` (the vocabulary strings) and `text` (what each
+token covers, `attnflow.tokens`), so byte-level BPE shows "–", not "âĢĵ".
+
 A run is one request: the model generates greedily (tokens streamed as events),
 then `attnflow.trace(..., heads="mean", dtype=float32)` records every layer of
 prompt + completion once (teacher forcing).  Graphs, attributions and exports are
@@ -68,6 +73,7 @@ class Prepared:
     ids: list[int]
     spans: list  # attnflow.Span
     max_new_tokens: int
+    gold: list[int] = field(default_factory=list)  # indices of the spans marked supporting
 
 
 @dataclass
@@ -129,7 +135,7 @@ class Runner:
         new = body.get("max_new_tokens", 8)
         if not isinstance(new, int) or isinstance(new, bool) or not 1 <= new <= self.limits.max_new_tokens:
             raise BadArgumentError(f"max_new_tokens={new!r}; use an integer in 1..{self.limits.max_new_tokens}")
-        docs = _documents(body.get("documents") or [], self.limits.max_documents)
+        docs, gold = _documents(body.get("documents") or [], self.limits.max_documents)
         tok = model.tokenizer
         if body.get("messages") is not None:
             text, ranges = _chat_text(tok, body["messages"], docs)
@@ -155,7 +161,7 @@ class Runner:
         from attnflow.attribution import text_spans
 
         spans = text_spans(tok, text, ranges, kind="document", add_special_tokens=special) if ranges else []
-        return Prepared(name, ids, spans, new)
+        return Prepared(name, ids, spans, new, gold)
 
     def submit(self, prepared: Prepared) -> Run:
         """Queue a run; QueueFull when `max_queued` runs are already waiting or running."""
@@ -206,7 +212,7 @@ class Runner:
         run.emit("progress", stage="generating", prompt_tokens=len(p.ids))
         t0 = time.perf_counter()
         with self.model_lock:
-            new = _generate(model, p.ids, p.max_new_tokens, lambda t: run.emit("token", **_token(tok, t)))
+            new = _generate(model, p.ids, p.max_new_tokens, lambda out: run.emit("token", **_token(tok, p.ids, out)))
             run.emit("progress", stage="recording", seconds=round(time.perf_counter() - t0, 3))
             tr = af.trace(model, [p.ids], completions=[new], heads="mean", dtype=torch.float32,
                           spans=[p.spans], progress=False)
@@ -233,10 +239,12 @@ class Runner:
             "model": run.prepared.model,
             "state": run.state,
             "tokens": list(tr.tokens[0]),
+            "text": list(tr.display(0)),
             "prompt_length": int(tr.prompt_lengths[0]),
             "layers": len(tr.layers),
             "heads": int(tr.model_info.get("num_heads") or 0) or None,
             "spans": [{"name": s.name, "kind": s.kind, "start": s.start, "end": s.end} for s in tr.spans[0]],
+            "gold": list(run.prepared.gold),
         }
 
     def ready(self, run: Run) -> None:
@@ -289,8 +297,9 @@ class Runner:
         if any(s.kind == "document" for s in spans):
             tab = af.attribute(run.trace, method="rollout", targets=[g["target"]], alpha=alpha,
                                exclude_keys=(0,) if sinks else (), span_kind="document").to_pylist()
-            docs = [{"name": spans[r["source_span"]].name, "score": (1 - excluded) * r["score"], "rank": r["rank"]}
-                    for r in tab]
+            gold = set(run.prepared.gold)
+            docs = [{"name": spans[r["source_span"]].name, "score": (1 - excluded) * r["score"], "rank": r["rank"],
+                     "gold": r["source_span"] in gold} for r in tab]
         p = int(run.trace.prompt_lengths[0])
         in_docs = torch.zeros_like(bottom, dtype=torch.bool)
         for s in spans:
@@ -317,7 +326,9 @@ class Runner:
             attributions = af.attribute(tr, method="rollout", exclude_keys=(0,), span_kind="document")
         buf = io.BytesIO()
         with tempfile.TemporaryDirectory(prefix="attnflow-export-") as d:
-            af.exporters.to_html(tr, Path(d) / "html", flow=flow, attributions=attributions)
+            gold = {0: list(run.prepared.gold)} if run.prepared.gold else None
+            flow_info = {"rollout": {"alpha": 0.5, "heads": "mean", "exclude_keys": [0]}}
+            af.exporters.to_html(tr, Path(d) / "html", flow=flow, attributions=attributions, flow_info=flow_info, gold=gold)
             af.exporters.to_parquet(tr, Path(d) / "parquet", flow=flow, attributions=attributions)
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
                 for f in sorted(Path(d).rglob("*")):
@@ -327,18 +338,24 @@ class Runner:
 
 
 # --- helpers ---------------------------------------------------------------------------
-def _documents(docs: Any, limit: int) -> list[tuple[str, str]]:
+def _documents(docs: Any, limit: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """(name, text) of each document, and the indices of those flagged `gold` / `supporting`."""
     if not isinstance(docs, list) or len(docs) > limit:
         raise BadArgumentError(f"documents must be a list of at most {limit} {{name, text}} objects")
-    out = []
+    out, gold = [], []
     for i, d in enumerate(docs):
         if not isinstance(d, dict) or not isinstance(d.get("text"), str) or not d["text"].strip():
             raise BadArgumentError(f"document {i} needs a non-empty text")
         name = d.get("name") or f"doc{i + 1}"
         if not isinstance(name, str):
             raise BadArgumentError(f"document {i} has a name that is no string")
+        flags = [d[k] for k in ("gold", "supporting") if k in d]
+        if any(not isinstance(f, bool) for f in flags):
+            raise BadArgumentError(f"document {i} has a gold/supporting flag that is no boolean (true or false)")
+        if any(flags):
+            gold.append(i)
         out.append((name, d["text"]))
-    return out
+    return out, gold
 
 
 def _prompt_text(prompt: Any, docs: list[tuple[str, str]]) -> tuple[str, list[tuple[str, int, int]]]:
@@ -377,8 +394,8 @@ def _chat_text(tok: Any, messages: Any, docs: list[tuple[str, str]]) -> tuple[st
     return text, ranges
 
 
-def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callable[[int], None]) -> list[int]:
-    """Greedy tokens after `ids` (cut after the first end token), each passed to `on_token` as it appears."""
+def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callable[[list[int]], None]) -> list[int]:
+    """Greedy tokens after `ids` (cut after the first end token); `on_token(tokens so far)` as each appears."""
     from transformers.generation.streamers import BaseStreamer
 
     from attnflow.tracers.hf import _device, as_nnsight, pad_id
@@ -398,7 +415,7 @@ def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callabl
             for t in value.flatten().tolist():
                 if len(out) < max_new_tokens and not (out and out[-1] in eos):
                     out.append(t)
-                    on_token(t)
+                    on_token(out)
 
         def end(self):
             pass
@@ -421,8 +438,14 @@ def _max_positions(model: Any) -> int | None:
     return None
 
 
-def _token(tok: Any, t: int) -> dict:
-    return {"id": int(t), "token": str(tok.convert_ids_to_tokens([t])[0]), "text": tok.decode([t])}
+def _token(tok: Any, prompt: list[int], out: list[int]) -> dict:
+    """The newest token: id, vocabulary string and display text (decoded after the tokens before it)."""
+    from attnflow.tokens import display_tokens
+
+    t = out[-1]
+    cut = max(0, len(out) - 8)  # the last 8 tokens hold any character split over several
+    text = display_tokens(tok, out[cut:], context=(prompt + out[:cut])[-4:])[-1]
+    return {"id": int(t), "token": str(tok.convert_ids_to_tokens([t])[0]), "text": text}
 
 
 def _one_line(err: Exception) -> str:

@@ -3,7 +3,8 @@
  * The session token comes from the URL fragment (#token=...) and goes in the X-Attnflow-Token header of
  * every API call.  Server-sent events are read with fetch() so that the token never sits in a URL.
  * Token text, document names and every other string from the server are inserted with textContent
- * (or createTextNode) only, never as markup.
+ * (or createTextNode) only, never as markup.  Tokens read as the text they cover (the run's `text`,
+ * decoded by the server), not as vocabulary strings; documents flagged gold are outlined, with a legend.
  */
 (function () {
   "use strict";
@@ -27,9 +28,17 @@
     return e;
   }
   function status(text) { $("status").textContent = text; }
-  function shown(tok) {
+  function shown(tok) {  // a vocabulary string, for runs without display text
     const t = String(tok).replace(/^\u0120|^\u2581/, "\u00b7").replace(/\u010a/g, "\u21b5");
     return t.replace(/\n/g, "\u21b5");
+  }
+  function visible(text) {  // a display string as a label: trimmed, line breaks and blanks made visible
+    const s = String(text).replace(/\r?\n/g, "\u21b5").replace(/\t/g, "\u21e5");
+    return s.trim() || (s.length ? "\u2423" : "\u2205");
+  }
+  function tokText(pos) {
+    const i = state.info;
+    return i.text ? visible(i.text[pos]) : shown(i.tokens[pos]);
   }
   async function api(path, opts) {
     const o = Object.assign({}, opts || {});
@@ -50,20 +59,25 @@
   }
 
   // ------------------------------------------------------------------ input
-  function addDocument(name, text) {
+  function addDocument(name, text, gold) {
     const row = el("div", { class: "doc" });
     const n = el("input", { type: "text", class: "doc-name", placeholder: "name" });
     n.value = name || "doc" + ($("documents").children.length + 1);
     const t = el("textarea", { class: "doc-text", rows: "1", spellcheck: "false" });
     t.value = text || "";
+    const g = el("label", { class: "doc-gold", title: "a gold (supporting) document: outlined in the graph" });
+    const box = el("input", { type: "checkbox", class: "doc-gold-box" });
+    box.checked = !!gold;
+    g.append(box, document.createTextNode("gold"));
     const x = el("button", { type: "button", class: "doc-remove", title: "remove" }, "\u00d7");
     x.addEventListener("click", () => row.remove());
-    row.append(n, t, x);
+    row.append(n, t, g, x);
     $("documents").append(row);
   }
   function requestBody() {
     const documents = Array.from(document.querySelectorAll("#documents .doc"))
-      .map((d) => ({ name: d.querySelector(".doc-name").value, text: d.querySelector(".doc-text").value }))
+      .map((d) => ({ name: d.querySelector(".doc-name").value, text: d.querySelector(".doc-text").value,
+                     gold: d.querySelector(".doc-gold-box").checked }))
       .filter((d) => d.text.trim());
     return { model: $("model").value, prompt: $("prompt").value, documents,
              max_new_tokens: parseInt($("max-new").value, 10) || 1 };
@@ -73,6 +87,7 @@
     $("run").disabled = true;
     $("completion").textContent = "";
     $("attribution").textContent = "";
+    $("legend").hidden = true;
     state.heads = {};
     state.selected = null;
     const t0 = performance.now();
@@ -114,11 +129,12 @@
 
   async function onEvent(name, d, t0) {
     if (name === "token") {
-      $("completion").append(el("span", { class: "tok" }, shown(d.token)));
+      $("completion").append(el("span", { class: "tok" }, d.text !== undefined ? visible(d.text) : shown(d.token)));
     } else if (name === "progress") {
       status(d.stage + "\u2026");
     } else if (name === "recorded") {
       state.info = d;
+      showCompletion(d);
       setupControls(d);
       await refresh();
       const ms = Math.round(performance.now() - t0);
@@ -127,6 +143,21 @@
     } else if (name === "error") {
       status("error: " + d.message);
     }
+  }
+
+  function showCompletion(info) {  // the recorded text replaces the streamed one (a split character is whole now)
+    if (!info.text) return;
+    const box = $("completion");
+    box.textContent = "";
+    for (let p = info.prompt_length; p < info.text.length; p++) box.append(el("span", { class: "tok" }, visible(info.text[p])));
+  }
+  function showLegend(info) {
+    const box = $("legend");
+    box.textContent = "";
+    box.hidden = !(info.gold && info.gold.length);
+    if (box.hidden) return;
+    box.append(el("span", { class: "swatch gold" }), document.createTextNode(
+      "gold: marked supporting (" + info.gold.map((i) => info.spans[i].name).join(", ") + ")"));
   }
 
   // ------------------------------------------------------------------ controls
@@ -140,7 +171,7 @@
     const target = $("target");
     target.textContent = "";
     for (let t = 1; t <= info.tokens.length; t++) {
-      const tok = t < info.tokens.length ? shown(info.tokens[t]) : "(next)";
+      const tok = t < info.tokens.length ? tokText(t) : "(next)";
       const o = option(target, t, t + ": " + tok + (t >= info.prompt_length ? "" : "  (prompt)"));
       if (t === Math.min(info.prompt_length, info.tokens.length - 1)) o.selected = true;
     }
@@ -159,6 +190,7 @@
     }
     option(oh, "", "\u2013");
     for (let h = 0; h < (info.heads || 0); h++) option(oh, h, "H" + h);
+    showLegend(info);
   }
   function tau() { return TAUS[parseInt($("tau").value, 10)]; }
 
@@ -232,15 +264,21 @@
                                   transform: "rotate(60 " + (c.x + 2) + " " + (L.y(0) + 28) + ")" }, "\u2026" + n + "\u2026"));
       }
     }
-    if ($("spans").checked) {
+    const gold = new Set(info.gold || []);
+    if ($("spans").checked || gold.size) {
       info.spans.forEach((s, i) => {
         const xs = L.cols.filter((c) => c.pos !== undefined && c.pos >= s.start && c.pos < s.end).map((c) => c.x);
         if (!xs.length) return;
         const hue = (i * 137) % 360;
         const x0 = Math.min(...xs) - 12, x1 = Math.max(...xs) + 12;
+        if (gold.has(i)) {  // outlined from the top layer to the labels, whether or not bands are shown
+          root.append(svg("rect", { class: "gold-box", x: x0, y: L.y(g.layers) - 12, width: x1 - x0,
+                                    height: L.y(0) - L.y(g.layers) + 112, "data-span": i }));
+        }
+        if (!$("spans").checked) return;
         root.append(svg("rect", { class: "span-band", x: x0, y: L.y(0) + 8, width: x1 - x0, height: 6,
                                   fill: "hsl(" + hue + ",70%,50%)" }));
-        root.append(svg("text", { class: "span-label", x: x0, y: L.y(0) + 100 }, s.name));
+        root.append(svg("text", { class: "span-label" + (gold.has(i) ? " gold" : ""), x: x0, y: L.y(0) + 100 }, s.name));
       });
     }
     for (let l = 0; l < g.layers; l++) {
@@ -262,7 +300,7 @@
         const c = svg("circle", { class: "node", cx: L.x[pos], cy: L.y(level), r: (2 + 7 * Math.sqrt(mass)).toFixed(2),
                                   "data-level": level, "data-pos": pos });
         if (state.selected && state.selected.level === level && state.selected.pos === pos) c.classList.add("selected");
-        c.append(svg("title", {}, "level " + level + ", token " + pos + " " + shown(info.tokens[pos]) +
+        c.append(svg("title", {}, "level " + level + ", token " + pos + " " + tokText(pos) +
                                   ", mass " + mass.toFixed(4)));
         c.addEventListener("click", () => {
           const same = state.selected && state.selected.level === level && state.selected.pos === pos;
@@ -276,10 +314,10 @@
       if (c.pos === undefined) continue;
       const yb = L.y(0) + 22;
       root.append(svg("text", { class: "tok-label", x: c.x, y: yb, transform: "rotate(60 " + c.x + " " + yb + ")" },
-                      shown(info.tokens[c.pos])));
+                      tokText(c.pos)));
     }
-    const top = g.target_row, outTok = g.target < info.tokens.length ? info.tokens[g.target] : "(next)";
-    root.append(svg("text", { class: "out-label", x: L.x[top] - 10, y: L.y(g.layers) - 16 }, "\u2192 " + shown(outTok)));
+    const top = g.target_row, outTok = g.target < info.tokens.length ? tokText(g.target) : "(next)";
+    root.append(svg("text", { class: "out-label", x: L.x[top] - 10, y: L.y(g.layers) - 16 }, "\u2192 " + outTok));
     wrap.append(root);
     const total = g.edge_counts.reduce((a, b) => a + b, 0);
     $("edge-count").textContent = visible + " of " + total + " edges";
@@ -316,8 +354,8 @@
 
   async function hoverEdge(ev, layer, src, dst, w) {
     const tip = $("tooltip"), info = state.info;
-    const text = () => "layer " + layer + ": " + src + " " + shown(info.tokens[src]) + " \u2192 " + dst + " " +
-      shown(info.tokens[dst]) + "\nweight " + w.toFixed(4) + (src === dst ? " (incl. residual)" : "") + topHeads(layer, src, dst);
+    const text = () => "layer " + layer + ": " + src + " " + tokText(src) + " \u2192 " + dst + " " +
+      tokText(dst) + "\nweight " + w.toFixed(4) + (src === dst ? " (incl. residual)" : "") + topHeads(layer, src, dst);
     tip.textContent = text();
     tip.style.left = ev.clientX + 12 + "px";
     tip.style.top = ev.clientY + 12 + "px";
@@ -353,10 +391,10 @@
     const q = new URLSearchParams({ target: $("target").value, alpha: $("alpha").value, sinks: $("sinks").checked ? "1" : "0" });
     const a = await (await api("/api/runs/" + state.run + "/attribution?" + q)).json();
     box.textContent = "";
-    const rows = a.documents.map((d) => [d.name, d.score]).concat(
+    const rows = a.documents.map((d) => [d.name, d.score, d.gold]).concat(
       [["(other prompt)", a.other_prompt], ["(completion)", a.completion], ["(excluded sink)", a.excluded]]);
-    for (const [name, score] of rows) {
-      const bar = el("div", { class: "bar" });
+    for (const [name, score, gold] of rows) {
+      const bar = el("div", { class: "bar" + (gold ? " gold" : ""), title: gold ? "gold: marked supporting" : "" });
       bar.append(el("span", { class: "name" }, name), el("span", { class: "fill" }),
                  el("span", { class: "score" }, (100 * score).toFixed(1) + "%"));
       bar.children[1].style.width = Math.round(300 * score) + "px";
@@ -383,7 +421,7 @@
       for (const name of m.models) option($("model"), name, name);
     } catch (err) { status(err.message); return; }
     addDocument("doc1", "bob owns a cat .");
-    addDocument("doc2", "alice lives in paris .");
+    addDocument("doc2", "alice lives in paris .", true);
     $("prompt").value = "question : what is the city of alice ?\nanswer :";
     $("add-doc").addEventListener("click", () => addDocument());
     $("run").addEventListener("click", run);

@@ -121,7 +121,7 @@ def evaluate(
 def announce_views(todo, model, config: RunConfig, budget: ViewBudget, progress: bool) -> None:
     """Print the estimated size of the views this run will write, before writing any."""
     wanted = [j for b in todo for j in b if j.example.index < budget.count]
-    if not wanted or not progress:
+    if not wanted:
         return
     layers = num_layers(model)
     extra = config.new_tokens if config.mode == "generate" else 0

@@ -29,16 +29,16 @@ from attnflow.exporters import to_html
 # (name in the viewer, flow method, exclude the first-token sink)
 VIEW_METHODS = (("rollout", "rollout", False), ("rollout/nosink", "rollout", True))
 DEFAULT_VIEW_BYTES = 200 * 10**6
-STATIC_BYTES = 120_000  # viewer.js, viewer.css and the page around the data (measured: ~90 kB)
-TOKEN_BYTES = 40  # index.html's JSON per token (text, id, row)
+STATIC_BYTES = 36_000  # viewer.js + viewer.css (31.5 kB) and index.html around the data (measured)
+TOKEN_BYTES = 15  # index.html's JSON per token (measured: 14 on SmolLM2 HotPotQA prompts)
 SHARD_BYTES = 8 * 2**20  # to_html's default shard size; each shard has a ~400 byte header
 
 
 def estimate_bytes(n_tokens: int, n_layers: int, n_heads: int = 1, flow_rows: int = 1, n_flows: int = len(VIEW_METHODS)) -> int:
     """Bytes of one view of `n_tokens` tokens (every row recorded, causal, uint8), before writing it.
 
-    >>> round(estimate_bytes(1500, 30) / 1e6, 1)                  # SmolLM2, a HotPotQA prompt
-    45.2
+    >>> round(estimate_bytes(1159, 30, flow_rows=3) / 1e6, 2)      # SmolLM2, HotPotQA dev row 14: 27.17 MB written
+    27.15
     """
     values = n_layers * n_heads * n_tokens * (n_tokens + 1) // 2
     attention = 4 * math.ceil(values / 3) + 4 * math.ceil(n_layers * n_heads * n_tokens * 4 / 3)

@@ -18,6 +18,7 @@ from pathlib import Path
 from attnflow.errors import BadArgumentError
 
 MAX_PROBLEMS_SHOWN = 20
+DEFAULT_VIEW_BYTES = 200 * 10**6  # = attnflow.eval.views.DEFAULT_VIEW_BYTES (not imported: keeps startup light)
 
 
 def add_parser(subparsers) -> None:
@@ -26,8 +27,13 @@ def add_parser(subparsers) -> None:
     for name, help_ in (("hotpotqa", "HotPotQA (distractor setting) from a local file"), ("demo", "the demo task")):
         ep = esub.add_parser(name, help=help_)
         if name == "hotpotqa":
-            ep.add_argument("--model", required=True, help="local model directory or hub id")
+            ep.add_argument("--model", required=True, help="local model directory, .gguf file or hub id")
             ep.add_argument("--data", required=True, help="hotpot_dev_distractor_v1.json, or a .parquet/.jsonl file")
+            ep.add_argument("--prompt-template", default="default",
+                            help="a named template (default, bare, words) or a file holding {documents} and {question}")
+            ep.add_argument("--no-chat-template", action="store_true",
+                            help="do not apply the tokenizer's chat template (applied by default when it has one)")
+            ep.add_argument("--system", default=None, help="system prompt (chat template only)")
         else:
             ep.add_argument("--model", default=None, help="model directory (default: the embedded demo model)")
             ep.add_argument("--two-hop", action="store_true", help="ask two-hop questions (two supporting documents)")
@@ -41,9 +47,12 @@ def add_parser(subparsers) -> None:
                         help="skip (and count) longer prompts (default: the model's maximum positions)")
         ep.add_argument("--max-new-tokens", type=int, default=None, help="answer length budget (demo 3, hotpotqa 16)")
         ep.add_argument("--batch-size", type=int, default=1, help="examples per forward pass (default 1)")
-        ep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+        ep.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out, or extend it (a larger --limit: only the new examples)")
         ep.add_argument("--no-progress", action="store_true")
         ep.add_argument("--views", type=int, default=50, help="write attention views for the first N examples (default 50)")
+        ep.add_argument("--views-bytes", type=float, default=DEFAULT_VIEW_BYTES,
+                        help="byte budget for views/ (default 200e6); views past it are skipped and counted")
         ep.add_argument("--model-dtype", default="float32", help="dtype of the model weights: float32 | bfloat16 | float16")
         ep.add_argument("--dtype", default=None, help=argparse.SUPPRESS)  # gone: refused with a pointer to --model-dtype
         ep.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda")
@@ -75,6 +84,14 @@ def config_from_args(args):
         if value is not None and value < 1:
             raise BadArgumentError(f"--{name.replace('_', '-')} {value}; use a positive integer")
     parse_shard(args.shard)
+    if args.views < 0 or args.views_bytes < 0:
+        raise BadArgumentError(f"--views {args.views} --views-bytes {args.views_bytes:g}; use numbers >= 0")
+    template = getattr(args, "prompt_template", "default")
+    if task == "hotpotqa":
+        from attnflow.eval.prompts import TEMPLATES, template_text
+
+        template_text(template)  # BadArgumentError now, not after loading the model
+        template = template if template in TEMPLATES else str(Path(template).resolve())
     data = str(Path(args.data).resolve()) if task == "hotpotqa" else None
     model = getattr(args, "model", None)
     return RunConfig(
@@ -91,6 +108,9 @@ def config_from_args(args):
         batch_size=args.batch_size,
         dtype=getattr(args, "model_dtype", "float32"),
         device_map=getattr(args, "device_map", None),
+        prompt_template=template,
+        chat_template=not getattr(args, "no_chat_template", False),
+        system=getattr(args, "system", None),
     )
 
 
@@ -110,7 +130,7 @@ def evaluate(args) -> int:
     model, tokenizer = runner.load_model(config)
     facts = runner.evaluate(
         examples, problems, model, tokenizer, out, config,
-        resume=args.resume, progress=not args.no_progress, views=args.views,
+        resume=args.resume, progress=not args.no_progress, views=args.views, views_bytes=int(args.views_bytes),
     )  # fmt: skip
     print(facts["text"])
     return 0

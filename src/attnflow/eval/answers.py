@@ -178,3 +178,51 @@ def _trim(answer: str) -> str:
     while answer and answer[-1] in ".,;:!?" and not (answer[-1] == "." and _abbreviation(answer[:-1])):
         answer = answer[:-1].rstrip()
     return answer.strip(' "“”')
+
+
+# --- the answer's tokens ------------------------------------------------------------------------
+_MARKUP_GAP = r"(?:\*\*|__|`)*"  # markup that extraction removed may sit inside the answer's text
+
+
+def locate(answer: str, text: str) -> tuple[int, int] | None:
+    """Character range of the extracted `answer` in the generated `text`: its first occurrence, ignoring case
+    and the markup extraction drops, as whole words; None when it does not occur (or is empty).
+
+    >>> locate("no", "I do not know. No, they are not.")
+    (15, 17)
+    >>> locate("Terry Richardson", "**Terry** Richardson")
+    (2, 20)
+    """
+    if not answer:
+        return None
+    pattern = _MARKUP_GAP.join(re.escape(c) for c in answer)
+    pattern = (r"\b" if answer[0].isalnum() else "") + pattern + (r"\b" if answer[-1].isalnum() else "")
+    m = re.search(pattern, text, re.IGNORECASE)
+    return None if m is None else m.span()
+
+
+def token_span(display: list[str], chars: tuple[int, int], partial: str = "\u25cc") -> tuple[int, int]:
+    """Tokens [start, end) whose display strings cover non-space characters of `chars` in "".join(display).
+
+    `partial` (`attnflow.tokens.PARTIAL`) marks a token holding only bytes of a character the
+    next token completes: it covers no text, and joins the span when the token after it does.
+
+    >>> token_span([" The", " answer", " is", " St", ".", " Louis", "."], (15, 24))
+    (3, 6)
+    """
+    c0, c1 = chars
+    start = end = None
+    pos = 0
+    for i, piece in enumerate(display):
+        if piece == partial:
+            continue
+        lo, hi = max(pos, c0), min(pos + len(piece), c1)
+        if lo < hi and piece[lo - pos : hi - pos].strip():
+            start = i if start is None else start
+            end = i + 1
+        pos += len(piece)
+    if start is None:
+        return 0, 0
+    while start and display[start - 1] == partial:
+        start -= 1
+    return start, end

@@ -1,8 +1,10 @@
 """One batch of an evaluation: trace it, read the answers, score every method at both levels.
 
 Row t of a composed matrix produces token t+1, so an answer's scores come from
-the rows before its tokens (`methods.answer_rows`); the rows' composed flow is
-averaged (`methods.key_scores`) and summed over each sentence and paragraph.
+the rows before its tokens; only the answer span's tokens count (`read_answer`: the
+extracted answer in generate mode, the gold answer in teacher mode).  The rows'
+composed flow is averaged (`methods.key_scores`, one trace for every method) and
+summed over each sentence and paragraph.
 
     >>> tables = run_batch(batch, model, tokenizer, config, Path("runs/demo"), views=0)
     >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 11 methods
@@ -11,24 +13,28 @@ averaged (`methods.key_scores`) and summed over each sentence and paragraph.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 from attnflow.eval import metrics as M
+from attnflow.eval.answers import answer_scores, locate, token_span
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem
 from attnflow.eval.jobs import Job
-from attnflow.eval.methods import METHOD_NAMES, answer_rows, key_scores, random_scores, span_sums
+from attnflow.eval.methods import METHOD_NAMES, key_scores, random_scores, span_sums
 from attnflow.eval.store import attribution_table, examples_table
 from attnflow.eval.views import write_views
+from attnflow.tokens import PARTIAL
 
 
-def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, views: int) -> dict[str, pa.Table]:
-    """Trace one batch, answer, score every method at both levels: {examples, attribution} tables.
+def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, views) -> dict[str, pa.Table]:
+    """Trace one batch, answer, score every method at both levels over the answer span: {examples, attribution}.
 
-    Writes the attention views of examples with index < `views` under `out/views/`.
+    `views` (a `views.ViewBudget`, or an int: examples with index < views, no byte budget)
+    decides which examples get an attention view under `out/views/`.
     """
     from attnflow.tracers import trace
 
@@ -47,33 +53,63 @@ def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, 
         spans=[p.spans for p in prompts],
     )
     stop = set(tokenizer.all_special_ids)
-    answers = [answer_ids(tr, b, stop) for b in range(len(batch))]
-    rows, mask = answer_rows(tr.prompt_lengths, [len(a) for a in answers], tr.pad_offsets)
-    targets = [(r[m] - pad).tolist() for r, m, pad in zip(rows, mask, tr.pad_offsets)]  # unpadded rows
+    answers = [read_answer(tr, b, job, stop, teacher) for b, job in enumerate(batch)]
+    targets = [a.rows for a in answers]  # unpadded query rows producing the answer span's tokens
     scores = {k: v.double().cpu() for k, v in key_scores(tr, targets).items()}
     ex_rows, attr_rows = [], []
     for b, job in enumerate(batch):
-        text = tokenizer.decode(answers[b], skip_special_tokens=True).strip()
-        prediction = text.splitlines()[0].strip() if text else ""
-        ex_rows.append(example_row(job, prediction, len(answers[b]), teacher))
+        ex_rows.append(example_row(job, answers[b]))
         attr_rows += attribution_rows(job, tr.pad_offsets[b], {k: v[b] for k, v in scores.items()})
     write_views(tr, batch, targets, out, views)
     return {"examples": examples_table(ex_rows), "attribution": attribution_table(attr_rows)}
 
 
-def answer_ids(tr, b: int, stop: set[int]) -> list[int]:
-    """The completion's token ids up to (not including) the first special token."""
-    ids = tr.input_ids[b, tr.pad_offsets[b] + tr.prompt_lengths[b] :].tolist()
-    for n, t in enumerate(ids):
-        if t in stop:
-            return ids[:n]
-    return ids
+@dataclass
+class Answer:
+    """What one example answered, and which of its completion tokens are attributed."""
+
+    completion: int  # completion tokens up to (not including) the first special token
+    start: int  # attributed span: completion tokens [start, end)
+    end: int
+    span_text: str
+    rows: list[int]  # unpadded query rows producing the span's tokens (the stop row for an empty span)
+    generated: str | None = None  # generate mode: the completion's text
+    scores: dict | None = None  # generate mode: `answers.answer_scores`
 
 
-def example_row(job: Job, prediction: str | None, answer_tokens: int | None, teacher: bool) -> dict:
-    """The examples table's row of one job (`prediction=None`: not evaluated)."""
+def read_answer(tr, b: int, job: Job, stop: set[int], teacher: bool) -> Answer:
+    """The completion of example b and its answer span.
+
+    Teacher mode: the forced gold answer's tokens (special tokens such as an end of
+    turn are never part of it).  Generate mode: the completion's text is the join of
+    its display strings (`tr.text`, exactly the text each token covers), the answer is
+    extracted from it (`answers.answer_scores`), located in it (`answers.locate`) and
+    mapped to the tokens covering it (`answers.token_span`); when the extracted answer
+    is empty or not found verbatim, the whole completion is attributed.
+    """
+    P = tr.prompt_lengths[b]
+    ids = tr.input_ids[b, tr.pad_offsets[b] + P :].tolist()
+    m = next((n for n, t in enumerate(ids) if t in stop), len(ids))
+    display = tr.display(b)[P : P + m]
+    text = "".join(piece for piece in display if piece != PARTIAL)
+    scores = None
+    start, end = 0, m
+    if not teacher:
+        scores = answer_scores(text, job.example.answer, job.example.question)
+        chars = locate(scores["prediction"], text)
+        if chars is not None:
+            start, end = token_span(display, chars, PARTIAL)
+            if end <= start:
+                start, end = 0, m
+    rows = list(range(P - 1 + start, P - 1 + end)) or [P - 1 + m]
+    span = "".join(piece for piece in display[start:end] if piece != PARTIAL)
+    return Answer(m, start, end, span, rows, None if teacher else text, scores)
+
+
+def example_row(job: Job, answer: Answer | None) -> dict:
+    """The examples table's row of one job (`answer=None`: not evaluated)."""
     ex, p = job.example, job.prompt
-    generate = prediction is not None and not teacher
+    s = (answer.scores if answer is not None else None) or {}
     return {
         "index": ex.index,
         "id": ex.id,
@@ -81,16 +117,26 @@ def example_row(job: Job, prediction: str | None, answer_tokens: int | None, tea
         "reason": job.reason,
         "question": ex.question,
         "answer": ex.answer,
-        "prediction": prediction if generate else None,
-        "em": M.exact_match(prediction, ex.answer) if generate else None,
-        "f1": M.f1_score(prediction, ex.answer) if generate else None,
+        "prediction": s.get("prediction"),
+        "em": s.get("em"),
+        "f1": s.get("f1"),
         "prompt_tokens": len(p) if p is not None else None,
-        "answer_tokens": answer_tokens,
+        "answer_tokens": None if answer is None else answer.end - answer.start,
         "paragraphs": [q.title for q in ex.paragraphs],
         "gold_paragraphs": [q.title in ex.gold_titles for q in ex.paragraphs],
         "sentences": [f"{q.title} [{i}]" for q in ex.paragraphs for i in range(len(q.sentences))],
-        "sentence_text": [s.strip() for q in ex.paragraphs for s in q.sentences],
+        "sentence_text": [s_.strip() for q in ex.paragraphs for s_ in q.sentences],
         "gold_sentences": [(q.title, i) in set(ex.supporting) for q in ex.paragraphs for i in range(len(q.sentences))],
+        "question_type": ex.kind,
+        "generated": None if answer is None else answer.generated,
+        "contains": s.get("contains"),
+        "em_raw": s.get("em_raw"),
+        "f1_raw": s.get("f1_raw"),
+        "contains_raw": s.get("contains_raw"),
+        "completion_tokens": None if answer is None else answer.completion,
+        "answer_start": None if answer is None else answer.start,
+        "answer_end": None if answer is None else answer.end,
+        "answer_span": None if answer is None else answer.span_text,
     }
 
 
@@ -118,7 +164,7 @@ def attribution_rows(job: Job, pad: int, scores: dict[str, torch.Tensor]) -> lis
 
 def skipped_table(jobs: list[Job], problems: list[Problem]) -> pa.Table:
     """The examples rows of jobs not evaluated (too long) and of malformed rows."""
-    rows = [example_row(j, None, None, False) for j in jobs if j.status != "ok"]
+    rows = [example_row(j, None) for j in jobs if j.status != "ok"]
     for pr in problems:
         rows.append({"index": pr.index, "id": pr.id, "status": "malformed", "reason": pr.reason})
     return examples_table(rows)

@@ -32,6 +32,9 @@ class RunConfig:
     batch_size: int = 1
     dtype: str = "float32"  # model weights
     device_map: str | None = None
+    prompt_template: str = "default"  # a named template (prompts.TEMPLATES) or a template file's absolute path
+    chat_template: bool = True  # apply the tokenizer's chat template when it has one
+    system: str | None = None  # system prompt (chat template only)
 
     @property
     def shard_pair(self) -> tuple[int, int]:
@@ -42,7 +45,15 @@ class RunConfig:
         return self.max_new_tokens or DEFAULT_NEW_TOKENS[self.task]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The settings, plus the template's text (`prompt_template_text`), so a changed template file is seen."""
+        from attnflow.eval.prompts import template_text
+
+        text = template_text(self.prompt_template) if self.task == "hotpotqa" else None
+        return asdict(self) | {"prompt_template_text": text}
+
+
+# settings a resumed run may change, as long as its examples include the old ones (`store.check_growth`)
+GROWABLE = ("limit", "shard")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -57,6 +57,7 @@ class QAExample:
     supporting: tuple[tuple[str, int], ...]
     index: int = 0  # position in the source (file row or generated index)
     style: str = "hotpotqa"
+    kind: str | None = None  # question type: HotPotQA's "bridge" | "comparison"; demo "one-hop" | "two-hop"
 
     @property
     def gold_titles(self) -> set[str]:
@@ -156,7 +157,8 @@ def parse_row(row: dict, index: int = 0) -> QAExample:
             raise _Malformed(
                 f"supporting fact ({title!r}, {sid}) is out of range: {title!r} has {lengths[title]} sentences"
             )
-    return QAExample(ex_id, question.strip(), answer.strip(), paragraphs, supporting, index)
+    kind = row.get("type") if isinstance(row.get("type"), str) else None
+    return QAExample(ex_id, question.strip(), answer.strip(), paragraphs, supporting, index, kind=kind)
 
 
 def _pairs(value, field: str, columns: tuple[str, str], entry: str) -> list[tuple]:
@@ -215,5 +217,6 @@ def demo_examples(n: int, seed: int, two_hop: bool | float = False) -> list[QAEx
     for i, ex in enumerate(task.generate(n, seed=seed, two_hop=two_hop)):
         paragraphs = tuple(Paragraph(d.title, (d.text,)) for d in ex.documents)
         supporting = tuple((ex.documents[j].title, 0) for j in ex.support)
-        out.append(QAExample(f"demo-{seed}-{i}", ex.question, ex.answer, paragraphs, supporting, i, style="demo"))
+        kind = "two-hop" if ex.two_hop else "one-hop"
+        out.append(QAExample(f"demo-{seed}-{i}", ex.question, ex.answer, paragraphs, supporting, i, "demo", kind))
     return out

@@ -2,8 +2,10 @@
 
 Examples are selected by `limit` (the first N rows of the file) then by
 `shard` `i/N` (rows with index % N == i), so merged shards equal one run over the
-same limit.  Batches are `batch_size` consecutive valid examples, cut the same way
-on every run, so a resumed run commits the same parts as an uninterrupted one.
+same limit.  Batches are `batch_size` valid examples of similar prompt length (sorted
+by length, then index, so padding stays small), cut from the examples not yet
+committed, so a resumed run commits the same parts as an uninterrupted one and an
+extended run (a larger limit) evaluates only the new examples.
 
     >>> jobs = prepare(examples, tokenizer, RunConfig(task="demo"), limit_tokens=512)
     >>> [part_name(b) for b in batches(jobs, 2)]
@@ -17,7 +19,7 @@ from typing import Any
 
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem, QAExample, demo_examples, load_hotpotqa
-from attnflow.eval.prompts import Prompt, build_prompt
+from attnflow.eval.prompts import Prompt, build_prompt, template_text
 
 
 @dataclass
@@ -46,8 +48,9 @@ def select_examples(config: RunConfig) -> tuple[list[QAExample], list[Problem]]:
 def prepare(examples: list[QAExample], tokenizer, config: RunConfig, limit_tokens: int | None) -> list[Job]:
     """Prompts for every example; those over `limit_tokens` (prompt + answer budget) are marked too_long."""
     jobs = []
+    template = template_text(config.prompt_template) if config.task == "hotpotqa" else None
     for ex in examples:
-        prompt = build_prompt(ex, tokenizer)
+        prompt = build_prompt(ex, tokenizer, None if config.chat_template else False, template, config.system)
         job = Job(ex, prompt)
         if config.mode == "teacher":
             job.completion = list(tokenizer(prompt.answer_prefix + ex.answer, add_special_tokens=False)["input_ids"])
@@ -60,10 +63,15 @@ def prepare(examples: list[QAExample], tokenizer, config: RunConfig, limit_token
     return jobs
 
 
-def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
-    """The valid jobs cut into consecutive batches of `batch_size` (the last may be shorter)."""
-    ok = [j for j in jobs if j.status == "ok"]
+def batches(jobs: list[Job], batch_size: int, done: set[int] = frozenset()) -> list[list[Job]]:
+    """The valid jobs whose index is not in `done`, sorted by prompt length (then index), cut into batches
+    of `batch_size` (the last may be shorter)."""
+    ok = sorted((j for j in jobs if j.status == "ok" and j.example.index not in done), key=_length_key)
     return [ok[i : i + batch_size] for i in range(0, len(ok), batch_size)]
+
+
+def _length_key(job: Job) -> tuple[int, int]:
+    return len(job.prompt) + len(job.completion or ()), job.example.index
 
 
 def part_name(batch: list[Job]) -> str:

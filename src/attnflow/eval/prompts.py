@@ -23,12 +23,14 @@ format its model was trained on; each document is one sentence.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from attnflow.attribution import token_ranges
-from attnflow.errors import DataError, UnsupportedModelError
+from attnflow.errors import BadArgumentError, DataError, UnsupportedModelError
 from attnflow.eval.datasets import QAExample
 from attnflow.attention_trace import Span
 
@@ -70,8 +72,10 @@ class Prompt:
 
 
 # --- rendering -----------------------------------------------------------------------------
-def render_hotpotqa(example: QAExample) -> Rendered:
-    """Titled paragraphs, then the question:
+def render_hotpotqa(example: QAExample, template: str | None = None) -> Rendered:
+    """Titled paragraphs and the question, placed into `template` (the default below):
+
+    Answer the question using the documents. Reply with a short answer only.
 
     Document 1: <title>
     <sentence 0> <sentence 1> ...
@@ -79,23 +83,71 @@ def render_hotpotqa(example: QAExample) -> Rendered:
     Question: <question>
     Answer:
 
+    `{documents}` becomes the paragraphs, each "Document i: <title>\\n<sentences>", joined by a
+    blank line; `{question}` the question; everything else in the template is kept as written.
     A paragraph's range covers its header line and its sentences; a sentence's, its text only.
     """
-    text = INSTRUCTION + "\n\n"
-    paragraphs, sentences = [], []
-    for p_idx, para in enumerate(example.paragraphs):
-        start = len(text)
-        text += f"Document {p_idx + 1}: {para.title}\n"
-        for s_idx, sentence in enumerate(para.sentences):
-            sentence = sentence.strip()
-            if s_idx and sentence and not text.endswith("\n"):
-                text += " "
-            sentences.append((p_idx, s_idx, len(text), len(text) + len(sentence)))
-            text += sentence
-        paragraphs.append((start, len(text)))
-        text += "\n\n"
-    text += f"Question: {example.question}\nAnswer:"
+    text, paragraphs, sentences = "", [], []
+    for piece in _PLACEHOLDER.split(check_template(DEFAULT_TEMPLATE if template is None else template)):
+        if piece == "{question}":
+            text += example.question
+            continue
+        if piece != "{documents}":
+            text += piece
+            continue
+        for p_idx, para in enumerate(example.paragraphs):
+            if p_idx:
+                text += "\n\n"
+            start = len(text)
+            text += f"Document {p_idx + 1}: {para.title}\n"
+            for s_idx, sentence in enumerate(para.sentences):
+                sentence = sentence.strip()
+                if s_idx and sentence and not text.endswith("\n"):
+                    text += " "
+                sentences.append((p_idx, s_idx, len(text), len(text) + len(sentence)))
+                text += sentence
+            paragraphs.append((start, len(text)))
     return Rendered(text, paragraphs, sentences)
+
+
+# --- templates -------------------------------------------------------------------------------
+DEFAULT_TEMPLATE = INSTRUCTION + "\n\n{documents}\n\nQuestion: {question}\nAnswer:"
+TEMPLATES = {
+    "default": DEFAULT_TEMPLATE,
+    "bare": "{documents}\n\nQuestion: {question}\nAnswer:",  # no instruction
+    "words": (  # asks for the answer's words alone, for instruct models that answer in sentences
+        "Read the documents and answer the question with a few words only (a name, a date, a number, "
+        "or yes/no), without a sentence.\n\n{documents}\n\nQuestion: {question}"
+    ),
+}
+_PLACEHOLDER = re.compile(r"(\{documents\}|\{question\})")
+
+
+def template_text(name_or_path: str) -> str:
+    """The text of a named template (`TEMPLATES`) or of a template file; BadArgumentError otherwise.
+
+    >>> template_text("bare")
+    '{documents}\\n\\nQuestion: {question}\\nAnswer:'
+    """
+    if name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise BadArgumentError(
+            f"--prompt-template {name_or_path!r} is neither a template name ({', '.join(TEMPLATES)}) nor a file"
+        )
+    try:
+        return check_template(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadArgumentError(f"cannot read --prompt-template {path}: {err}") from None
+
+
+def check_template(text: str, where: str = "the prompt template") -> str:
+    """`text` if it holds `{documents}` and `{question}` once each; BadArgumentError naming what is wrong."""
+    for key in ("{documents}", "{question}"):
+        if text.count(key) != 1:
+            raise BadArgumentError(f"{where} holds {key} {text.count(key)} times; write it exactly once")
+    return text
 
 
 def render_demo(example: QAExample) -> Rendered:
@@ -115,13 +167,25 @@ RENDERERS = {"hotpotqa": render_hotpotqa, "demo": render_demo}
 
 
 # --- tokenising and spans --------------------------------------------------------------------
-def build_prompt(example: QAExample, tokenizer, chat_template: bool | None = None) -> Prompt:
-    """Render, apply the chat template (by default when the tokenizer has one), tokenise, make spans."""
-    rendered = RENDERERS[example.style](example)
+def build_prompt(
+    example: QAExample, tokenizer, chat_template: bool | None = None, template: str | None = None, system: str | None = None
+) -> Prompt:
+    """Render (HotPotQA into `template`'s text), apply the chat template (by default when the tokenizer has one,
+    with `system` as the system turn), tokenise, make spans."""
+    if example.style == "hotpotqa":
+        rendered = render_hotpotqa(example, template)
+    else:
+        rendered = RENDERERS[example.style](example)
     text, shift, special = rendered.text, 0, True
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    use_chat = has_chat if chat_template is None else chat_template
+    if use_chat and not has_chat:
+        raise DataError(f"{type(tokenizer).__name__} has no chat template; pass --no-chat-template")
+    if system is not None and not use_chat:
+        raise BadArgumentError("--system needs the chat template; drop --no-chat-template or --system")
     if use_chat:
-        messages = [{"role": "user", "content": rendered.text}]
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": rendered.text})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         shift = text.find(rendered.text)
         if shift < 0:

@@ -8,7 +8,8 @@
 
 `summary.parquet` is long: one row per (level, method, metric) with mean, ci_low,
 ci_high and n (examples where the metric is defined), plus answer rows
-(level "answer", metrics em and f1).  Intervals are percentile bootstraps over
+(level "answer": em, f1 and containment after and before extraction) and
+position-bias rows (subset "position", `position_bias`).  Intervals are percentile bootstraps over
 examples (1000 resamples, seed 0).
 """
 
@@ -30,7 +31,7 @@ from attnflow.eval.methods import METHOD_NAMES
 LEVELS = ("paragraph", "sentence")
 SHORT = {"precision": "P", "recall": "R", "mrr": "MRR", "ndcg": "nDCG", "auroc": "AUROC"}
 HEADLINE = ("precision@1", "precision@2", "recall@2", "recall@5", "mrr", "ndcg", "auroc")
-SUBSETS = ("all", "correct", "wrong")  # correct / wrong: examples whose generated answer has EM 1 / 0
+SUBSETS = ("all", "correct", "wrong")  # correct / wrong: examples whose extracted answer has EM 1 / 0; + question types
 SUMMARY_SCHEMA = pa.schema(
     [
         ("subset", pa.string()),
@@ -46,19 +47,29 @@ SUMMARY_SCHEMA = pa.schema(
 
 
 def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
-    """Mean and bootstrap CI of every metric per (subset, level, method), plus answer EM/F1 (generate mode).
+    """Mean and bootstrap CI of every metric per (subset, level, method), answer scores, position bias.
 
-    Subsets "correct" and "wrong" (generate mode only) split the examples by the
-    exact match of the model's answer: attribution of answers the model got right.
+    Subsets of the examples: "all"; "correct" and "wrong" (generate mode) by the exact
+    match of the extracted answer (attribution of answers the model got right); one per
+    question type ("bridge", "comparison" for HotPotQA).  Answer rows (level "answer"):
+    subset "all" holds EM and F1 of the extracted answer, "extracted" and "raw" hold EM,
+    F1 and containment after and before extraction.  Subset "position" holds `position_bias`.
     """
     rows = []
     em_of = dict(zip(examples["index"].to_pylist(), examples["em"].to_pylist()))
-    em = np.array([em_of.get(i) for i in attribution["index"].to_pylist()], dtype=object)
+    type_of = dict(zip(examples["index"].to_pylist(), examples["question_type"].to_pylist()))
+    index_col = attribution["index"].to_pylist()
+    em = np.array([em_of.get(i) for i in index_col], dtype=object)
+    kind = np.array([type_of.get(i) for i in index_col], dtype=object)
     level_col = np.array(attribution["level"].to_pylist(), dtype=object)
     method_col = np.array(attribution["method"].to_pylist(), dtype=object)
     values_of = {m: attribution[m].to_numpy(zero_copy_only=False).astype(np.float64) for m in M.metric_names()}
-    for subset in SUBSETS:
-        in_subset = np.ones(len(em), bool) if subset == "all" else (em == (1.0 if subset == "correct" else 0.0))
+    subsets = {
+        "all": np.ones(len(em), bool),
+        "correct": em == 1.0,
+        "wrong": em == 0.0,
+    } | {t: kind == t for t in sorted({t for t in type_of.values() if t})}
+    for subset, in_subset in subsets.items():
         for level in LEVELS:
             for method in METHOD_NAMES:
                 sel = in_subset & (level_col == level) & (method_col == method)
@@ -68,14 +79,106 @@ def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
                     mean, lo, hi, n = M.bootstrap_ci(values_of[metric][sel])
                     stats = dict(mean=mean, ci_low=lo, ci_high=hi, n=n)
                     rows.append(dict(subset=subset, level=level, method=method, metric=metric) | stats)
+    rows += answer_rows(examples)
+    rows += position_bias(examples, attribution)
+    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+ANSWER_ROWS = (  # (subset, metric, examples column)
+    ("all", "em", "em"),
+    ("all", "f1", "f1"),
+    ("extracted", "em", "em"),
+    ("extracted", "f1", "f1"),
+    ("extracted", "contains", "contains"),
+    ("raw", "em", "em_raw"),
+    ("raw", "f1", "f1_raw"),
+    ("raw", "contains", "contains_raw"),
+)
+
+
+def answer_rows(examples: pa.Table) -> list[dict]:
+    """Answer EM/F1/containment rows (generate mode): after extraction ("all", "extracted") and before ("raw")."""
     ok = np.array(examples["status"].to_pylist()) == "ok"
-    for metric in ("em", "f1"):
-        values = np.array([np.nan if v is None else v for v in examples[metric].to_pylist()], dtype=np.float64)[ok]
+    rows = []
+    for subset, metric, column in ANSWER_ROWS:
+        values = np.array([np.nan if v is None else v for v in examples[column].to_pylist()], dtype=np.float64)[ok]
         if len(values) and not np.isnan(values).all():
             mean, lo, hi, n = M.bootstrap_ci(values)
             stats = dict(mean=mean, ci_low=lo, ci_high=hi, n=n)
-            rows.append(dict(subset="all", level="answer", method="-", metric=metric) | stats)
-    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+            rows.append(dict(subset=subset, level="answer", method="-", metric=metric) | stats)
+    return rows
+
+
+def position_bias(examples: pa.Table, attribution: pa.Table) -> list[dict]:
+    """Does a method read content or position?  Per method, over the paragraph-level rows (documents):
+
+    top1_first / top1_last  fraction of examples whose top-ranked document is the first / the last
+    rank@p                  mean rank (1 = best) of the document at position p (1 = first)
+    rank@last               mean rank of the last document
+
+    The "random" row holds the exact expectations (1/n, 1/n, (n+1)/2).  The "gold" row
+    is the same for the gold documents: how often the first / the last document is gold,
+    and the mean rank of each position in the gold ranking (gold documents tied at
+    (g+1)/2, the others at g+(n-g+1)/2), so a method that follows content matches it.
+    """
+    rows_by = {}
+    for r in attribution.select(["index", "level", "method", "scores"]).to_pylist():
+        if r["level"] == "paragraph":
+            rows_by.setdefault(r["method"], []).append(np.asarray(r["scores"], dtype=np.float64))
+    gold = [np.asarray(g, bool) for g, s in zip(examples["gold_paragraphs"].to_pylist(), examples["status"].to_pylist())
+            if s == "ok" and g]  # fmt: skip
+    out = []
+    for method in [*METHOD_NAMES, "gold"]:
+        if method == "gold":
+            ranked = [_gold_ranks(g) for g in gold] if rows_by else []
+        elif method == "random":
+            ranked = [np.full(len(s), (len(s) + 1) / 2) for s in rows_by.get(method, [])]
+        else:
+            ranked = [_ranks(s) for s in rows_by.get(method, [])]
+        if not ranked:
+            continue
+        if method == "gold":
+            first = [float(g[0]) for g in gold]
+            last = [float(g[-1]) for g in gold]
+        elif method == "random":
+            first = last = [1.0 / len(r) for r in ranked]
+        else:
+            first = [float(r[0] == 1) for r in ranked]
+            last = [float(r[-1] == 1) for r in ranked]
+        values = {"top1_first": first, "top1_last": last, "rank@last": [r[-1] for r in ranked]}
+        for p in range(1, max(len(r) for r in ranked) + 1):
+            values[f"rank@{p}"] = [r[p - 1] for r in ranked if len(r) >= p]
+        for metric, v in values.items():
+            mean, lo, hi, n = M.bootstrap_ci(np.asarray(v, dtype=np.float64))
+            out.append(dict(subset="position", level="paragraph", method=method, metric=metric,
+                            mean=mean, ci_low=lo, ci_high=hi, n=n))  # fmt: skip
+    return out
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank (1 = best) of each candidate under `metrics.ranking` (ties by document order)."""
+    r = np.empty(len(scores))
+    r[M.ranking(scores)] = np.arange(1, len(scores) + 1)
+    return r
+
+
+def _gold_ranks(gold: np.ndarray) -> np.ndarray:
+    g, n = int(gold.sum()), len(gold)
+    return np.where(gold, (g + 1) / 2, g + (n - g + 1) / 2)
+
+
+def position_table(summary: pa.Table, positions: int = 10) -> str:
+    """Markdown: per method, top-1 = first / last document and the mean rank of documents 1..positions."""
+    cells = {(r["method"], r["metric"]): r["mean"] for r in summary.to_pylist() if r["subset"] == "position"}
+    methods = [m for m in [*METHOD_NAMES, "gold"] if (m, "top1_first") in cells]
+    ps = [p for p in range(1, positions + 1) if any((m, f"rank@{p}") in cells for m in methods)]
+    head = ["top1=first", "top1=last"] + [f"rank doc{p}" for p in ps] + ["rank last"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for m in methods:
+        keys = ["top1_first", "top1_last"] + [f"rank@{p}" for p in ps] + ["rank@last"]
+        vals = [cells.get((m, k)) for k in keys]
+        lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(lines)
 
 
 def _label(metric: str) -> str:
@@ -104,35 +207,60 @@ def counts(examples: pa.Table) -> dict[str, int]:
     return {s: status.count(s) for s in ("ok", "too_long", "malformed")}
 
 
-def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool = False) -> str:
-    """The printed report: counts, answer accuracy, one table per level (all metrics and subsets when `full`)."""
+def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool = False, views: dict | None = None) -> str:
+    """The printed report: counts, answer scores, views, one table per level and the position bias
+    (every metric and subset when `full`)."""
     c = counts(examples)
     mode = config.get("mode", "generate")
     parts = [
         f"{c['ok']} examples evaluated ({mode} mode); skipped: {c['too_long']} too long, {c['malformed']} malformed"
     ]
     rows = summary.to_pylist()
-    ans = {r["metric"]: r for r in rows if r["level"] == "answer"}
-    if ans:
-        parts.append(
-            "answer: "
-            + ", ".join(f"{k.upper()} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for k, r in ans.items())
-        )
+    for subset, label in (("extracted", "answer (extracted)"), ("raw", "answer (first line, before extraction)")):
+        ans = {r["metric"]: r for r in rows if r["level"] == "answer" and r["subset"] == subset}
+        if ans:
+            parts.append(
+                f"{label}: "
+                + ", ".join(f"{k.upper()} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for k, r in ans.items())
+            )
+    if mode == "teacher":
+        parts.append("attribution over the gold answer's tokens (teacher forcing)")
+    elif any(r["level"] == "answer" for r in rows):
+        parts.append("attribution over the extracted answer's tokens (examples.parquet: answer_start/answer_end/answer_span)")
+    if views is not None:
+        parts.append(views_line(views))
     metrics = M.metric_names() if full else HEADLINE
     parts.append(
         "note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike"
     )
-    for subset in SUBSETS if full else ("all",):
+    subsets = sorted({r["subset"] for r in rows if r["level"] in LEVELS and r["subset"] != "position"},
+                     key=lambda x: (x != "all", x not in ("correct", "wrong"), x))  # fmt: skip
+    for subset in subsets if full else ("all",):
         for level in LEVELS:
             n = max((r["n"] for r in rows if r["level"] == level and r["subset"] == subset), default=0)
             if not n:
                 continue
-            which = "" if subset == "all" else f", only examples answered {subset}ly"
+            which = {"all": "", "correct": ", only examples answered correctly (EM 1)",
+                     "wrong": ", only examples answered wrongly (EM 0)"}.get(subset, f", only {subset} questions")  # fmt: skip
             parts.append(
                 f"\n{level} level, {n} examples{which} (mean [95% bootstrap CI]; '/nosink' excludes the first token)"
             )
             parts.append(markdown_table(summary, level, metrics, subset))
+    if any(r["subset"] == "position" for r in rows):
+        parts.append(
+            "\nposition bias (documents): how often the top-1 document is the first / the last one, and the mean rank"
+            " (1 = best) of the document at each position; 'gold' is the same for the gold documents"
+        )
+        parts.append(position_table(summary))
     return "\n".join(parts)
+
+
+def views_line(v: dict) -> str:
+    budget = "no byte limit" if v["max_bytes"] is None else f"budget {v['max_bytes'] / 1e6:.0f} MB"
+    line = f"views: {v['written']} written, {v['bytes'] / 1e6:.1f} MB ({budget}, --views {v['count']})"
+    if v["missing"]:
+        line += f"; {len(v['missing'])} of the first {v['count']} left out for the byte budget"
+    return line
 
 
 def plot(summary: pa.Table, path: Path) -> None:
@@ -175,14 +303,19 @@ def plot(summary: pa.Table, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None) -> dict:
-    """summary.parquet, summary.md, precision_recall.png, explorer.html in `out`; returns {"text", "summary"}."""
+def write_report(
+    out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None, views: dict | None = None
+) -> dict:
+    """summary.parquet, summary.md, precision_recall.png, explorer.html in `out`; returns {"text", "summary"}.
+
+    `views`: `views.views_summary` facts, reported in the text (written count and size).
+    """
     out = Path(out)
     summary = summarize(examples, attribution)
     with _io.atomic_path(out / "summary.parquet") as tmp:
         pq.write_table(summary, tmp)
-    text = summary_text(summary, examples, config)
-    full = summary_text(summary, examples, config, full=True)
+    text = summary_text(summary, examples, config, views=views)
+    full = summary_text(summary, examples, config, full=True, views=views)
     cfg = json.dumps(config, sort_keys=True)
     _io.write_text(out / "summary.md", f"# attnflow evaluation\n\nsettings: `{cfg}`\n\n{full}\n")
     if len(summary):
@@ -213,7 +346,8 @@ def write_explorer(out: Path, examples: pa.Table, attribution: pa.Table, views_f
             None,
         )  # fmt: skip
         items.append(
-            {k: r[k] for k in ("index", "id", "status", "reason", "question", "answer", "prediction", "em", "f1")}
+            {k: r[k] for k in ("index", "id", "status", "reason", "question", "answer", "prediction", "em", "f1",
+                               "contains", "generated", "answer_span", "question_type")}  # fmt: skip
             | {
                 "paragraphs": r["paragraphs"] or [],
                 "gold_paragraphs": r["gold_paragraphs"] or [],
@@ -290,8 +424,11 @@ function topk(scores, k) {
 function markList() {  // is the top-ranked paragraph gold, for the chosen method?
   D.examples.forEach((ex, i) => {
     const ps = (ex.scores.paragraph || {})[sel.value];
-    marks[i].textContent = !ps ? "" : (ex.gold_paragraphs[[...topk(ps, 1)][0]] ? "\u2713 " : "\u2717 ");
-    marks[i].style.color = marks[i].textContent.startsWith("\u2713") ? "#2a9d3a" : "#c0392b";
+    const hit = ps && ex.gold_paragraphs[[...topk(ps, 1)][0]];
+    marks[i].textContent = (!ps ? "" : (hit ? "doc\u2713 " : "doc\u2717 ")) +
+      (ex.em == null ? "" : (ex.em ? "ans\u2713 " : "ans\u2717 "));
+    marks[i].title = "doc: is the top-ranked document gold (for this method); ans: is the extracted answer right (EM)";
+    marks[i].style.color = hit ? "#2a9d3a" : "#c0392b";
   });
 }
 function show() {
@@ -301,7 +438,9 @@ function show() {
   const box = document.getElementById("detail"); box.replaceChildren();
   box.appendChild(el("h3", null, ex.question));
   box.appendChild(el("p", "meta", "id " + ex.id + " · gold answer: " + ex.answer +
-    (ex.prediction != null ? " · model: " + ex.prediction + " (EM " + ex.em + ", F1 " + (ex.f1 == null ? "-" : ex.f1.toFixed(2)) + ")" : "")));
+    (ex.prediction != null ? " · model: " + ex.prediction + " (EM " + ex.em + ", F1 " + (ex.f1 == null ? "-" : ex.f1.toFixed(2)) + ", contains " + ex.contains + ")" : "")));
+  if (ex.generated != null) box.appendChild(el("p", "meta", "generated: " + ex.generated));
+  if (ex.answer_span != null) box.appendChild(el("p", "meta", "attributed tokens: " + JSON.stringify(ex.answer_span)));
   if (ex.status !== "ok") { box.appendChild(el("p", null, "skipped (" + ex.status + "): " + ex.reason)); return; }
   if (ex.view) { const a = el("a", null, "attention view of this example"); a.href = ex.view; box.appendChild(a); }
   const ps = (ex.scores.paragraph || {})[m] || [], ss = (ex.scores.sentence || {})[m] || [];

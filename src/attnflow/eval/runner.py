@@ -8,11 +8,15 @@ Work is cut into fixed batches of `batch_size` consecutive valid examples
 (`jobs.py`).  Each finished batch is committed as one directory
 `parts/part-<index>/` (`examples.parquet`, `attribution.parquet`), built under a
 temporary name and renamed into place, so a kill loses at most the batch in
-flight.  `resume=True` skips the committed batches; since batches are cut the
-same way and every computation is deterministic (the random baseline is an
-exact expectation), the final tables equal those of an uninterrupted run.
+flight.  `resume=True` skips the examples already committed; since batches are
+cut the same way and every computation is deterministic (the random baseline is
+an exact expectation), the final tables equal those of an uninterrupted run.
 `config.json` records the settings; resuming with different ones is refused
-(`store.py`).
+(`store.py`), except a run that grows: a larger `limit` (or a shard holding the
+old one's rows) evaluates only the new examples and rewrites tables and summary;
+a smaller one is refused, saying why.  (With batch_size > 1 the new examples are
+batched among themselves, so their padding, and float rounding, may differ from a
+fresh run's; with batch_size 1 the tables are equal.)
 
 Out directory when done:
 
@@ -31,13 +35,15 @@ Out directory when done:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from attnflow.eval.batch import run_batch, skipped_table
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem, QAExample
 from attnflow.eval.jobs import batches, part_name, prepare, select_examples
-from attnflow.eval.store import check_part, collect, commit_part, prepare_out, write_tables
+from attnflow.eval.store import collect, commit_part, committed, prepare_out, write_tables
+from attnflow.eval.views import DEFAULT_VIEW_BYTES, ViewBudget, estimate_bytes, views_summary
 
 __all__ = ["RunConfig", "evaluate", "load_model", "max_positions", "select_examples"]
 
@@ -77,34 +83,57 @@ def evaluate(
     progress: bool = True,
     report: bool = True,
     views: int = VIEW_LIMIT,
+    views_bytes: int | None = DEFAULT_VIEW_BYTES,
 ) -> dict:
     """Evaluate `examples` into `out` (see the module docstring); returns the report's facts.
 
-    `views`: write an attention view (views/<index>/index.html) for examples with index < views.
+    `views`: write an attention view (views/<index>/index.html) for examples with index < views,
+    while `views/` stays within `views_bytes` bytes (None: no limit); the estimate is printed first.
     """
     from tqdm.auto import tqdm
 
     out = Path(out)
     prepare_out(out, config, resume)
     jobs = prepare(examples, tokenizer, config, config.max_context_tokens or max_positions(model))
-    todo = batches(jobs, config.batch_size)
     parts = out / "parts"
-    done = [b for b in todo if (parts / part_name(b)).is_dir()]
-    for b in done:
-        check_part(parts / part_name(b), b)
-    bar = tqdm(
-        total=sum(len(b) for b in todo), initial=sum(len(b) for b in done), desc="eval", unit="ex", disable=not progress
-    )
+    done = committed(parts, jobs)
+    todo = batches(jobs, config.batch_size, set(done))
+    budget = ViewBudget(out, views, views_bytes)
+    announce_views(todo, model, config, budget, progress)
+    n_ok = sum(j.status == "ok" for j in jobs)
+    bar = tqdm(total=n_ok, initial=n_ok - sum(len(b) for b in todo), desc="eval", unit="ex", disable=not progress)
     for batch in todo:
-        if (parts / part_name(batch)).is_dir():
-            continue
-        commit_part(parts, batch, run_batch(batch, model, tokenizer, config, out, views))
+        commit_part(parts, batch, run_batch(batch, model, tokenizer, config, out, budget))
+        done |= {j.example.index: parts / part_name(batch) for j in batch}
         bar.update(len(batch))
     bar.close()
-    examples_t, attribution_t = collect(parts, todo, skipped_table(jobs, problems))
+    examples_t, attribution_t = collect(done, jobs, skipped_table(jobs, problems))
     write_tables(out, examples_t, attribution_t)
     if not report:
         return {}
     from attnflow.eval.report import write_report
 
-    return write_report(out, examples_t, attribution_t, config.to_json())
+    candidates = [j.example.index for j in jobs if j.status == "ok"]
+    facts = views_summary(out, [out], candidates, views, views_bytes)
+    return write_report(out, examples_t, attribution_t, config.to_json(), views=facts)
+
+
+def announce_views(todo, model, config: RunConfig, budget: ViewBudget, progress: bool) -> None:
+    """Print the estimated size of the views this run will write, before writing any."""
+    wanted = [j for b in todo for j in b if j.example.index < budget.count]
+    if not wanted:
+        return
+    layers = num_layers(model)
+    extra = config.new_tokens if config.mode == "generate" else 0
+    sizes = [estimate_bytes(len(j.prompt) + len(j.completion or ()) + extra, layers) for j in wanted]
+    limit = "no byte limit" if budget.max_bytes is None else f"budget {budget.max_bytes / 1e6:.0f} MB for views/"
+    print(
+        f"attnflow: views: {len(wanted)} examples wanted, estimated {sum(sizes) / 1e6:.1f} MB "
+        f"({max(sizes) / 1e6:.1f} MB the largest); {limit} (--views N, --views-bytes B)",
+        file=sys.stderr,
+    )
+
+
+def num_layers(model) -> int:
+    cfg = getattr(getattr(model, "_module", model), "config", None)
+    return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1))

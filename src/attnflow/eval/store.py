@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from attnflow import _io
 from attnflow.errors import DataError
 from attnflow.eval import metrics as M
-from attnflow.eval.config import RunConfig, parse_shard
+from attnflow.eval.config import GROWABLE, RunConfig, parse_shard
 from attnflow.eval.jobs import Job, part_name
 from attnflow.eval.methods import METHOD_NAMES
 
@@ -46,6 +47,19 @@ EXAMPLE_SCHEMA = pa.schema(
         ("sentences", pa.list_(pa.string())),
         ("sentence_text", pa.list_(pa.string())),
         ("gold_sentences", pa.list_(pa.bool_())),
+        ("question_type", pa.string()),  # HotPotQA "bridge" | "comparison"
+        # generate mode: the generated text (up to the first special token) and its scores before extraction;
+        # `prediction`, em, f1, contains are those of the extracted answer (`answers.answer_scores`)
+        ("generated", pa.string()),
+        ("contains", pa.float64()),
+        ("em_raw", pa.float64()),
+        ("f1_raw", pa.float64()),
+        ("contains_raw", pa.float64()),
+        # the attributed answer span: completion tokens [answer_start, answer_end) and their text
+        ("completion_tokens", pa.int64()),
+        ("answer_start", pa.int64()),
+        ("answer_end", pa.int64()),
+        ("answer_span", pa.string()),
     ]
 )
 ATTRIBUTION_SCHEMA = pa.schema(
@@ -64,19 +78,62 @@ def prepare_out(out: Path, config: RunConfig, resume: bool) -> None:
 
 
 def check_out(out: Path, config: RunConfig, resume: bool) -> None:
-    """DataError unless `out` is new, empty, or (with resume) a run with the same settings."""
+    """DataError unless `out` is new, empty, or (with resume) a run with the same settings.
+
+    A resumed run may grow (`check_growth`): a larger `limit`, or a shard whose rows
+    include the old shard's; it evaluates only the new examples.
+    """
     cfg_file = out / "config.json"
     if cfg_file.is_file():
         if not resume:
             raise DataError(f"{out} already holds an evaluation; pass --resume to continue it or choose another --out")
         old = json.loads(cfg_file.read_text())
         new = json.loads(json.dumps(config.to_json()))
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in GROWABLE)
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             raise DataError(f"cannot resume {out} with other settings ({changes}); use the original ones or a new --out")
+        check_growth(out, old, new)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and holds no evaluation; choose another --out")
+
+
+def check_growth(out: Path, old: dict, new: dict) -> None:
+    """DataError unless every example the old run selects is selected again (a run only grows).
+
+    Limits: the new one is None (all rows) or at least the old one.  Shards: rows with
+    index % N == i include those of i'/N' when N divides N' and i' % N == i (None is 0/1).
+
+    >>> check_growth(Path("o"), {"limit": 10, "shard": "1/4"}, {"limit": 20, "shard": "1/2"})   # grows
+    """
+    lo, ln = old.get("limit"), new.get("limit")
+    if ln is not None and (lo is None or lo > ln):
+        raise DataError(
+            f"cannot resume {out} with --limit {ln}: it holds a run over {'every row' if lo is None else f'--limit {lo}'},"
+            f" and a resumed run can only grow; pass --limit {lo} or more{'' if lo is not None else ' (or none)'}, or a new --out"
+        )
+    (io, no), (i, n) = parse_shard(old.get("shard")), parse_shard(new.get("shard"))
+    if no % n or io % n != i:
+        raise DataError(
+            f"cannot resume {out} with --shard {new.get('shard')}: its rows do not include those of the run there"
+            f" (--shard {old.get('shard')}); a resumed run can only grow; use a new --out"
+        )
+
+
+def committed(parts: Path, jobs: list[Job]) -> dict[int, Path]:
+    """{example index: its committed part} for the parts under `parts`; DataError if a part holds another
+    example than the current data has at that index (the data file changed)."""
+    ids = {j.example.index: j.example.id for j in jobs}
+    found: dict[int, Path] = {}
+    for part in sorted(parts.iterdir()) if parts.is_dir() else []:
+        if part.name.startswith(".") or not (part / "examples.parquet").is_file():
+            continue  # a batch in flight when the run was killed
+        t = pq.read_table(part / "examples.parquet", columns=["index", "id"])
+        for index, ex_id in zip(t["index"].to_pylist(), t["id"].to_pylist()):
+            if index in ids and ids[index] != ex_id:
+                raise DataError(f"{part} holds other examples than this run would put there; the data file changed, use a new --out")
+            found[index] = part
+    return found
 
 
 def check_part(path: Path, batch: list[Job]) -> None:
@@ -102,12 +159,19 @@ def attribution_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ATTRIBUTION_SCHEMA)
 
 
-def collect(parts: Path, todo: list[list[Job]], skipped: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The run's full tables: committed parts plus the `skipped` example rows, sorted by (index, level, method order)."""
-    ex = [pq.read_table(parts / part_name(b) / "examples.parquet", schema=EXAMPLE_SCHEMA) for b in todo]
-    at = [pq.read_table(parts / part_name(b) / "attribution.parquet", schema=ATTRIBUTION_SCHEMA) for b in todo]
+def collect(done: dict[int, Path], jobs: list[Job], skipped: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The run's full tables: the committed rows of `jobs`' examples plus the `skipped` example rows,
+    sorted by (index, level, method order)."""
+    wanted = pa.array(sorted(j.example.index for j in jobs if j.example.index in done), pa.int64())
+    dirs = sorted({done[i] for i in wanted.to_pylist()})
+    ex = [_rows_of(pq.read_table(d / "examples.parquet", schema=EXAMPLE_SCHEMA), wanted) for d in dirs]
+    at = [_rows_of(pq.read_table(d / "attribution.parquet", schema=ATTRIBUTION_SCHEMA), wanted) for d in dirs]
     ex.append(skipped)
     return sort_examples(pa.concat_tables(ex)), sort_attribution(pa.concat_tables(at) if at else attribution_table([]))
+
+
+def _rows_of(table: pa.Table, indices: pa.Array) -> pa.Table:
+    return table.filter(pa.compute.is_in(table["index"], value_set=indices))
 
 
 def sort_examples(t: pa.Table) -> pa.Table:
@@ -182,7 +246,10 @@ def merge(shards: Shards, out: Path) -> dict:
     examples = sort_examples(pa.concat_tables(shards.examples))
     attribution = sort_attribution(pa.concat_tables(shards.attribution))
     write_tables(out, examples, attribution)
-    return write_report(out, examples, attribution, merged, views_from=shards.dirs)
+    from attnflow.eval.views import views_summary
+
+    views = views_summary(out, shards.dirs, [], None, None)
+    return write_report(out, examples, attribution, merged, views_from=shards.dirs, views=views)
 
 
 def _unsharded(config: dict) -> dict:

@@ -1,0 +1,36 @@
+"""The evaluation on the real model: one HotPotQA question through `attnflow eval hotpotqa` on SmolLM2 (teacher mode)."""
+
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from real_model import hotpot_file, require_smollm2  # noqa: E402
+
+from attnflow.cli import main  # noqa: E402
+from attnflow.eval.methods import METHOD_NAMES  # noqa: E402
+
+pytestmark = pytest.mark.real
+
+
+def test_one_question_in_teacher_mode_holds_every_method(tmp_path, capsys):
+    gguf = require_smollm2()
+    data = hotpot_file()
+    if data is None:
+        pytest.skip("the shared HotPotQA slice is not found above the repository")
+    out = tmp_path / "smol"
+    argv = ["eval", "hotpotqa", "--model", str(gguf), "--data", str(data), "--out", str(out),
+            "--mode", "teacher", "--limit", "1", "--views", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    ex = pq.read_table(out / "examples.parquet").to_pylist()
+    at = pq.read_table(out / "attribution.parquet")
+    assert len(ex) == 1 and ex[0]["status"] == "ok" and ex[0]["answer_span"] == ex[0]["answer"]
+    assert ex[0]["prompt_tokens"] > 1000  # a real distractor prompt, chat template applied
+    got = {(r["level"], r["method"]) for r in at.select(["level", "method"]).to_pylist()}
+    assert got == {(lv, m) for lv in ("sentence", "paragraph") for m in METHOD_NAMES}
+    summary = pq.read_table(out / "summary.parquet").to_pylist()
+    assert {r["method"] for r in summary if r["subset"] == "position"} == {*METHOD_NAMES, "gold"}
+    assert all(f"| {m} |" in text for m in METHOD_NAMES) and "position bias" in text

@@ -339,20 +339,20 @@ def test_out_never_destroys(chat_dir, docs_file, tmp_path, capsys):
     user.mkdir()
     (user / "thesis.tex").write_bytes(b"\\chapter{x}\n")
     for flags in ([], ["--overwrite"]):
-        bad([*base, "--out", user, *flags], capsys, "non-empty folder attnflow did not write")
+        bad([*base, "--out", user, *flags], capsys, "holds files attnflow did not write")
     assert (user / "thesis.tex").read_bytes() == b"\\chapter{x}\n" and len(list(user.iterdir())) == 1
     file = tmp_path / "f"
     file.write_bytes(b"keep")
     bad([*base, "--out", file, "--overwrite"], capsys, "is a file")
     assert file.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["docs.json", "f", "thesis"]
     bad([*base, "--out", chat_dir, "--overwrite"], capsys, "is the input")
-    bad([*base, "--documents", docs_file, "--out", tmp_path, "--overwrite"], capsys, "contains the input")
+    bad([*base, "--documents", docs_file, "--out", tmp_path, "--overwrite"], capsys, "holds the input")
     assert (chat_dir / "config.json").is_file() and docs_file.is_file()
     # a trace attnflow wrote: replaced only with --overwrite
     out = tmp_path / "tr"
     assert run_cli([*base, "--out", out], capsys)[0] == 0
     before = (out / "manifest.json").read_bytes()
-    bad([*base, "--prompt", "a dog", "--out", out], capsys, "pass --overwrite to replace it")
+    bad([*base, "--prompt", "a dog", "--out", out], capsys, "(CLI: --overwrite) to replace it")
     assert (out / "manifest.json").read_bytes() == before
     assert run_cli([*base, "--prompt", "a dog", "--out", out, "--overwrite"], capsys)[0] == 0
     assert af.AttentionTrace.load(out).batch_size == 2
@@ -368,7 +368,7 @@ def test_check_out_dir_kinds(tmp_path):
     model.mkdir()
     write_marker(model, "model")
     assert output_kind(model) == "model"
-    with pytest.raises(BadArgumentError, match="holds an attnflow model, not a trace"):
+    with pytest.raises(BadArgumentError, match="holds an attnflow model output, not a trace"):
         check_out_dir(model, "trace", overwrite=True)
     assert check_out_dir(model, "model", overwrite=True) == model
     (tmp_path / "x").mkdir()
@@ -384,7 +384,7 @@ def test_save_model_marks_its_folder_and_overwrites_only_it(hf, tmp_path):
     assert af.save_model is __import__("attnflow.gguf", fromlist=["save_model"]).save_model and "save_model" in af.__all__
     out = af.save_model(hf, tok, tmp_path / "m")
     assert output_kind(out) == "model"
-    with pytest.raises(BadArgumentError, match="not an empty folder"):
+    with pytest.raises(BadArgumentError, match="already holds an attnflow model"):
         af.save_model(hf, tok, out)
     af.save_model(hf, tok, out, overwrite=True)
     again = AutoModelForCausalLM.from_pretrained(out)
@@ -405,7 +405,7 @@ def test_convert_refuses_before_loading(tmp_path, capsys):
     user.mkdir()
     (user / "a").write_text("mine")
     bad(["convert", file, user, "--overwrite"], capsys, "OUT_DIR")
-    bad(["convert", file, tmp_path, "--overwrite"], capsys, "contains the input")
+    bad(["convert", file, tmp_path, "--overwrite"], capsys, "holds the input")
     bad(["convert", tmp_path / "nope.gguf", tmp_path / "o"], capsys, "no GGUF file or folder")
     assert (user / "a").read_text() == "mine" and file.is_file()
 

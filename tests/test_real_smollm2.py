@@ -167,7 +167,7 @@ def test_save_model_writes_a_plain_folder_with_the_same_outputs(smollm2, tmp_pat
     ids = torch.tensor([smollm2.tok("The capital of France is").input_ids])
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, smollm2.hf(ids).logits)
-    with pytest.raises(BadArgumentError, match="not an empty folder"):
+    with pytest.raises(BadArgumentError, match="already holds an attnflow model"):
         save_model(hf, tok, out)
 
 

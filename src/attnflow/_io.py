@@ -42,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: writers are not serialised
     fcntl = None
 
-KINDS = ("trace", "parquet", "html", "demo")
+KINDS = ("trace", "parquet", "html", "demo", "model")
 TMP_TAG = ".attnflow-tmp."
 _TMP_RE = re.compile(r"^\..+" + re.escape(TMP_TAG) + r"(\d+)\.[A-Za-z0-9_]+$")
 
@@ -233,6 +233,8 @@ def folder_kind(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     man = _read_json(path / "manifest.json")
+    if isinstance(man, dict) and "schema_version" not in man and "attnflow_version" in man and man.get("kind") in KINDS:
+        return man["kind"]  # a marker-only manifest (e.g. a model folder written by gguf.save_model)
     if isinstance(man, dict) and "schema_version" in man:
         kind = man.get("kind")
         return kind if kind in ("trace", "parquet") else "parquet" if "tables" in man else "trace"

@@ -28,7 +28,7 @@ def run(args) -> int:
     from attnflow.outdirs import check_out_dir
 
     file = gguf_path(args.model, args.gguf_file)
-    check_out_dir(args.out_dir, "model", overwrite=args.overwrite, inputs=[file], flag="OUT_DIR", again="--overwrite")  # before the slow load
+    check_out_dir(args.out_dir, "model", overwrite=args.overwrite, inputs=[file], flag="OUT_DIR")  # before the slow load
     hf, tok = load_gguf(file, dtype=args.model_dtype)
     out = save_model(hf, tok, args.out_dir, overwrite=args.overwrite, source=file)
     dtype = str(hf.dtype).removeprefix("torch.")

@@ -10,8 +10,15 @@ and offline, sharded HTML views.
     >>> model = af.demo.load()                       # the embedded model organism
     >>> tr = af.trace(model, "doc1 : alice lives in paris . question : what is the city of alice ? answer :",
     ...               max_new_tokens=1)
+    >>> tr.tokens[0][-4:]                            # the prompt's end and the generated token
+    ['?', 'answer', ':', 'paris']
     >>> R = af.flow.rollout(tr.patterns, alpha=0.5)  # [batch, query, key]
-    >>> af.attribute(tr, method="flow", sources="tokens")
+    >>> R.shape
+    torch.Size([1, 20, 20])
+    >>> scores = af.attribute(tr, method="flow", sources="tokens")
+    >>> top = scores.sort_by("rank")["source_token"].to_pylist()[:3]
+    >>> [tr.tokens[0][i] for i in top]               # the BOS sink, then the document's answer word
+    ['<s>', 'paris', 'in']
 
 The public names are imported on first use (PEP 562), so `import attnflow` and
 `attnflow --help` do not pay for torch.

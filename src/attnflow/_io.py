@@ -73,8 +73,13 @@ def _mkdir_parent(path: Path) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
 
+    >>> import pyarrow.parquet as pq
     >>> with atomic_path("out/table.parquet") as tmp:
-    ...     pq.write_table(table, tmp)      # out/table.parquet appears only now, whole
+    ...     pq.write_table(pa.table({"x": [1, 2]}), tmp)
+    ...     Path("out/table.parquet").exists()
+    False
+    >>> pq.read_table("out/table.parquet").num_rows, [p.name for p in Path("out").iterdir()]   # appeared whole
+    (2, ['table.parquet'])
     """
     path = Path(path)
     _mkdir_parent(path)

@@ -19,7 +19,10 @@ example's first real token.  `item(i)` returns example i alone, unpadded.
     torch.Size([2, 4, 1, 5, 5])
     >>> tr.item(0).patterns.shape         # unpadded
     torch.Size([1, 4, 1, 3, 3])
-    >>> tr.save("run/"); af.AttentionTrace.load("run/")
+    >>> tr.save("run/")
+    PosixPath('run')
+    >>> af.AttentionTrace.load("run/")
+    AttentionTrace(batch=2, layers=[0, 1, 2, 3], heads='mean', patterns=(2, 4, 1, 5, 5) float16, model='...')
 
 `save` writes a Parquet dataset (tables `tokens`, `spans`, `attention`, the last
 partitioned by layer, hive style) and `manifest.json` through `attnflow.codec`; the

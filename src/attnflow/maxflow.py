@@ -15,7 +15,7 @@ input node `(0, s)` to the output node `(L, t)`:
     >>> R = max_flow(A, rows=[-1])                           # [batch, 1, key]: shares, rows sum to 1
     >>> R.shape, R.sum(-1)
     (torch.Size([2, 1, 6]), tensor([[1.0000], [1.0000]]))
-    >>> torch.allclose(max_flow(A[:, :1], normalize=False), rollout(A[:, :1]))   # one layer: the capacity
+    >>> torch.allclose(max_flow(A[:, :1], normalize=False), af.flow.rollout(A[:, :1]))   # one layer: the capacity
     True
 
 Shares.  The paper's code (`compute_flows` in its attention_graph_util.py)

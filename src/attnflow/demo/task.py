@@ -14,15 +14,18 @@ states where alice herself lives, so both documents are needed.
 
     >>> ex = generate(1, seed=0)[0]
     >>> text, spans = render_prompt(ex)
-    >>> print(text)                                    # doctest: +SKIP
-    doc1 : bob owns a cat .
-    doc2 : alice lives in paris .
-    question : what is the city of alice ?
+    >>> print(text)
+    doc1 : nina works with grace .
+    doc2 : peggy lives in madrid .
+    doc3 : judy lives in rome .
+    doc4 : sybil plays the flute .
+    doc5 : zoe lives in madrid .
+    question : what is the city of peggy ?
     answer :
-    >>> ex.answer, ex.support                          # doctest: +SKIP
-    ('paris', [1])
-    >>> title, start, end = spans[1]; text[start:end]  # doctest: +SKIP
-    'alice lives in paris .'
+    >>> ex.answer, ex.support
+    ('madrid', [1])
+    >>> title, start, end = spans[1]; text[start:end]
+    'peggy lives in madrid .'
 """
 
 from __future__ import annotations
@@ -164,8 +167,8 @@ def generate(
     question with another relation, share about someone else with the asked relation).
     Training uses seeds >= 10**6; evaluation uses small seeds.
 
-    >>> [len(ex.documents) for ex in generate(3, seed=0, max_docs=4)]   # doctest: +SKIP
-    [4, 3, 3]
+    >>> [len(ex.documents) for ex in generate(3, seed=0, max_docs=4)]
+    [3, 3, 4]
     """
     if not 1 <= min_docs <= max_docs <= MAX_DOCS:
         raise ValueError(f"need 1 <= min_docs <= max_docs <= {MAX_DOCS}, got {min_docs}, {max_docs}")

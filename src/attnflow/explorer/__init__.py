@@ -1,9 +1,13 @@
 """`attnflow serve`: the interactive flow explorer, a local web page over a Starlette server.
 
+`serve()` serves the embedded demo model until Ctrl-C and prints
+`http://127.0.0.1:PORT/#token=...`; `serve(model)` takes a model already loaded
+(or a directory, or {name: loader}).  Both block, so they are not run as doctests:
+
     >>> import attnflow as af
     >>> from attnflow.explorer import serve
-    >>> serve()                                   # the embedded demo model; prints http://127.0.0.1:PORT/#token=...
-    >>> serve(af.load("models/SmolLM2-135M"))     # a model already loaded (or a directory, or {name: loader})
+    >>> serve()                                   # doctest: +SKIP
+    >>> serve(af.load("models/SmolLM2-135M"))     # doctest: +SKIP
 
 The page types a prompt (or chat messages) with named documents, streams the
 greedy completion, and draws the pruned flow graph of any output token
@@ -35,8 +39,9 @@ def model_loaders(model: Any = None, models_dir: str | os.PathLike | None = None
     """The start-time allow-list: name -> loader.  None = the demo model; a path, a list of paths,
     a loaded model, or a dict name -> loader; plus every model directory / .gguf file under `models_dir`.
 
-        >>> list(model_loaders(["runs/tiny-llama", "ckpt/smol.gguf"]))
-        ['tiny-llama', 'smol']
+        >>> Path("ckpt").mkdir(); Path("ckpt/smol.gguf").touch()   # (loaders open their model on first call)
+        >>> list(model_loaders([af.demo.MODEL_DIR, "ckpt/smol.gguf"]))
+        ['model', 'smol']
     """
     from attnflow import demo
 

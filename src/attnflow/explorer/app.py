@@ -1,7 +1,14 @@
 """The explorer's HTTP side: a Starlette app with a guard in front of every request.
 
-    >>> app = create_app({"demo": attnflow.demo.load}, token=secrets.token_urlsafe(24))
-    >>> uvicorn.run(app, host="127.0.0.1", port=8765)            # what `attnflow serve` does
+    >>> from starlette.testclient import TestClient
+    >>> app = create_app({"demo": af.demo.load}, token="a-session-token-of-24-chars")
+    >>> client = TestClient(app, base_url="http://127.0.0.1")
+    >>> client.get("/api/models").json()                         # no token: 403
+    {'error': 'missing or wrong session token; open the URL attnflow serve printed'}
+    >>> client.get("/api/models", headers={"X-Attnflow-Token": "a-session-token-of-24-chars"}).json()
+    {'models': ['demo'], 'limits': {'max_tokens': 2048, 'max_new_tokens': 64}}
+
+`attnflow serve` runs the same app under uvicorn (`uvicorn.run(app, host="127.0.0.1", port=8765)`, which blocks).
 
 Routes (every /api/ call needs the header `X-Attnflow-Token: <token>`):
 

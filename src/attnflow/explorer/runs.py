@@ -1,11 +1,14 @@
 """Runs of the explorer: generate from a prompt, record head-mean attention once, answer the page from that record.
 
-    >>> runner = Runner({"demo": attnflow.demo.load}, Limits())
+    >>> runner = Runner({"demo": af.demo.load}, Limits())
     >>> run = runner.submit(runner.prepare({"model": "demo", "prompt": "question : what is the city of alice ?",
     ...                                     "documents": [{"name": "doc1", "text": "alice lives in paris ."}]}))
     >>> run.wait()                       # tokens stream into run.events while it generates
-    >>> runner.graph(run, target=None, tau=0.01)["edge_counts"]
-    [7, 9, 8, 6]
+    True
+    >>> run.trace.tokens[0][-3:]         # the generated answer and end token
+    ['?', 'paris', '</s>']
+    >>> runner.graph(run, target=None, tau=0.01)["edge_counts"]   # drawn edges per layer
+    [21, 23, 21, 12]
 
 A document may carry `"gold": true` (or `"supporting": true`): its span is listed in
 the run's `gold` (span indices), which the page outlines and the export marks.

@@ -1,7 +1,11 @@
 """Exporters: Parquet tables and the offline HTML viewer.
 
+    >>> R = af.flow.rollout(tr.patterns)                          # [batch, query, key]
+    >>> scores = af.attribute(tr, method="rollout", sources="spans")
     >>> af.exporters.to_parquet(tr, "run/", flow={"rollout": R}, attributions=scores)
-    >>> af.exporters.to_html(tr, "view/")          # open view/index.html from disk
+    PosixPath('run')
+    >>> af.exporters.to_html(tr, "view/")                         # open view/index.html from disk
+    PosixPath('view')
 """
 
 from attnflow.exporters.html import inline_html, to_html

@@ -14,10 +14,18 @@ The full schema is in src/attnflow/exporters/SCHEMA.md.
     >>> R = af.flow.rollout(tr.patterns)                     # [batch, query, key], rows = tr.query_positions
     >>> scores = af.attribute(tr, method="rollout", sources="spans")
     >>> to_parquet(tr, "run/", flow={"rollout": R}, attributions=scores)
-    >>> read_flow("run/").to_pandas().head()
-       example   method  query                weights
-    0        0  rollout      0                  [1.0]
-    >>> af.AttentionTrace.load("run/")                        # the trace itself, unchanged
+    PosixPath('run')
+    >>> read_flow("run/").to_pandas().head(3)
+       example   method  query                         weights
+    0        0  rollout      0                           [1.0]
+    1        0  rollout      1            [0.678523, 0.321477]
+    2        0  rollout      2  [0.608995, 0.167034, 0.223971]
+    >>> read_attributions("run/").to_pandas()                 # one row per document span
+       example   method  target  source_span  score  rank
+    0        0  rollout      -1            0   0.30     1
+    1        0  rollout      -1            1   0.12     2
+    >>> af.AttentionTrace.load("run/").patterns.equal(tr.patterns)   # the trace itself, unchanged
+    True
 """
 
 from __future__ import annotations

@@ -174,30 +174,77 @@ def interface_pattern(
     heads: str | Float[Tensor, "head"],
     dtype: torch.dtype | None,
     is_causal: bool,
+    out: Tensor | None = None,
+    memory_budget: int | None = None,
 ) -> Float[Tensor, "batch head_out row key"]:
     """The stored pattern of one layer from the `(args, kwargs)` of its `attention_interface(...)` call.
 
     The call is `attention_interface(module, query, key, value, attention_mask, scaling=..., ...)`;
     `is_causal` is the module's own flag (a kwarg of the same name overrides it,
     as in transformers' sdpa interface).
+
+    Rows are computed `chunk_rows(memory_budget, ...)` at a time and each chunk's
+    heads reduced at once, so the float32 transient is O(chunk x key x head) and
+    never the whole `[batch, head, row, key]`; each chunk is written into `out`
+    ([batch, head_out, row, key], any dtype: the copy casts) or into a new
+    tensor of `dtype` (float32 when None).
+
+        >>> q = torch.randn(1, 4, 6, 8); k = torch.randn(1, 2, 6, 8)
+        >>> args = (None, q, k, None, None); rows = torch.arange(6)[None]
+        >>> whole = interface_pattern(args, {}, row_index=rows, heads="mean", dtype=None, is_causal=True)
+        >>> chunked = interface_pattern(args, {}, row_index=rows, heads="mean", dtype=None, is_causal=True,
+        ...                             memory_budget=1)          # one row at a time
+        >>> whole.shape, torch.equal(whole, chunked)
+        (torch.Size([1, 1, 6, 6]), True)
     """
     names = ("module", "query", "key", "value", "attention_mask")
     bound = dict(zip(names, args))
     bound.update({n: kwargs[n] for n in names if n in kwargs})
     causal = kwargs.get("is_causal")
-    P = attention_pattern(
-        bound["query"],
-        bound["key"],
-        bound.get("attention_mask"),
-        kwargs.get("scaling"),
-        is_causal=is_causal if causal is None else bool(causal),
-        sliding_window=kwargs.get("sliding_window"),
-        softcap=kwargs.get("softcap"),
-        sinks=_first(kwargs.get("s_aux"), kwargs.get("sinks")),
-        position_bias=kwargs.get("position_bias"),
-        row_index=row_index,
-    )
-    return to_storage(reduce_heads(P, heads), dtype)
+    query, key, mask = bound["query"], bound["key"], bound.get("attention_mask")
+    sinks = _first(kwargs.get("s_aux"), kwargs.get("sinks"))
+    B, R, K = query.shape[0], row_index.shape[1], key.shape[2]
+    step = chunk_rows(memory_budget, batch=B, heads=query.shape[1], keys=K, rows=R, sinks=sinks is not None)
+    if out is None:
+        head_out = query.shape[1] if isinstance(heads, str) and heads == "all" else 1
+        out = query.new_empty((B, head_out, R, K), dtype=torch.float32 if dtype is None else dtype)
+    for r0 in range(0, R, step):
+        P = attention_pattern(  # [batch, head, chunk, key] float32
+            query,
+            key,
+            mask,
+            kwargs.get("scaling"),
+            is_causal=is_causal if causal is None else bool(causal),
+            sliding_window=kwargs.get("sliding_window"),
+            softcap=kwargs.get("softcap"),
+            sinks=sinks,
+            position_bias=kwargs.get("position_bias"),
+            row_index=row_index[:, r0 : r0 + step],
+        )
+        out[:, :, r0 : r0 + step] = reduce_heads(P, heads)  # the copy casts to the storage dtype
+        del P
+    return out
+
+
+def chunk_rows(
+    memory_budget: int | None, *, batch: int, heads: int, keys: int, rows: int, sinks: bool = False
+) -> int:
+    """How many query rows to compute at once so one chunk's float32 transient fits `memory_budget` bytes.
+
+    A row costs the float32 scores of every head (`4·heads·keys` bytes per
+    example; three such buffers with attention sinks, whose softmax concatenates),
+    plus a mask row, a keep row and the reduced row (`16·keys` bounds them).
+    None = every row at once; at least one row, whatever the budget.
+
+        >>> chunk_rows(2**20, batch=1, heads=9, keys=8192, rows=8192)   # 1 MiB: 3 rows of 9 heads x 8,192 keys
+        3
+        >>> chunk_rows(None, batch=1, heads=9, keys=8192, rows=8192)
+        8192
+    """
+    if memory_budget is None:
+        return max(rows, 1)
+    per_row = batch * keys * (4 * heads * (3 if sinks else 1) + 16)
+    return max(1, min(rows, memory_budget // per_row))
 
 
 def _first(*xs):

@@ -194,7 +194,7 @@ def interface_pattern(
         >>> whole = interface_pattern(args, {}, row_index=rows, heads="mean", dtype=None, is_causal=True)
         >>> chunked = interface_pattern(args, {}, row_index=rows, heads="mean", dtype=None, is_causal=True,
         ...                             memory_budget=1)          # one row at a time
-        >>> whole.shape, torch.equal(whole, chunked)
+        >>> whole.shape, bool((whole - chunked).abs().max() < 1e-6)   # the same up to float32 rounding
         (torch.Size([1, 1, 6, 6]), True)
     """
     names = ("module", "query", "key", "value", "attention_mask")
@@ -236,8 +236,8 @@ def chunk_rows(
     plus a mask row, a keep row and the reduced row (`16·keys` bounds them).
     None = every row at once; at least one row, whatever the budget.
 
-        >>> chunk_rows(2**20, batch=1, heads=9, keys=8192, rows=8192)   # 1 MiB: 3 rows of 9 heads x 8,192 keys
-        3
+        >>> chunk_rows(2**20, batch=1, heads=9, keys=8192, rows=8192)   # 1 MiB: 2 rows of 9 heads x 8,192 keys
+        2
         >>> chunk_rows(None, batch=1, heads=9, keys=8192, rows=8192)
         8192
     """

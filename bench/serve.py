@@ -30,8 +30,8 @@ PROMPT = "question : what is the city of alice ?\nanswer :"
 
 
 def child(model: str | None, max_tokens: int) -> None:
-    from attnflow.serve import serve
-    from attnflow.serve.runs import Limits
+    from attnflow.explorer import serve
+    from attnflow.explorer.runs import Limits
 
     serve(model, open_browser=False, token=TOKEN, limits=Limits(max_tokens=max_tokens))
 

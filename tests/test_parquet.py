@@ -116,7 +116,7 @@ def test_tables_read_with_pyarrow_dataset(tmp_path):
         "start": 0, "end": 2, "char_start": 0, "char_end": 7,
     }
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert man["schema_version"] == 1 and man["settings"]["max_new_tokens"] == 2
+    assert man["schema_version"] == 2 and man["settings"]["max_new_tokens"] == 2
     assert man["model_info"]["name"] == "toy" and man["causal"] is True
     assert man["query_rows"] == [5, 3] and man["all_rows"] is True
     assert set(man["tables"]) == {"tokens", "spans", "attention"}
@@ -260,3 +260,32 @@ def test_output_replaced_whole(tmp_path):
     assert sorted(p.name for p in (out / "attention").iterdir()) == ["layer=7"]
     assert not (out / "attributions").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary leftovers
+
+
+def test_damaged_directories_raise_data_errors(tmp_path):
+    import pyarrow.parquet as pq
+
+    tr = make_trace([5, 3], layers=(0, 1), heads=2)
+    run = to_parquet(tr, tmp_path / "run")
+    man = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**man, "dtype": "int8"}))
+    with pytest.raises(DataError, match="dtype 'int8'; this attnflow reads float16, bfloat16, float32, float64"):
+        AttentionTrace.load(run)
+    (run / "manifest.json").write_text(json.dumps(man))
+    part = run / "attention" / "layer=1" / "part-0.parquet"
+    t = pq.read_table(part)
+    short = pa.array([w[:-1] for w in t["weights"].to_pylist()], t.schema.field("weights").type)
+    pq.write_table(t.set_column(3, "weights", short), part)  # every row one weight short
+    with pytest.raises(DataError, match="layer=1 row 0 holds 0 weights, expected 1; the file is damaged"):
+        AttentionTrace.load(run)
+    pq.write_table(t, part)
+    assert_same(tr, AttentionTrace.load(run))
+    flow = {"raw": tr.patterns.float().mean((1, 2))}
+    tab = read_flow(to_parquet(tr, tmp_path / "flow", flow=flow))
+    long = pa.array([w + [0.5] for w in tab["weights"].to_pylist()], pa.list_(pa.float32()))
+    with pytest.raises(DataError, match="room for"):  # rows reaching past their example
+        flow_tensor(tab.set_column(3, "weights", long), tr, "raw")
+    part.unlink()
+    part.parent.rmdir()
+    with pytest.raises(DataError, match="holds no layer=1 table"):
+        AttentionTrace.load(run)

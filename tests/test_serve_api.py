@@ -21,9 +21,9 @@ import torch
 from starlette.testclient import TestClient
 
 import attnflow as af
-from attnflow.serve.app import create_app
-from attnflow.serve.graph import flow_graph
-from attnflow.serve.runs import Limits
+from attnflow.explorer.app import create_app
+from attnflow.explorer.graph import flow_graph
+from attnflow.explorer.runs import Limits
 
 TOKEN = "test-token-0123456789abcdef"
 BASE = "http://127.0.0.1:8765"
@@ -336,7 +336,7 @@ def test_app_works_when_nnsight_was_imported_first():
     code = (
         "import nnsight\n"
         "from starlette.testclient import TestClient\n"
-        "from attnflow.serve.app import create_app\n"
+        "from attnflow.explorer.app import create_app\n"
         f"app = create_app({{'demo': lambda: None}}, {TOKEN!r})\n"
         f"r = TestClient(app, base_url={BASE!r}).get('/api/models', headers={H!r})\n"
         "assert r.status_code == 200, r.text\n"

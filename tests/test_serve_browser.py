@@ -35,8 +35,8 @@ def server():
     import uvicorn
 
     import attnflow as af
-    from attnflow.serve import bind
-    from attnflow.serve.app import create_app
+    from attnflow.explorer import bind
+    from attnflow.explorer.app import create_app
 
     model = af.demo.load()
     app = create_app({"demo": lambda: model}, TOKEN)

@@ -15,7 +15,7 @@ from attnflow.tokens import PARTIAL, display_tokens, raw_tokens, sequence_displa
 # accents (precomposed), an en dash, CJK, an emoji (4 UTF-8 bytes), a combining acute accent (e + U+0301)
 TEXT = "Édgar Ramírez met Abdülaziz in Little Rock–North Little Rock–Conway; 東京 is fun 🎉, cafe\u0301 time."
 CORPUS = ["the quick brown fox jumps over the lazy dog near the river bank"] * 50 + ["Ramirez met Abdul in Rock"] * 5
-HOTPOT = Path("/work/shared/data/hotpot_dev_distractor_first26.json")
+HOTPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpot_dev_distractor_first26.json"
 
 
 def byte_bpe(trim_offsets: bool = False) -> PreTrainedTokenizerFast:

@@ -12,27 +12,57 @@ and offline, sharded HTML views.
     ...               max_new_tokens=1)
     >>> R = af.flow.rollout(tr.patterns, alpha=0.5)  # [batch, query, key]
     >>> af.attribute(tr, method="flow", sources="tokens")
+
+The public names are imported on first use (PEP 562), so `import attnflow` and
+`attnflow --help` do not pay for torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-# `trace` the function is bound after `attnflow.trace` the module is imported, so
-# `af.trace(...)` records while `from attnflow.attention_trace import AttentionTrace` still works.
-from attnflow import errors, flow
-from attnflow.attention_trace import AttentionTrace, Span
-from attnflow.attribution import attribute
-from attnflow.tracers import load, trace
-from attnflow import exporters, demo
+import importlib
+import importlib.util
+
+from attnflow._version import __version__
+
+# the public functions and classes -> their modules; submodules (flow, demo, exporters, ...) import on access
+_OBJECTS = {
+    "AttentionTrace": "attnflow.attention_trace",
+    "Span": "attnflow.attention_trace",
+    "attribute": "attnflow.attribution",
+    "load": "attnflow.tracers",
+    "trace": "attnflow.tracers",
+    "TraceOptions": "attnflow.tracers",
+    "head_weights_from_o_proj": "attnflow.tracers.heads",
+    "serve": "attnflow.explorer",  # the function; the package is `attnflow.explorer`
+}
 
 __all__ = [
     "AttentionTrace",
     "Span",
+    "TraceOptions",
     "attribute",
     "demo",
     "errors",
     "exporters",
     "flow",
+    "head_weights_from_o_proj",
     "load",
+    "serve",
     "trace",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _OBJECTS:
+        value = getattr(importlib.import_module(_OBJECTS[name]), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"attnflow.{name}"):
+        value = importlib.import_module(f"attnflow.{name}")  # af.flow, af.demo, af.attribution, ...
+    else:
+        raise AttributeError(f"module 'attnflow' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,6 +10,9 @@ and writes Parquet tables and an offline HTML viewer.
     ...
     attnflow-demo/html/index.html
 
+    >>> summary = run("attnflow-demo", examples=32)      # the library call behind the command
+    >>> print(format_summary(summary))
+
 Written under --out:
     parquet/        the trace, flow and attributions (attnflow.exporters.to_parquet)
     html/           the viewer (open html/index.html)
@@ -19,19 +22,20 @@ Written under --out:
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from attnflow import _io
-from attnflow.attribution import text_spans
+from attnflow.attention_trace import Span
+from attnflow.attribution import attribute, flow_rows, text_spans
 from attnflow.demo import task
 from attnflow.errors import BadArgumentError
-from attnflow.attention_trace import Span
+from attnflow.eval import metrics as M
 
 METHODS = ("rollout", "flow", "raw")  # raw = the last layer's attention, a baseline for the composed ones
 EXCLUDE_KEYS = (0,)  # the <s> sink takes most attention and is no document; leave it out before composing
@@ -47,31 +51,36 @@ def support_hits(attributions: pa.Table, examples: list[task.Example]) -> dict[s
     """Per method: top-1 (the best document supports the answer) and top-2 (all supporting documents rank in the best two).
 
     `attributions` holds one row per (example, method, document) with the document's
-    rank; source_span indexes the example's spans, whose first ones are its documents.
+    score; source_span indexes the example's spans, whose first ones are its
+    documents.  top-1 is `metrics.precision_at_k(k=1)`, top-2 is `metrics.recall_at_k(k=2) == 1`
+    (ties broken by document order, as the table's ranks).
     """
     rows = attributions.to_pylist()
-    best: dict[tuple[str, int], dict[int, int]] = {}  # (method, example) -> {document: rank}
+    scores: dict[tuple[str, int], dict[int, float]] = {}  # (method, example) -> {document: score}
     for r in rows:
-        best.setdefault((r["method"], r["example"]), {})[r["source_span"]] = r["rank"]
+        scores.setdefault((r["method"], r["example"]), {})[r["source_span"]] = r["score"]
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        top1 = top2 = 0
+        top1 = top2 = 0.0
         for i, ex in enumerate(examples):
-            ranks = best[method, i]  # document -> rank, 1 = highest score
-            top1 += min(ranks, key=ranks.get) in ex.support
-            top2 += all(ranks[s] <= 2 for s in ex.support)
+            s = np.array([scores[method, i][d] for d in range(len(ex.documents))])
+            gold = _support(ex)
+            top1 += M.precision_at_k(s, gold, 1)
+            top2 += M.recall_at_k(s, gold, 2) == 1.0
         out[method] = {"top1": top1 / len(examples), "top2": top2 / len(examples)}
     return out
 
 
 def random_baseline(examples: list[task.Example]) -> dict[str, float]:
-    """Expected top-1 / top-2 of a uniformly random document ranking, exactly."""
-    top1 = sum(len(ex.support) / len(ex.documents) for ex in examples)
-    top2 = 0.0
-    for ex in examples:
-        n, k = len(ex.documents), len(ex.support)
-        top2 += 1.0 if n <= 2 else (2 / n if k == 1 else 2 / (n * (n - 1)))
+    """Expected top-1 / top-2 of a uniformly random document ranking, exactly (`metrics.random_expectation`)."""
+    top1 = sum(M.random_expectation(len(ex.documents), len(ex.support), ks=(1,))["precision@1"] for ex in examples)
+    top2 = sum(M.random_all_at_k(len(ex.documents), len(ex.support), 2) for ex in examples)
     return {"top1": top1 / len(examples), "top2": top2 / len(examples)}
+
+
+def _support(ex: task.Example) -> np.ndarray:
+    """One bool per document: does it support the answer."""
+    return np.isin(np.arange(len(ex.documents)), ex.support)
 
 
 @contextmanager
@@ -81,43 +90,50 @@ def _timed(timings: dict, name: str):
     timings[name] = time.perf_counter() - t0
 
 
-def run_demo(args) -> int:
-    """`attnflow demo [--out DIR] [--examples N] [--two-hop] [--seed S] [--no-progress]`; returns the exit code."""
-    import attnflow as af
-    from attnflow import demo
+def run(out: str | Path, examples: int = 32, two_hop: bool = False, seed: int = 1234, progress: bool = True) -> dict:
+    """Answer `examples` held-out instances, attribute, write everything under `out`; returns the summary.
 
-    if args.examples < 1:
-        raise BadArgumentError(f"--examples {args.examples}; give at least 1")
-    out, timings = Path(args.out), {}
-    if args.no_progress:
+    The summary is what `summary.json` holds (`format_summary` prints it), plus
+    `viewer`, the path of the HTML viewer's index.html.
+
+        >>> s = run("attnflow-demo", examples=8, progress=False)
+        >>> list(s["attribution"]), s["viewer"]
+        (['rollout', 'flow', 'raw'], PosixPath('attnflow-demo/html/index.html'))
+    """
+    from attnflow.demo import load
+    from attnflow.exporters import to_html, to_parquet
+    from attnflow.tracers import trace
+
+    if examples < 1:
+        raise BadArgumentError(f"examples={examples}; give at least 1")
+    out, timings = Path(out), {}
+    if not progress:  # also transformers' "Loading weights" bar
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    examples = task.generate(args.examples, seed=args.seed, two_hop=args.two_hop)  # training uses seeds >= 10**6
+    instances = task.generate(examples, seed=seed, two_hop=two_hop)  # training uses seeds >= 10**6
     with _timed(timings, "load"):
-        model = demo.load()
+        model = load()
     tok = model.tokenizer
-    rendered = [task.render_prompt(ex) for ex in examples]
+    rendered = [task.render_prompt(ex) for ex in instances]
     spans = [document_spans(tok, text, char_spans) for text, char_spans in rendered]
     with _timed(timings, "trace"):
-        tr = af.trace(model, [text for text, _ in rendered], max_new_tokens=1, heads="all", spans=spans,
-                      dtype=torch.float32, progress=not args.no_progress)
-    generated = [tr.tokens[b][tr.prompt_lengths[b]] for b in range(len(examples))]
+        tr = trace(model, [text for text, _ in rendered], max_new_tokens=1, heads="all", spans=spans,
+                   dtype=torch.float32, progress=progress)
+    generated = [tr.tokens[b][tr.prompt_lengths[b]] for b in range(len(instances))]
     with _timed(timings, "flow"):
-        flows = {m: af.attribution.flow_rows(tr, m, exclude_keys=EXCLUDE_KEYS) for m in ("rollout", "flow")}
+        flows = {m: flow_rows(tr, m, exclude_keys=EXCLUDE_KEYS) for m in ("rollout", "flow")}
     with _timed(timings, "attribute"):
-        tables = [af.attribute(tr, method=m, span_kind="document", exclude_keys=EXCLUDE_KEYS) for m in METHODS]
+        tables = [attribute(tr, method=m, span_kind="document", exclude_keys=EXCLUDE_KEYS) for m in METHODS]
         attributions = pa.concat_tables(tables)
     with _timed(timings, "write"):
-        af.exporters.to_parquet(tr, out / "parquet", flow=flows, attributions=attributions)
-        index = af.exporters.to_html(tr, out / "html", flow=flows, attributions=attributions) / "index.html"
-        summary = summarize(examples, generated, attributions, args)
-        _io.write_json(out / "examples.json", example_records(examples, generated))
+        to_parquet(tr, out / "parquet", flow=flows, attributions=attributions)
+        index = to_html(tr, out / "html", flow=flows, attributions=attributions) / "index.html"
+        summary = summarize(instances, generated, attributions, two_hop=two_hop, seed=seed)
+        _io.write_json(out / "examples.json", example_records(instances, generated))
     summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     _io.write_json(out / "summary.json", summary)
-    print(format_summary(summary))
-    print(index)
-    return 0
+    return summary | {"viewer": index}
 
 
 def example_records(examples: list[task.Example], generated: list[str]) -> list[dict]:
@@ -128,12 +144,15 @@ def example_records(examples: list[task.Example], generated: list[str]) -> list[
     ]
 
 
-def summarize(examples: list[task.Example], generated: list[str], attributions: pa.Table, args) -> dict:
+def summarize(
+    examples: list[task.Example], generated: list[str], attributions: pa.Table, *, two_hop: bool, seed: int
+) -> dict:
+    """The figures of a run: answer accuracy, support hits per method, the random baseline."""
     correct = sum(g == ex.answer for g, ex in zip(generated, examples))
     return {
         "examples": len(examples),
-        "two_hop": bool(args.two_hop),
-        "seed": args.seed,
+        "two_hop": bool(two_hop),
+        "seed": seed,
         "answer_accuracy": correct / len(examples),
         "attribution": support_hits(attributions, examples),
         "random": random_baseline(examples),
@@ -142,6 +161,7 @@ def summarize(examples: list[task.Example], generated: list[str], attributions: 
 
 
 def format_summary(s: dict) -> str:
+    """The summary table `attnflow demo` prints."""
     kind = "two-hop" if s["two_hop"] else "single-hop"
     n = s["examples"]
     lines = [

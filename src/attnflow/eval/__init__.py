@@ -9,6 +9,11 @@ Modules, in the order data flows:
     prompts.py    rendered prompt, chat template, token spans per paragraph and sentence (from offsets), gold labels
     methods.py    random, raw, sum, rollout, flow, flow_normalized (each with and without the BOS sink) -> span scores
     metrics.py    precision@k, recall@k, MRR, nDCG, AUROC (tie rules documented there), EM/F1, bootstrap CIs
-    runner.py     resumable, shardable runner writing Parquet parts; `attnflow eval ...` commands
+    config.py     RunConfig (the settings that decide the results) and the i/N shard syntax
+    jobs.py       selecting examples (limit, shard), prompts per example, the fixed batches
+    batch.py      one batch: trace, answers, span scores and metrics -> table rows
+    views.py      offline attention views of the first examples
+    store.py      parts on disk, resume checks, the final tables, merging shard runs
+    runner.py     `evaluate`: the resumable, shardable run over those (the command is `attnflow.cli.eval`)
     report.py     summary table (printed, summary.parquet, summary.md), precision/recall plot, explorer.html
 """

@@ -159,20 +159,26 @@ def parse_row(row: dict, index: int = 0) -> QAExample:
     return QAExample(ex_id, question.strip(), answer.strip(), paragraphs, supporting, index)
 
 
-def _paragraphs(context) -> tuple[Paragraph, ...]:
-    if isinstance(context, dict):  # HF layout: {title: [...], sentences: [[...]]}
-        titles, sentences = context.get("title"), context.get("sentences")
-        if not isinstance(titles, list) or not isinstance(sentences, list) or len(titles) != len(sentences):
-            raise _Malformed("'context' needs lists 'title' and 'sentences' of equal length")
-        pairs = list(zip(titles, sentences))
-    elif isinstance(context, list):
-        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in context):
-            raise _Malformed("'context' entries must be [title, [sentences]] pairs")
-        pairs = [tuple(p) for p in context]
+def _pairs(value, field: str, columns: tuple[str, str], entry: str) -> list[tuple]:
+    """The (a, b) pairs of `field`: the official layout `[[a, b], ...]` or HF's `{columns[0]: [a...], columns[1]: [b...]}`."""
+    if isinstance(value, dict):
+        a, b = (value.get(c) for c in columns)
+        if not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b):
+            raise _Malformed(f"'{field}' needs lists '{columns[0]}' and '{columns[1]}' of equal length")
+        pairs = list(zip(a, b))
+    elif isinstance(value, list):
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            raise _Malformed(f"'{field}' entries must be {entry} pairs")
+        pairs = [tuple(p) for p in value]
     else:
-        raise _Malformed(f"'context' is a {type(context).__name__}; expected a list or an object")
+        raise _Malformed(f"'{field}' is a {type(value).__name__}; expected a list or an object")
     if not pairs:
-        raise _Malformed("'context' is empty")
+        raise _Malformed(f"'{field}' is empty")
+    return pairs
+
+
+def _paragraphs(context) -> tuple[Paragraph, ...]:
+    pairs = _pairs(context, "context", ("title", "sentences"), "[title, [sentences]]")
     out, seen = [], set()
     for title, sents in pairs:
         if not isinstance(title, str) or not isinstance(sents, list) or not all(isinstance(s, str) for s in sents):
@@ -187,19 +193,7 @@ def _paragraphs(context) -> tuple[Paragraph, ...]:
 
 
 def _supporting(facts) -> tuple[tuple[str, int], ...]:
-    if isinstance(facts, dict):  # HF layout: {title: [...], sent_id: [...]}
-        titles, ids = facts.get("title"), facts.get("sent_id")
-        if not isinstance(titles, list) or not isinstance(ids, list) or len(titles) != len(ids):
-            raise _Malformed("'supporting_facts' needs lists 'title' and 'sent_id' of equal length")
-        pairs = list(zip(titles, ids))
-    elif isinstance(facts, list):
-        if not all(isinstance(f, (list, tuple)) and len(f) == 2 for f in facts):
-            raise _Malformed("'supporting_facts' entries must be [title, sent_id] pairs")
-        pairs = [tuple(f) for f in facts]
-    else:
-        raise _Malformed(f"'supporting_facts' is a {type(facts).__name__}; expected a list or an object")
-    if not pairs:
-        raise _Malformed("'supporting_facts' is empty")
+    pairs = _pairs(facts, "supporting_facts", ("title", "sent_id"), "[title, sent_id]")
     out = []
     for title, sid in pairs:
         if not isinstance(title, str) or isinstance(sid, bool) or not isinstance(sid, int):

@@ -2,7 +2,8 @@
 
 Each method turns a batch of recorded patterns into one score per key position
 from the rows that produce the answer tokens (the token at t+1 comes from query
-row t), averaged over those rows; a span's score is the sum over its tokens.
+row t), composed by `attribution.target_flow` and averaged over those rows; a
+span's score is the sum over its tokens.
 
     name                    flow.py call                                  BOS sink
     random                  expected metrics of a uniformly random ranking  -
@@ -18,11 +19,13 @@ zeroed and rows renormalised before composing (flow.py).
     >>> rows, mask = answer_rows(prompt_lengths=[4], answer_lengths=[2], pad_offsets=[1])
     >>> rows, mask                     # rows 3, 4 unpadded -> 4, 5 padded
     (tensor([[4, 5]]), tensor([[True, True]]))
-    >>> s = key_scores(tr.patterns, tr.attention_mask, rows, mask)    # {method: [batch, key]}
+    >>> s = key_scores(tr, [[3, 4]])                                   # {method: [batch, key]}, unpadded rows
     >>> span_sums(s["rollout"], starts, ends)                          # [batch, span]
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -30,7 +33,7 @@ from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from attnflow import flow
+from attnflow.attribution import target_flow
 
 # (name, flow method, exclude the first-token sink); "random" has no flow method
 METHODS: tuple[tuple[str, str | None, bool], ...] = (("random", None, False),) + tuple(
@@ -58,22 +61,21 @@ def answer_rows(
     return rows, mask
 
 
-def key_scores(
-    patterns: Float[Tensor, "batch layer head query key"],
-    attention_mask: Int[Tensor, "batch key"],
-    rows: Int[Tensor, "batch rows"],
-    row_mask: Bool[Tensor, "batch rows"],
-) -> dict[str, Float[Tensor, "batch key"]]:
-    """Mean over the answer rows of every flow method's target rows: {method name: [batch, key]}."""
-    weights = row_mask.float() / row_mask.sum(-1, keepdim=True).float()  # [batch, rows]
+def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, "batch key"]]:
+    """Every flow method's composed rows `rows[b]` (unpadded, at least one) averaged per example: {method: [batch, key]}.
+
+    The rows are averaged as composed (not as shares, unlike `attribute`), so an
+    unnormalised flow row keeps its scale; keys are the trace's padded positions.
+    """
+    counts = torch.tensor([len(r) for r in rows])
+    T = int(counts.max())
+    weights = (torch.arange(T)[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
     out = {}
     for name, method, sink in METHODS:
         if method is None:
             continue
-        R = flow.compose(
-            patterns, method, rows=rows, exclude_keys=(0,) if sink else (), key_mask=attention_mask
-        )  # [batch, rows, key]
-        out[name] = einsum(R.float(), weights.to(R.device), "batch rows key, batch rows -> batch key")
+        R = target_flow(trace, rows, method, exclude_keys=(0,) if sink else ())  # [batch, target, key]
+        out[name] = einsum(R.float(), weights.to(R.device), "batch target key, batch target -> batch key")
     return out
 
 

@@ -108,7 +108,7 @@ def random_expectation(n: int, n_gold: int, ks: tuple[int, ...] = KS) -> dict[st
     nDCG = (g/n)·Σ_{r<=n} 1/log2(r+1) / Σ_{r<=g} 1/log2(r+1).
 
     >>> random_expectation(3, 1, ks=(1,))["mrr"]      # (1 + 1/2 + 1/3) / 3
-    0.6111111111111112
+    0.611111111111111
     """
     from math import comb
 
@@ -122,6 +122,20 @@ def random_expectation(n: int, n_gold: int, ks: tuple[int, ...] = KS) -> dict[st
     discount = 1.0 / np.log2(np.arange(2, n + 2))
     ndcg_ = float(g / n * discount.sum() / discount[:g].sum())
     return out | {"mrr": first, "ndcg": ndcg_, "auroc": 0.5 if g < n else nan}
+
+
+def random_all_at_k(n: int, n_gold: int, k: int) -> float:
+    """Exact P(every gold candidate ranks in the top k) for a uniformly random ranking: C(n-g, k-g) / C(n, k).
+
+    The observed counterpart is `recall_at_k(scores, gold, k) == 1`.
+
+    >>> random_all_at_k(5, 1, 2), random_all_at_k(5, 2, 2), random_all_at_k(2, 2, 2)   # 2/5, 1/C(5,2), all fit
+    (0.4, 0.1, 1.0)
+    """
+    from math import comb
+
+    k = min(k, n)
+    return comb(n - n_gold, k - n_gold) / comb(n, k) if n_gold <= k else 0.0
 
 
 def bootstrap_ci(

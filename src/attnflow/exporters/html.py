@@ -34,16 +34,16 @@ from pathlib import Path
 from functools import partial
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from attnflow import _io
+from attnflow._version import __version__
+from attnflow.attention_trace import AttentionTrace
+from attnflow.codec import FlowArg, attribution_table, dtype_name, flow_rows, is_causal, pack, row_widths
 from attnflow.errors import BadArgumentError, DataError
-from attnflow.exporters.parquet import FlowArg, attribution_table, flow_table
-from attnflow.attention_trace import AttentionTrace, is_causal
 
 MAX_GROUP = 8  # heads per shard before splitting
 HEADER_BYTES = 400  # generous bound on a shard's JS wrapper and JSON header
@@ -119,25 +119,6 @@ def inline_html(trace: AttentionTrace, flow: FlowArg | None = None, attributions
     )
 
 
-def render_command(args) -> int:
-    """`attnflow render TRACE_DIR --out DIR [--shard-bytes N]`: a saved trace (with its flow and
-    attributions tables when present) to an HTML viewer."""
-    from attnflow.exporters.parquet import flow_tensor, read_attributions, read_flow
-
-    src = Path(args.trace_dir)
-    tr = AttentionTrace.load(src)
-    flow = None
-    if (src / "flow").is_dir():
-        tab = read_flow(src)
-        flow = {m: flow_tensor(tab, tr, m) for m in sorted(set(tab["method"].to_pylist()))}
-    attributions = read_attributions(src) if (src / "attributions").is_dir() else None
-    out = to_html(tr, args.out, shard_bytes=args.shard_bytes, flow=flow, attributions=attributions, progress=True)
-    files = list(out.rglob("*"))
-    size = sum(f.stat().st_size for f in files if f.is_file())
-    print(f"wrote {out / 'index.html'} ({len(files)} files, {size / 2**20:.1f} MiB)")
-    return 0
-
-
 # ------------------------------------------------------------------------------------
 # shards
 # ------------------------------------------------------------------------------------
@@ -204,11 +185,9 @@ def encode(
     >>> encode(torch.tensor([[[1.0, 0.0], [0.25, 0.5]]]), torch.tensor([1, 2]), "uint8")
     (b'\\xff\\x80\\xff', b'\\x00\\x00\\x80?\\x00\\x00\\x00?')
     """
-    H, R, N = rows.shape
-    take = torch.nonzero((torch.arange(N).view(1, -1) < widths.view(-1, 1)).flatten()).squeeze(1)
-    values = rows.reshape(H, R * N).index_select(1, take).float()  # [head, stored]: row prefixes in turn
+    values = pack(rows, torch.zeros_like(widths), widths).float()  # [head, stored]: row prefixes in turn
     scales = rows.amax(-1).float().clamp(min=0)  # [head, row]
-    row_of = torch.repeat_interleave(torch.arange(R), widths)  # [stored]
+    row_of = torch.repeat_interleave(torch.arange(rows.shape[1]), widths)  # [stored]
     inv = 1 / scales.clamp(min=torch.finfo(torch.float32).tiny)
     if precision == "uint8":
         codes = values.mul_((inv * 255)[:, row_of]).clamp_(0, 255).add_(0.5).to(torch.uint8)  # add + truncate = round
@@ -225,27 +204,26 @@ def build(
     Flow and attributions are validated here, before anything is written; shards are
     encoded one at a time, when called, so memory stays at one block.
     """
-    causal = is_causal(trace)
+    causal = is_causal(trace.patterns, trace.query_positions)
     meta = metadata(trace, causal, precision)
     value_bytes = PRECISIONS[precision]
     jobs: list[Callable[[], Shard]] = []
     for b, ex in enumerate(meta["examples"]):
         pad = trace.pad_offsets[b]
         rows = torch.nonzero(trace.query_positions[b] >= 0).squeeze(1)
-        widths = _widths(ex["rows"], ex["length"], causal)
+        widths = row_widths(torch.tensor(ex["rows"], dtype=torch.long), ex["length"], causal)
         for h0, h1, r0, r1 in plan(widths.tolist(), trace.patterns.shape[2], shard_bytes, value_bytes):
             for li in range(len(trace.layers)):
                 head = {"kind": "attn", "example": b, "layer": li, "heads": list(range(h0, h1)), "r0": r0, "r1": r1}
                 block = (slice(h0, h1), rows[r0:r1], slice(pad, None))  # [head, row, key], unpadded
                 jobs.append(partial(_shard, head, trace.patterns[b, li], block, widths[r0:r1], precision, f"l{li}"))
     if flow:
-        tab = flow_table(trace, flow)
+        flows = {m: flow_rows(trace, m, value) for m, value in flow.items()}  # all validated before any shard
         for b, ex in enumerate(meta["examples"]):
             ex["flow"] = {}
-            for i, m in enumerate(flow):
-                qs, F, causal_m = _example_flow(tab, trace, b, m)
-                ex["flow"][m] = {"rows": qs.tolist(), "causal": causal_m}
-                widths = _widths(qs.tolist(), ex["length"], causal_m)
+            for i, (m, (F_all, qpos, causal_m)) in enumerate(flows.items()):
+                qs, F, widths = _example_flow(F_all, qpos, trace, b, causal_m)
+                ex["flow"][m] = {"rows": qs.tolist(), "causal": bool((widths == qs + 1).all())}
                 header_bytes = HEADER_BYTES + len(_json(m))  # the method's name is in the header
                 for _, _, r0, r1 in plan(widths.tolist(), 1, shard_bytes, value_bytes, header_bytes):
                     head = {"kind": "flow", "example": b, "method": m, "heads": [0], "r0": r0, "r1": r1}
@@ -264,8 +242,6 @@ def build(
 
 def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
     """What the page needs besides the weights: tokens, spans and recorded rows (unpadded), settings."""
-    from attnflow import __version__
-
     examples = []
     for b in range(trace.batch_size):
         pad = trace.pad_offsets[b]
@@ -288,7 +264,7 @@ def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
         "layers": list(trace.layers),
         "heads": trace.heads,
         "num_heads": int(trace.patterns.shape[2]),
-        "dtype": str(trace.patterns.dtype).removeprefix("torch."),
+        "dtype": dtype_name(trace.patterns.dtype),
         "causal": causal,
         "precision": precision,
         "examples": examples,
@@ -296,21 +272,12 @@ def metadata(trace: AttentionTrace, causal: bool, precision: str) -> dict:
     }
 
 
-def _example_flow(tab, trace: AttentionTrace, b: int, method: str) -> tuple[Tensor, Tensor, bool]:
-    """(query positions, rows [row, key] over unpadded keys, causal) of one example's flow."""
-    import pyarrow.compute as pc
-
-    t = tab.filter(pc.and_(pc.equal(tab["example"], b), pc.equal(tab["method"], method)))
-    n = trace.lengths[b]
-    q = torch.tensor(t["query"].to_numpy().astype(np.int64))
-    w = t["weights"].combine_chunks()
-    widths = torch.from_numpy(pc.list_value_length(w).to_numpy().astype(np.int64))
-    flat = torch.tensor(w.flatten().to_numpy(zero_copy_only=False), dtype=torch.float32)
-    F = torch.zeros(len(q), n)
-    take = torch.arange(n).view(1, -1) < widths.view(-1, 1)
-    F[take] = flat
-    causal = bool((widths == q + 1).all())
-    return q, F, causal
+def _example_flow(F: Tensor, qpos: Tensor, trace: AttentionTrace, b: int, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(query positions, rows [row, key] over unpadded keys, row widths) of example b's flow rows."""
+    pad = trace.pad_offsets[b]
+    real = qpos[b] >= 0
+    qs = qpos[b][real] - pad
+    return qs, F[b, real, pad:], row_widths(qs, trace.lengths[b], causal)
 
 
 def _shard(header: dict, source: Tensor, block: tuple, widths: Tensor, precision: str, tag: str) -> Shard:
@@ -326,18 +293,12 @@ def _shard_entry(header: dict, tag: str) -> dict:
     return {"id": f"e{h['example']}-{tag}-h{h['heads'][0]}-{h['heads'][-1]}-r{h['r0']}-{h['r1']}", **h}
 
 
-def _widths(rows: list[int], length: int, causal: bool) -> Tensor:
-    q = torch.tensor(rows, dtype=torch.long)
-    return q + 1 if causal else torch.full_like(q, length)
-
-
 def _stored_values(trace: AttentionTrace) -> int:
-    causal = is_causal(trace)
+    causal = is_causal(trace.patterns, trace.query_positions)
     total = 0
     for b in range(trace.batch_size):
         q = trace.query_positions[b]
-        rows = (q[q >= 0] - trace.pad_offsets[b]).tolist()
-        total += int(_widths(rows, trace.lengths[b], causal).sum())
+        total += int(row_widths(q[q >= 0] - trace.pad_offsets[b], trace.lengths[b], causal).sum())
     return total * trace.patterns.shape[1] * trace.patterns.shape[2]
 
 

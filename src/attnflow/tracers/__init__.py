@@ -67,6 +67,8 @@ def trace(
 def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any = None, **kwargs: Any):
     """An HF causal LM and its tokenizer from a local directory or a hub id, as an nnsight TransformersModel.
 
+    A `.gguf` file, or a folder plus `gguf_file=NAME`, loads dequantised through `attnflow.gguf`.
+
     A string that is neither an existing path nor of the form `org/name` is a
     missing local directory: ModelNotFoundError, without asking the hub.
 
@@ -78,6 +80,11 @@ def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = os.fspath(path_or_id)
+    if name.endswith(".gguf") or "gguf_file" in kwargs:
+        from attnflow.gguf import load_gguf
+
+        hf, tok = load_gguf(name, kwargs.pop("gguf_file", None), dtype=dtype, device_map=device_map, **kwargs)
+        return nnsight.TransformersModel(hf, tokenizer=tok)
     if not os.path.exists(name):
         if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
             raise ModelNotFoundError(f"no model directory at {name!r}; pass an existing directory or a hub id like org/name")

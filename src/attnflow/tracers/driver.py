@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from attnflow import tokens
 from attnflow.attention_trace import AttentionTrace
 from attnflow.errors import BadArgumentError, NonFiniteError
 from attnflow.tracers import inputs
@@ -116,6 +117,7 @@ def run(
         attention_mask=attention_mask,
         query_positions=query_positions,
         tokens=[inputs.token_strings(backend.tokenizer, s) for s in enc.sequences],
+        text=display_text(backend.tokenizer, enc),
         prompt_lengths=list(enc.prompt_lengths),
         layers=layers,
         heads=inputs.head_label(heads),
@@ -126,6 +128,13 @@ def run(
             backend=backend.settings,
         ),
     )
+
+
+def display_text(tokenizer: Any, enc: inputs.Encoded) -> list[list[str]] | None:
+    """Each token's display string (the text it covers, `attnflow.tokens`); None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    return [tokens.sequence_display(tokenizer, s[:n], s[n:]) for s, n in zip(enc.sequences, enc.prompt_lengths)]
 
 
 def record(

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from attnflow._dtypes import storage_dtype  # noqa: F401  (importers of the old tracers/nnsight.py)
+
 from attnflow.errors import UnsupportedModelError
 from attnflow.tracers import inputs, reduce
 from attnflow.tracers import remote as ndif
@@ -140,6 +140,17 @@ def _device(hf: torch.nn.Module) -> torch.device:
 
 
 # --- the backend -------------------------------------------------------------------------
+def pad_id(tokenizer: Any, hf: torch.nn.Module) -> int:
+    """The id left padding uses: the tokenizer's pad or eos token, else the model's configured pad id, else 0."""
+    gen_cfg = getattr(hf, "generation_config", None)
+    return inputs.first_int(
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(gen_cfg, "pad_token_id", None),
+        getattr(hf.config, "pad_token_id", None),
+    )
+
+
 class HFBackend:
     """An HF model's attention sites, geometry, generation and per-batch recording (the driver does the rest)."""
 
@@ -151,12 +162,7 @@ class HFBackend:
         self.remote = options.remote
         self.device = _device(self.hf)
         gen_cfg = getattr(self.hf, "generation_config", None)
-        self.pad_id = inputs.first_int(
-            getattr(self.tokenizer, "pad_token_id", None),
-            getattr(self.tokenizer, "eos_token_id", None),
-            getattr(gen_cfg, "pad_token_id", None),
-            getattr(self.hf.config, "pad_token_id", None),
-        )
+        self.pad_id = pad_id(self.tokenizer, self.hf)
         self.eos_ids = inputs.id_set(getattr(gen_cfg, "eos_token_id", None))
         self.settings = {"name": "nnsight"}
 

@@ -245,7 +245,7 @@ class Runner:
 
     def graph(self, run: Run, target: int | None = None, **kw) -> dict:
         """The flow graph of the output token at position `target` (default: the first generated one)."""
-        from attnflow.serve.graph import flow_graph
+        from attnflow.explorer.graph import flow_graph
 
         self.ready(run)
         n, p = run.record.shape[-1], int(run.trace.prompt_lengths[0])
@@ -381,7 +381,7 @@ def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callabl
     """Greedy tokens after `ids` (cut after the first end token), each passed to `on_token` as it appears."""
     from transformers.generation.streamers import BaseStreamer
 
-    from attnflow.tracers.nnsight import _device, _pad_id, as_nnsight
+    from attnflow.tracers.hf import _device, as_nnsight, pad_id
 
     _, hf, tok = as_nnsight(model)
     eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
@@ -407,7 +407,7 @@ def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callabl
     with torch.no_grad():
         hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, min_new_tokens=0,
                     do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                    pad_token_id=_pad_id(tok, hf), streamer=Streamer())
+                    pad_token_id=pad_id(tok, hf), streamer=Streamer())
     return out
 
 

@@ -27,8 +27,8 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from attnflow.errors import BadArgumentError
-    from attnflow.serve import serve
-    from attnflow.serve.runs import Limits
+    from attnflow.explorer import serve
+    from attnflow.explorer.runs import Limits
 
     for flag in ("max_tokens", "max_new_tokens", "max_queued", "cache_mib"):
         if getattr(args, flag) < 1:

@@ -1,16 +1,16 @@
 """`attnflow serve`: the interactive flow explorer, a local web page over a Starlette server.
 
     >>> import attnflow as af
-    >>> from attnflow.serve import serve
+    >>> from attnflow.explorer import serve
     >>> serve()                                   # the embedded demo model; prints http://127.0.0.1:PORT/#token=...
     >>> serve(af.load("models/SmolLM2-135M"))     # a model already loaded (or a directory, or {name: loader})
 
 The page types a prompt (or chat messages) with named documents, streams the
 greedy completion, and draws the pruned flow graph of any output token
-(`attnflow.serve.graph`); runs are recorded once (`attnflow.serve.runs`) and
+(`attnflow.explorer.graph`); runs are recorded once (`attnflow.explorer.runs`) and
 answered from that record.  The server binds 127.0.0.1, checks Host and Origin,
 and wants the session token from the printed URL on every API call
-(`attnflow.serve.app`).
+(`attnflow.explorer.app`).
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def serve(
     """
     import uvicorn
 
-    from attnflow.serve.app import create_app
-    from attnflow.serve.runs import Limits
+    from attnflow.explorer.app import create_app
+    from attnflow.explorer.runs import Limits
 
     if host not in LOOPBACK:
         if not allow_remote:

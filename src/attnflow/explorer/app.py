@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from attnflow.errors import AttnflowError, BadArgumentError
-from attnflow.serve.runs import Limits, QueueFull, RunGone, Runner
+from attnflow.explorer.runs import Limits, QueueFull, RunGone, Runner
 
 __all__ = ["CSP", "create_app"]
 
@@ -225,7 +225,7 @@ def create_app(
         raise BadArgumentError("the session token must be a string of at least 16 characters")
     load_anyio()
     runner = Runner(models, limits)
-    static = {path: (resources.files("attnflow.serve").joinpath("static", name).read_bytes(), kind)
+    static = {path: (resources.files("attnflow.explorer").joinpath("static", name).read_bytes(), kind)
               for path, (name, kind) in STATIC.items()}
 
     async def page(request: Request) -> Response:

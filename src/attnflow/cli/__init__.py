@@ -1,0 +1,62 @@
+"""`attnflow` command line: demo, trace, render, eval, serve.
+
+Every command takes --help; bad input exits with code 2 and one line on stderr,
+Ctrl-C with 130.  Each command is a module with `add_parser(subparsers)` and
+`run(args) -> int` that turns the arguments into library calls; the modules
+import torch only inside `run`, so `attnflow --help` and `--version` stay fast.
+
+    >>> main(["demo", "--examples", "0"])     # stderr: attnflow: error: --examples 0; give at least 1
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from attnflow._version import __version__
+from attnflow.cli import demo, eval, render, serve, trace  # noqa: A004  (the command, not the builtin)
+from attnflow.errors import AttnflowError
+
+COMMANDS = (demo, trace, render, eval, serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnflow", description="Record, compose and view attention flow.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def _quiet_transformers() -> None:
+    """attnflow shows its own progress bars; transformers' weight-loading bar and advisories are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        _quiet_transformers()
+        return int(args.func(args) or 0)
+    except AttnflowError as err:
+        print(f"attnflow: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""`attnflow eval hotpotqa|demo|merge`: evaluate attribution on document QA (`attnflow.eval`).
+
+    attnflow eval demo --out runs/demo --limit 200
+    attnflow eval hotpotqa --model M --data hotpot_dev_distractor_v1.json --out runs/hp --shard 0/4
+    attnflow eval merge runs/hp-0 runs/hp-1 runs/hp-2 runs/hp-3 --out runs/hp
+
+Examples are selected by `--limit N` (the first N rows of the file) then by
+`--shard i/N` (rows with index % N == i, i from 0), so merged shards equal one
+run over the same limit.  The out directory is described in `attnflow.eval.runner`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from attnflow.errors import BadArgumentError
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+def add_parser(subparsers) -> None:
+    e = subparsers.add_parser("eval", help="evaluate attribution on document QA")
+    esub = e.add_subparsers(dest="eval_command", metavar="TASK")
+    for name, help_ in (("hotpotqa", "HotPotQA (distractor setting) from a local file"), ("demo", "the demo task")):
+        ep = esub.add_parser(name, help=help_)
+        if name == "hotpotqa":
+            ep.add_argument("--model", required=True, help="local model directory or hub id")
+            ep.add_argument("--data", required=True, help="hotpot_dev_distractor_v1.json, or a .parquet/.jsonl file")
+        else:
+            ep.add_argument("--model", default=None, help="model directory (default: the embedded demo model)")
+            ep.add_argument("--two-hop", action="store_true", help="ask two-hop questions (two supporting documents)")
+            ep.add_argument("--seed", type=int, default=2024, help="seed of the generated examples (default 2024)")
+        ep.add_argument("--out", required=True, help="output directory (parts, tables, summary, plot, explorer.html)")
+        ep.add_argument("--limit", type=int, default=None, help="evaluate the first N examples (demo default: 200)")
+        ep.add_argument("--shard", default=None, help="i/N: evaluate rows with index %% N == i (i from 0); combine with `eval merge`")
+        ep.add_argument("--mode", choices=("generate", "teacher"), default="generate",
+                        help="generate: greedy answer, scored by EM/F1; teacher: the gold answer forced in")
+        ep.add_argument("--max-context-tokens", type=int, default=None,
+                        help="skip (and count) longer prompts (default: the model's maximum positions)")
+        ep.add_argument("--max-new-tokens", type=int, default=None, help="answer length budget (demo 3, hotpotqa 16)")
+        ep.add_argument("--batch-size", type=int, default=1, help="examples per forward pass (default 1)")
+        ep.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+        ep.add_argument("--no-progress", action="store_true")
+        ep.add_argument("--views", type=int, default=50, help="write attention views for the first N examples (default 50)")
+        ep.add_argument("--dtype", default="float32", help="model weights dtype: float32 | bfloat16 | float16")
+        ep.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda")
+        ep.set_defaults(func=run)
+    m = esub.add_parser("merge", help="combine the outputs of --shard runs")
+    m.add_argument("shards", nargs="+", help="output directories of the shard runs")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=run)
+
+
+def run(args) -> int:
+    return merge(args) if args.eval_command == "merge" else evaluate(args)
+
+
+def config_from_args(args):
+    """The RunConfig of `attnflow eval hotpotqa|demo` arguments; BadArgumentError naming the flag."""
+    from attnflow.eval.config import DEFAULT_DEMO_EXAMPLES, RunConfig, parse_shard
+
+    task = args.eval_command
+    if args.batch_size < 1:
+        raise BadArgumentError(f"--batch-size {args.batch_size}; use a positive integer")
+    for name in ("limit", "max_context_tokens", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadArgumentError(f"--{name.replace('_', '-')} {value}; use a positive integer")
+    parse_shard(args.shard)
+    data = str(Path(args.data).resolve()) if task == "hotpotqa" else None
+    model = getattr(args, "model", None)
+    return RunConfig(
+        task=task,
+        model=str(Path(model).resolve()) if model and Path(model).exists() else model,
+        data=data,
+        seed=getattr(args, "seed", None) if task == "demo" else None,
+        two_hop=bool(getattr(args, "two_hop", False)),
+        mode=args.mode,
+        limit=args.limit if task == "hotpotqa" else (args.limit or DEFAULT_DEMO_EXAMPLES),
+        shard=args.shard,
+        max_context_tokens=args.max_context_tokens,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        dtype=getattr(args, "dtype", "float32"),
+        device_map=getattr(args, "device_map", None),
+    )
+
+
+def evaluate(args) -> int:
+    """`attnflow eval hotpotqa|demo`: evaluate, write the report, print the summary table."""
+    from attnflow.eval import runner
+    from attnflow.eval.store import check_out
+
+    config = config_from_args(args)
+    out = Path(args.out)
+    check_out(out, config, args.resume)  # before the slow part
+    examples, problems = runner.select_examples(config)
+    for pr in problems[:MAX_PROBLEMS_SHOWN]:
+        print(f"attnflow: skipping malformed example {pr.id} (row {pr.index}): {pr.reason}", file=sys.stderr)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        print(f"attnflow: ... and {len(problems) - MAX_PROBLEMS_SHOWN} more malformed examples", file=sys.stderr)
+    model, tokenizer = runner.load_model(config)
+    facts = runner.evaluate(
+        examples, problems, model, tokenizer, out, config,
+        resume=args.resume, progress=not args.no_progress, views=args.views,
+    )  # fmt: skip
+    print(facts["text"])
+    return 0
+
+
+def merge(args) -> int:
+    """`attnflow eval merge SHARD_DIRS... --out DIR`: concatenate finished shard runs and report."""
+    from attnflow.eval import store
+
+    shards = store.read_shards([Path(d) for d in args.shards])
+    if shards.missing:
+        print(f"attnflow: warning: merging without shards {shards.missing} of {shards.n_shards}", file=sys.stderr)
+    print(store.merge(shards, Path(args.out))["text"])
+    return 0

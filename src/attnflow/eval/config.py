@@ -1,0 +1,62 @@
+"""The settings of an evaluation run: everything that decides its results, and the `i/N` shard syntax.
+
+    >>> config = RunConfig(task="demo", limit=200, shard="1/4")
+    >>> config.shard_pair, config.new_tokens
+    ((1, 4), 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from attnflow.errors import BadArgumentError
+
+DEFAULT_NEW_TOKENS = {"demo": 3, "hotpotqa": 16}
+DEFAULT_DEMO_EXAMPLES = 200
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides an evaluation's results (and nothing that doesn't)."""
+
+    task: str  # "hotpotqa" | "demo"
+    model: str | None = None  # None: the embedded demo model
+    data: str | None = None
+    seed: int | None = None
+    two_hop: bool = False
+    mode: str = "generate"  # "generate" | "teacher"
+    limit: int | None = None
+    shard: str | None = None  # "i/N"
+    max_context_tokens: int | None = None
+    max_new_tokens: int | None = None
+    batch_size: int = 1
+    dtype: str = "float32"  # model weights
+    device_map: str | None = None
+
+    @property
+    def shard_pair(self) -> tuple[int, int]:
+        return parse_shard(self.shard)
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or DEFAULT_NEW_TOKENS[self.task]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """"i/N" -> (i, N) with 0 <= i < N; None -> (0, 1).
+
+    >>> parse_shard("0/4"), parse_shard(None)
+    ((0, 4), (0, 1))
+    """
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise BadArgumentError(f"--shard {text!r}; use i/N with 0 <= i < N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise BadArgumentError(f"--shard {text!r}; use i/N with 0 <= i < N, e.g. 0/4")
+    return i, n

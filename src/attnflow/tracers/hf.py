@@ -33,7 +33,6 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-
 from attnflow.errors import UnsupportedModelError
 from attnflow.tracers import inputs, reduce
 from attnflow.tracers import remote as ndif

@@ -10,7 +10,20 @@ Inside one `model.trace(...)` the tracer reads the call's inputs (post-rotary
 query and key, the mask, sliding_window/softcap/sinks kwargs), recomputes the
 probabilities of the requested rows in float32 with `reduce.py`, reduces heads
 and casts to the storage dtype there, and saves only that.  The model's own
-attention (sdpa, flash, eager) runs untouched: no `output_attentions`.
+attention (sdpa, flash, eager) runs untouched: no `output_attentions`.  Rows are
+computed in query chunks sized by `memory_budget`, so one layer's float32
+transient is O(chunk x key x head) (`reduce.interface_pattern`).
+
+With `max_new_tokens`, `generate_record` records inside the one `hf.generate`
+call (nnsight's `tracer.iter[:]` visits every forward of the decode loop): the
+prompt's rows at prefill, each new token's row at its decode step over the KV
+cache's keys.  The keys the cache returns are the keys a full forward computes,
+so the patterns equal the two-pass path's up to float rounding (<= 1e-6 in
+float32 on real models; tests compare in float64).  The two-pass path
+(`generate`, then `record` over prompt + completion) remains for remote runs
+(NDIF and `remote="local"`: the block runs elsewhere and cannot fill this
+process's tensors, so generation goes through `remote.generate`), for
+`one_pass=False`, and in the TransformerLens backend (no KV-cache generation).
 
 `HFBackend` is what `tracers/driver.py` drives: the checks, batching and
 assembly are the driver's.

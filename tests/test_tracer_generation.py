@@ -108,11 +108,16 @@ def test_one_generation_no_second_forward(monkeypatch):
         handle.remove()
 
 
-def test_remote_keeps_two_passes(monkeypatch):
+def test_remote_keeps_two_passes_and_matches_one_pass():
     """A remote block cannot fill this process's tensors: generation and recording stay separate there."""
-    backend = hf_backend.HFBackend(tiny_model("llama"), None, TraceOptions(remote="local"))
-    assert backend.one_pass_generation is False
-    assert hf_backend.HFBackend(tiny_model("llama"), None, TraceOptions()).one_pass_generation is True
+    import nnsight
+    from tiny_models import tiny_tokenizer
+
+    model = nnsight.TransformersModel(tiny_model("llama", eos_token_id=None).double(), tokenizer=tiny_tokenizer())
+    assert hf_backend.HFBackend(model, None, TraceOptions(remote="local")).one_pass_generation is False
+    assert hf_backend.HFBackend(model, None, TraceOptions()).one_pass_generation is True
+    kw = dict(max_new_tokens=3, heads="mean", rows="completion", progress=False, dtype=torch.float32)
+    assert_same(af.trace(model, PROMPTS, **kw), af.trace(model, PROMPTS, remote="local", **kw))
 
 
 def test_chunked_rows_equal_whole_and_respect_the_budget(monkeypatch):

@@ -174,3 +174,26 @@ def test_check_finite_finds_nan_and_inf_in_any_storage_dtype(dtype):
         Q[where] = value
         with pytest.raises(af.errors.NonFiniteError, match=f"layer {[7, 9][where[1]]} \\(example {where[0]}\\)"):
             check_finite(Q, [7, 9])
+
+
+def test_unmasked_causal_chunks_skip_later_keys(monkeypatch):
+    """One unpadded prompt under sdpa: no mask, so each chunk computes only keys up to its last row."""
+    from tiny_models import eager_copy, eager_patterns
+
+    model = tiny_model("llama")
+    prompt = prompts_ids((30,))[0]
+    expected = eager_patterns(eager_copy(model), prompt)  # [layer, head, query, key]
+    ends = []
+    real = reduce.attention_pattern
+
+    def spy(*args, key_end=None, **kw):
+        ends.append(key_end)
+        return real(*args, key_end=key_end, **kw)
+
+    monkeypatch.setattr(reduce, "attention_pattern", spy)
+    budget = 1 * 30 * (4 * 4 + 16) * 8  # 8 rows
+    tr = af.trace(model, [prompt], dtype=torch.float32, progress=False, memory_budget=budget)
+    assert ends == [8, 16, 24, 30] * 2
+    assert (tr.patterns[0] - expected).abs().max() <= 1e-5
+    mean = af.trace(model, [prompt], heads="mean", dtype=torch.float32, progress=False, memory_budget=budget)
+    assert (mean.patterns[0, :, 0] - expected.mean(1)).abs().max() <= 1e-5

@@ -20,6 +20,22 @@ of each [memory] event, minus its value before the first one): this counts
 every tensor torch allocates, in every thread, and nothing else — RSS would mix
 in the allocator's caching, and tracemalloc does not see torch's allocations.
 Memory is measured in its own untimed run, because the profiler slows the call.
+
+    python bench/capture.py --memory            # peak memory at real lengths, new code beside today's
+    python bench/capture.py --memory --quick    # 512 and 1,024 tokens (a smoke test)
+
+`--memory` builds a 30-layer x 9-head random Llama (3 kv heads, hidden 144) and
+measures, each in a fresh process, the peak extra memory of
+
+    plain       model(ids, use_cache=False)
+    mean-all    attnflow.trace(model, ids, heads="mean")        every row, float16 (seq 4,096 and 8,192)
+    all-all     attnflow.trace(model, ids, heads="all")         every row, float16 (seq 1,024)
+
+under this checkout's `src` ("new") and under `--before REV`'s (default 14a45f5,
+the tracers before issue 15: "before"), against `result + plain` (the stored
+patterns plus a plain forward; goal <= 1.3x for mean-all) and against the result
+alone (goal <= 1.5x for all-all).  A "before" run whose estimate exceeds the free
+memory is skipped and says so.
 """
 
 from __future__ import annotations
@@ -117,9 +133,117 @@ def peak_bytes(fn, device: str) -> int:
     return max(e["Total Allocated"] for e in events) - base
 
 
+# --- peak memory at real lengths, one fresh process per measurement ---------------------------------
+BEFORE = "14a45f5"  # the tracers before issue 15 (two passes, whole-layer float32 transient, part + trace copies)
+
+
+def build_long(seq: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=1000, hidden_size=144, intermediate_size=384, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=max(seq, 2048),
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def measure_child(method: str, seq: int) -> None:
+    """Run in a fresh process: print {"peak": bytes, "result": bytes} of one method as JSON."""
+    import nnsight
+
+    model = build_long(seq)
+    wrapped = nnsight.NNsight(model)
+    ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(seq))
+    heads = {"mean-all": "mean", "all-all": "all"}.get(method)
+    af.trace(wrapped, ids[:, :16], heads=heads or "mean", progress=False)  # warm-up: nnsight's source instrumentation
+    result = {}
+
+    def run():
+        if heads is None:
+            with torch.no_grad():
+                return model(input_ids=ids, use_cache=False).logits
+        tr = af.trace(wrapped, ids, heads=heads, progress=False)
+        result["bytes"] = tr.patterns.numel() * tr.patterns.element_size()
+        return tr
+
+    peak = peak_bytes(run, "cpu")
+    print(json.dumps({"peak": peak, "result": result.get("bytes", 0)}))
+
+
+def source_of(rev: str) -> str:
+    """`src` of git revision `rev`, extracted once under the temp directory."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.path.join(tempfile.gettempdir(), f"attnflow-src-{rev}")
+    if not os.path.isdir(out):
+        os.makedirs(out + ".part", exist_ok=True)
+        archive = subprocess.run(["git", "-C", root, "archive", rev, "src"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", out + ".part"], input=archive, check=True)
+        os.replace(out + ".part", out)
+    return os.path.join(out, "src")
+
+
+def run_child(method: str, seq: int, src: str) -> dict | None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=src, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--child-seq", str(seq)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        print(f"  ({method} at {seq} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def free_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def memory_table(args) -> int:
+    import os
+
+    new_src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    old_src = source_of(args.before)
+    cases = [("mean-all", s) for s in ((512, 1024) if args.quick else (4096, 8192))]
+    cases += [("all-all", 256 if args.quick else 1024)]
+    print(
+        f"Llama 30 layers, 9 heads (3 kv), hidden 144, sdpa; batch 1; float16 storage; CPU allocator peak "
+        f"(profiler); before = {args.before}, new = this checkout"
+    )
+    header = f"{'seq':>5} {'method':<9} {'code':<7} {'peak MB':>9} {'result MB':>10} {'x result':>9} {'x result+plain':>15}"
+    print(header)
+    print("-" * len(header))
+    for method, seq in cases:
+        plain = run_child("plain", seq, new_src)
+        for code, src in (("before", old_src), ("new", new_src)):
+            result = 30 * (9 if method == "all-all" else 1) * seq * seq * 2
+            if code == "before" and 2.2 * result + 9 * seq * seq * 4 > free_bytes():
+                print(f"{seq:>5} {method:<9} {code:<7} skipped: needs ~{(2.2 * result + 36 * seq * seq) / 2**30:.1f} GiB")
+                continue
+            r = run_child(method, seq, src)
+            if r is None or plain is None:
+                continue
+            print(
+                f"{seq:>5} {method:<9} {code:<7} {r['peak'] / 2**20:>9.0f} {r['result'] / 2**20:>10.0f} "
+                f"{r['peak'] / r['result']:>9.2f} {r['peak'] / (r['result'] + plain['peak']):>15.2f}"
+            )
+        if plain is not None:
+            print(f"{seq:>5} {'plain':<9} {'':<7} {plain['peak'] / 2**20:>9.0f}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="3 timed repeats instead of 5")
+    p.add_argument("--quick", action="store_true", help="3 timed repeats instead of 5 (--memory: short sequences)")
+    p.add_argument("--memory", action="store_true", help="peak memory at 4,096 / 8,192 tokens, before and new")
+    p.add_argument("--before", default=BEFORE, help="git revision of today's code for --memory")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-seq", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--seqs", default="128,512,1024")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
@@ -128,6 +252,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        measure_child(args.child, args.child_seq)
+        return 0
+    if args.memory:
+        return memory_table(args)
     repeats = 3 if args.quick else 5
     model, eager = build(args.device, args.layers)
     cfg = model.config

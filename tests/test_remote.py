@@ -109,7 +109,7 @@ def test_remote_local_equals_local(model, kwargs):
 
 def test_remote_local_generation_equals_local(model):
     kw = dict(max_new_tokens=4, heads="mean", rows="completion", progress=False, dtype=torch.float32)
-    local = af.trace(model, PROMPTS, **kw)
+    local = af.trace(model, PROMPTS, one_pass=False, **kw)  # remote runs record in a second pass, as this does
     rt = af.trace(model, PROMPTS, remote="local", **kw)
     same(local, rt)
     assert [len(t) for t in rt.tokens] == [len(t) for t in local.tokens]
@@ -136,7 +136,7 @@ def test_mock_ndif_runs_attnflow_request_without_attnflow(model, ndif, capsys):
 
 def test_mock_ndif_generation_equals_local(model, ndif):
     kw = dict(max_new_tokens=3, heads="mean", rows="completion", progress=False, dtype=torch.float32)
-    same(af.trace(model, PROMPTS, **kw), af.trace(model, PROMPTS, remote=True, **kw))
+    same(af.trace(model, PROMPTS, one_pass=False, **kw), af.trace(model, PROMPTS, remote=True, **kw))
 
 
 def test_mock_rejects_request_without_registered_helpers(model, ndif, monkeypatch):

@@ -5,8 +5,13 @@ text into ids, how it generates one batch greedily and how it records one
 batch's patterns.  Everything around that lives here, once, for every backend:
 
     options -> backend_for(model) -> layers, heads checked against the model
-            -> encode -> generate (per batch) -> record (per batch) -> one preallocated
-               [batch, layer, head, row, key] tensor -> check_finite -> AttentionTrace
+            -> encode -> [generate] -> record (per batch, into one preallocated
+               [batch, layer, head, row, key] tensor) -> check_finite -> AttentionTrace
+
+With `max_new_tokens`, a backend that can (`generate_record`: HF models run
+locally) records while it generates, one generation per batch; otherwise
+(`one_pass=False`, `remote=`, TransformerLens) the driver generates every
+batch first and records prompt + completion in a second forward.
 
     >>> tr = run(model, ["the cat sat", "a dog"], TraceOptions(heads="mean", rows="last", progress=False))
     >>> tr.patterns.shape                      # batch layer head query key (a 2-layer model, 3 tokens)
@@ -51,9 +56,16 @@ class Backend(Protocol):
 
     def record(
         self, sequences: list[list[int]], positions: list[list[int]], *, layers: list[int], heads: str | Tensor,
-        dtype: torch.dtype,
-    ) -> Float[Tensor, "batch layer head row key"]:
-        """Patterns of one left-padded batch, the rows of `positions` right-aligned, heads reduced, as `dtype`."""
+        options: TraceOptions, out: Float[Tensor, "batch layer head row key"],
+    ) -> None:
+        """Write the patterns of one left-padded batch into `out` (rows of `positions` right-aligned, heads reduced).
+
+        `out` is this batch's window of the trace's tensor, of the storage dtype:
+        [batch, layer, head_out, max rows of the batch, longest sequence of the batch].
+        """
+
+    # optional: generate_record(sequences, max_new_tokens, *, layers, heads, options) -> (new tokens, patterns)
+    # (one generation that also records; `tracers/hf.py`), used when `one_pass_generation` is true
 
 
 def backend_for(model: Any, tokenizer: Any, options: TraceOptions) -> Backend:
@@ -84,14 +96,20 @@ def run(
     batches = inputs.chunks(len(enc.sequences), options.batch_size)
 
     with torch.no_grad(), tqdm(total=len(enc.sequences), desc="attnflow trace", unit="prompt", disable=not options.progress) as bar:
-        if new_tokens:
-            enc = generate(backend, enc, new_tokens, batches)
-            bar.set_postfix_str("generated")
-        span_lists = inputs.check_spans(spans, enc.lengths)
+        if new_tokens and options.one_pass and getattr(backend, "one_pass_generation", False):
+            enc, patterns = generate_record(backend, enc, new_tokens, batches, layers=layers, heads=heads, options=options, bar=bar)
+            span_lists = inputs.check_spans(spans, enc.lengths)
+        else:
+            if new_tokens:
+                enc = generate(backend, enc, new_tokens, batches)
+                bar.set_postfix_str("generated")
+            span_lists = inputs.check_spans(spans, enc.lengths)  # before the forward: a bad span fails fast
+            positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
+            head_out = backend.num_heads if isinstance(heads, str) and heads == "all" else 1
+            patterns = record(backend, enc, positions, batches, layers=layers, heads=heads, head_out=head_out, options=options, bar=bar)
         positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
         input_ids, attention_mask = inputs.left_pad(enc.sequences, backend.pad_id)
         query_positions = inputs.row_index(positions, enc.lengths, input_ids.shape[1])
-        patterns = record(backend, enc, positions, batches, layers=layers, heads=heads, options=options, bar=bar)
     check_finite(patterns, layers)
     return AttentionTrace(
         patterns=patterns,
@@ -121,20 +139,62 @@ def display_text(tokenizer: Any, enc: inputs.Encoded) -> list[list[str]] | None:
 
 def record(
     backend: Backend, enc: inputs.Encoded, positions: list[list[int]], batches: list[range], *, layers: list[int],
-    heads: str | Tensor, options: TraceOptions, bar: Any,
+    heads: str | Tensor, head_out: int, options: TraceOptions, bar: Any,
 ) -> Float[Tensor, "batch layer head row key"]:
-    """Every batch recorded by the backend and written into one preallocated tensor (rows, keys right-aligned)."""
+    """Every batch recorded by the backend straight into its window of one preallocated tensor.
+
+    The window of a batch is right-aligned in rows and keys (left padding stays
+    zero), so no batch's patterns are ever held twice.
+    """
     B, R, S = len(enc.sequences), max(len(p) for p in positions), max(enc.lengths)
-    patterns = None
+    patterns = torch.zeros((B, len(layers), head_out, R, S), dtype=options.dtype)
     for chunk in batches:
-        part = backend.record(  # [chunk, layer, head, part_row, part_key]
-            [enc.sequences[i] for i in chunk], [positions[i] for i in chunk], layers=layers, heads=heads, dtype=options.dtype
+        Rc = max(len(positions[i]) for i in chunk)
+        Sc = max(enc.lengths[i] for i in chunk)
+        backend.record(
+            [enc.sequences[i] for i in chunk], [positions[i] for i in chunk], layers=layers, heads=heads,
+            options=options, out=patterns[chunk.start : chunk.stop, :, :, R - Rc :, S - Sc :],
         )
-        if patterns is None:  # the head dim is the backend's (all heads or 1); the rest is known
-            patterns = part.new_zeros((B, len(layers), part.shape[2], R, S))
-        place(patterns, part, chunk)
         bar.update(len(chunk))
     return patterns
+
+
+def generate_record(
+    backend: Any, enc: inputs.Encoded, max_new_tokens: int, batches: list[range], *, layers: list[int],
+    heads: str | Tensor, options: TraceOptions, bar: Any,
+) -> tuple[inputs.Encoded, Float[Tensor, "batch layer head row key"]]:
+    """Each prompt with its greedy completion (cut after the first EOS) and its patterns, one generation per batch.
+
+    The final lengths are known only once every batch has generated, so each
+    batch's part is kept until then and placed into the trace's tensor (parts
+    are freed as they are placed).
+    """
+    seqs, parts = [], []
+    for chunk in batches:
+        part_seqs = [enc.sequences[i] for i in chunk]
+        new, part = backend.generate_record(part_seqs, max_new_tokens, layers=layers, heads=heads, options=options)
+        seqs += [list(s) + cut_at_eos(n, backend.eos_ids) for s, n in zip(part_seqs, new)]
+        parts.append(part)
+        bar.update(len(chunk))
+    enc = inputs.Encoded(seqs, list(enc.prompt_lengths))
+    positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
+    B, R, S = len(seqs), max(len(p) for p in positions), max(enc.lengths)
+    if len(parts) == 1 and parts[0].shape[-2:] == (R, S):
+        return enc, parts[0]
+    patterns = torch.zeros((B, *parts[0].shape[1:3], R, S), dtype=parts[0].dtype)
+    for chunk in batches:
+        place(patterns, parts.pop(0), chunk)
+    return enc, patterns
+
+
+def cut_at_eos(new: list[int], eos_ids: set[int]) -> list[int]:
+    """New tokens up to and including the first end-of-sequence token.
+
+        >>> cut_at_eos([7, 2, 7], {2}), cut_at_eos([7, 7], {2})
+        ([7, 2], [7, 7])
+    """
+    stop = next((j + 1 for j, t in enumerate(new) if t in eos_ids), len(new))
+    return list(new[:stop])
 
 
 def generate(backend: Backend, enc: inputs.Encoded, max_new_tokens: int, batches: list[range]) -> inputs.Encoded:
@@ -150,8 +210,7 @@ def generate(backend: Backend, enc: inputs.Encoded, max_new_tokens: int, batches
     for chunk in batches:
         part = [enc.sequences[i] for i in chunk]
         for s, new in zip(part, backend.generate(part, max_new_tokens)):
-            stop = next((j + 1 for j, t in enumerate(new) if t in backend.eos_ids), len(new))
-            seqs.append(list(s) + list(new[:stop]))
+            seqs.append(list(s) + cut_at_eos(new, backend.eos_ids))
     return inputs.Encoded(seqs, list(enc.prompt_lengths))
 
 
@@ -178,8 +237,10 @@ def check_finite(patterns: Float[Tensor, "batch layer head row key"], layers: li
         Traceback (most recent call last):
         attnflow.errors.NonFiniteError: the attention of layer 5 (example 0) holds NaN or inf: the model's queries or keys overflowed; load it in float32 or bfloat16
     """
-    for li, layer in enumerate(layers):  # a sum carries any NaN/inf; isfinite() would copy the whole trace
-        bad = ~torch.isfinite(patterns[:, li].flatten(1).sum(-1, dtype=torch.float32))  # [batch]
+    for li, layer in enumerate(layers):
+        # a row sum carries any NaN/inf; summed in the storage dtype (rows sum to <= 1, so it cannot overflow),
+        # it is 1/key the size of the layer: no float32 or boolean copy of the trace
+        bad = ~torch.isfinite(patterns[:, li].sum(-1)).flatten(1).all(-1)  # [batch]
         if bad.any():
             raise NonFiniteError(
                 f"the attention of layer {layer} (example {int(bad.nonzero()[0])}) holds NaN or inf: the model's "

@@ -10,7 +10,20 @@ Inside one `model.trace(...)` the tracer reads the call's inputs (post-rotary
 query and key, the mask, sliding_window/softcap/sinks kwargs), recomputes the
 probabilities of the requested rows in float32 with `reduce.py`, reduces heads
 and casts to the storage dtype there, and saves only that.  The model's own
-attention (sdpa, flash, eager) runs untouched: no `output_attentions`.
+attention (sdpa, flash, eager) runs untouched: no `output_attentions`.  Rows are
+computed in query chunks sized by `memory_budget`, so one layer's float32
+transient is O(chunk x key x head) (`reduce.interface_pattern`).
+
+With `max_new_tokens`, `generate_record` records inside the one `hf.generate`
+call (nnsight's `tracer.iter[:]` visits every forward of the decode loop): the
+prompt's rows at prefill, each new token's row at its decode step over the KV
+cache's keys.  The keys the cache returns are the keys a full forward computes,
+so the patterns equal the two-pass path's up to float rounding (<= 1e-6 in
+float32 on real models; tests compare in float64).  The two-pass path
+(`generate`, then `record` over prompt + completion) remains for remote runs
+(NDIF and `remote="local"`: the block runs elsewhere and cannot fill this
+process's tensors, so generation goes through `remote.generate`), for
+`one_pass=False`, and in the TransformerLens backend (no KV-cache generation).
 
 `HFBackend` is what `tracers/driver.py` drives: the checks, batching and
 assembly are the driver's.
@@ -23,6 +36,7 @@ assembly are the driver's.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +44,7 @@ import nnsight
 import torch
 from jaxtyping import Float
 from torch import Tensor
-
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from attnflow.errors import UnsupportedModelError
 from attnflow.tracers import inputs, reduce
@@ -171,10 +185,7 @@ class HFBackend:
         """Greedy new tokens of one batch from `hf.generate` (or nnsight's generate where `remote` says)."""
         ids, mask = inputs.left_pad(sequences, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        greedy = dict(  # plain argmax decoding, whatever penalties the checkpoint's generation_config sets
-            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=self.pad_id,
-        )
+        greedy = self.greedy(max_new_tokens)
         if self.remote:  # generate where the weights are: NDIF, or nnsight's local round trip
             out = ndif.generate(self.nn_model, ids, mask, remote=self.remote, **greedy)
         else:
@@ -183,9 +194,14 @@ class HFBackend:
 
     def record(
         self, sequences: list[list[int]], positions: list[list[int]], *, layers: list[int], heads: str | Tensor,
-        dtype: torch.dtype,
-    ) -> Float[Tensor, "batch layer head row key"]:
-        """Patterns of one left-padded batch from one `model.trace(...)`, rows right-aligned."""
+        options: TraceOptions, out: Float[Tensor, "batch layer head row key"],
+    ) -> None:
+        """Patterns of one left-padded batch from one `model.trace(...)`, rows right-aligned, written into `out`.
+
+        Locally each layer's rows are written straight into `out` chunk by chunk
+        (`reduce.interface_pattern`); a remote run builds the batch's tensor where
+        the model runs and copies what comes back.
+        """
         ids, mask = inputs.left_pad(sequences, self.pad_id)
         pos = inputs.position_ids(mask)
         rows = inputs.row_index(positions, [len(s) for s in sequences], ids.shape[1]).to(self.device)
@@ -193,8 +209,10 @@ class HFBackend:
         ops = [self.sites[layer].op for layer in layers]
         causal = [self.sites[layer].is_causal for layer in layers]
         weights = [heads if isinstance(heads, str) else heads[i] for i in range(len(layers))]
+        dtype, budget = options.dtype, options.memory_budget
         stop_early = layers[-1] < len(self.sites) - 1  # nothing to read past the last requested layer
         extra = ndif.trace_kwargs(self.nn_model, self.remote)  # {} locally; a checked RemoteBackend for NDIF
+        local = out if not extra else None  # a remote block cannot write into a tensor of this process
         with ndif.translate_errors(extra):
             with self.nn_model.trace(
                 input_ids=ids.to(self.device),
@@ -203,16 +221,165 @@ class HFBackend:
                 use_cache=False,  # one forward: a KV cache would only hold memory
                 **extra,
             ) as tracer:
-                patterns = None  # [batch, layer, head, row, key], filled layer by layer (no second copy from a stack)
+                patterns = local  # [batch, layer, head, row, key], filled layer by layer (no second copy from a stack)
                 for i in range(len(envoys)):
                     args, kwargs = getattr(envoys[i].source, ops[i]).inputs
-                    p = reduce.interface_pattern(  # float32: the copy into `patterns` casts to the storage dtype
-                        args, kwargs, row_index=rows, heads=weights[i], dtype=None, is_causal=causal[i]
-                    )
                     if patterns is None:
-                        patterns = p.new_empty((p.shape[0], len(envoys), *p.shape[1:]), dtype=dtype)
-                    patterns[:, i] = p
-                patterns = patterns.save()
+                        H = args[1].shape[1] if isinstance(heads, str) and heads == "all" else 1
+                        patterns = args[1].new_zeros((len(sequences), len(envoys), H, rows.shape[1], args[2].shape[2]), dtype=dtype)
+                    reduce.interface_pattern(
+                        args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i],
+                        out=patterns[:, i], memory_budget=budget,
+                    )
+                if local is None:
+                    patterns = patterns.save()
                 if stop_early:
                     tracer.stop()
-        return patterns.detach().cpu()
+        if local is None:
+            out.copy_(patterns.detach())
+
+    # --- one generation that records -----------------------------------------------------------
+    @property
+    def one_pass_generation(self) -> bool:
+        """Whether `generate_record` can run: locally (a remote block cannot fill this process's tensors)."""
+        return not self.remote
+
+    def generate_record(
+        self, sequences: list[list[int]], max_new_tokens: int, *, layers: list[int], heads: str | Tensor,
+        options: TraceOptions,
+    ) -> tuple[list[list[int]], Float[Tensor, "batch layer head row key"]]:
+        """Greedy new tokens of one batch and its patterns, recorded inside the one `hf.generate` call.
+
+        Step 0 of the generation (prefill) gives the prompt's rows; decode step j
+        gives the row of new token j, its keys the KV cache's (the last K
+        positions: a sliding-window cache keeps only the window).  The generation
+        runs one token past `max_new_tokens`, so the last kept token's row is
+        computed too, with end-of-sequence stopping replaced by `StopAfterEOS`
+        (stop once every example's EOS has been *fed*).  The returned patterns are
+        laid out as `record` lays out the prompt + completion (cut at EOS): the
+        same [batch, layer, head_out, row, key] window, right-aligned.
+        """
+        B, N = len(sequences), max_new_tokens
+        ids, mask = inputs.left_pad(sequences, self.pad_id)
+        P = ids.shape[1]
+        lengths = [len(s) for s in sequences]
+        prompt_pos = [prompt_rows(options.rows, n, N) for n in lengths]  # prompt rows any final length may need
+        pre_index = inputs.row_index(prompt_pos, lengths, P)  # [batch, R0] in generation columns
+        R0 = pre_index.shape[1]
+        head_out = self.num_heads if isinstance(heads, str) and heads == "all" else 1
+        # every recorded row in generation coordinates: R0 prompt rows, then one row per decode step
+        gen = torch.zeros((B, len(layers), head_out, R0 + N, P + N), dtype=options.dtype)
+        envoys = [self.nn_model.get(self.sites[layer].path) for layer in layers]
+        ops = [self.sites[layer].op for layer in layers]
+        causal = [self.sites[layer].is_causal for layer in layers]
+        weights = [heads if isinstance(heads, str) else heads[i] for i in range(len(layers))]
+        stop = StopAfterEOS(self.eos_ids, P)
+        decode_row = torch.zeros((B, 1), dtype=torch.long, device=self.device)
+        pre_index = pre_index.to(self.device)
+        budget, dtype = options.memory_budget, options.dtype
+        with warnings.catch_warnings():
+            # the open `tracer.iter[:]` loop ends by asking for a step the generation never makes (by design)
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with self.nn_model.trace(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                fn=self.hf.generate,
+                **self.greedy(N + 1),
+                eos_token_id=None,  # `stop` ends the generation instead, one step after the last EOS
+                stopping_criteria=StoppingCriteriaList([stop]),
+            ) as tracer:
+                for step in tracer.iter[:]:
+                    for i in range(len(envoys)):
+                        args, kwargs = getattr(envoys[i].source, ops[i]).inputs
+                        if step == 0:  # prefill: the prompt's rows
+                            reduce.interface_pattern(
+                                args, kwargs, row_index=pre_index, heads=weights[i], dtype=dtype, is_causal=causal[i],
+                                out=gen[:, i, :, :R0, :P], memory_budget=budget,
+                            )
+                        else:  # decode step: the newest token's row over the cached keys
+                            p = reduce.interface_pattern(
+                                args, kwargs, row_index=decode_row, heads=weights[i], dtype=dtype, is_causal=causal[i]
+                            )  # [batch, head_out, 1, K]
+                            gen[:, i, :, R0 + step - 1, key_columns(p.shape[-1], P + step)] = p[:, :, 0]
+        new = stop.ids[:, P : P + N].tolist()  # the token past N was only there to compute the last row
+        return new, assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=stop.ids.shape[1] - P - 1)
+
+    def greedy(self, max_new_tokens: int) -> dict[str, Any]:
+        """`generate` keywords of plain argmax decoding, whatever penalties the checkpoint's generation_config sets."""
+        return dict(
+            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=self.pad_id,
+        )
+
+
+class StopAfterEOS(StoppingCriteria):
+    """Stop an example once an EOS is among its new tokens *before* the newest one (so that EOS's row was computed).
+
+    Also keeps the ids of every step: `ids` is [batch, prompt + new] after the generation.
+    """
+
+    def __init__(self, eos_ids: set[int], prompt_len: int):
+        self.eos = sorted(eos_ids)
+        self.prompt_len = prompt_len
+        self.ids: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        self.ids = input_ids
+        fed = input_ids[:, self.prompt_len : -1]  # new tokens the model has already read
+        if not self.eos or fed.shape[1] == 0:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return torch.isin(fed, torch.tensor(self.eos, device=input_ids.device)).any(-1)
+
+
+def prompt_rows(rows: Any, prompt_len: int, max_new_tokens: int) -> list[int]:
+    """Prompt positions whose rows a final length of prompt_len + 1 .. prompt_len + max_new_tokens may need.
+
+        >>> prompt_rows(None, 3, 2), prompt_rows("last", 3, 2), prompt_rows("completion", 3, 2), prompt_rows((0, -4), 3, 2)
+        ([0, 1, 2], [], [2], [0, 1])
+    """
+    if rows is None:
+        return list(range(prompt_len))
+    if rows == "last":
+        return []  # the last row is a new token's: at least one is generated
+    if rows == "completion":
+        return [prompt_len - 1]
+    lengths = range(prompt_len + 1, prompt_len + max_new_tokens + 1)
+    return sorted({r % n for r in rows for n in lengths if -n <= r < n and r % n < prompt_len})
+
+
+def key_columns(num_keys: int, seen: int) -> slice:
+    """Generation columns of a decode step's keys: the last `num_keys` of the `seen` positions so far.
+
+    A dynamic cache returns all `seen` keys, a sliding-window one the last window;
+    a static cache returns its whole buffer, the first `seen` slots filled.
+    """
+    return slice(seen - num_keys, seen) if num_keys <= seen else slice(0, seen)
+
+
+def assemble(
+    gen: Float[Tensor, "batch layer head gen_row gen_key"], new: list[list[int]], prompts: list[list[int]],
+    prompt_pos: list[list[int]], rows: Any, eos_ids: set[int], *, steps: int,
+) -> Float[Tensor, "batch layer head row key"]:
+    """The rows recorded in generation coordinates -> `record`'s layout of prompt + completion (cut at EOS).
+
+    `gen` holds each example's prompt rows (`prompt_pos`, right-aligned) then one
+    row per decode step; its keys are generation columns (prompts left-padded to
+    the longest, then the new tokens).  `steps` decode steps ran.
+    """
+    from attnflow.tracers.driver import cut_at_eos
+
+    P = max(len(p) for p in prompts)
+    R0 = max((len(p) for p in prompt_pos), default=0)
+    full = [list(p) + cut_at_eos(n, eos_ids) for p, n in zip(prompts, new)]
+    lengths, plens = [len(f) for f in full], [len(p) for p in prompts]
+    if max(n - p for n, p in zip(lengths, plens)) > steps:
+        raise RuntimeError("the generation stopped before the last kept token was read; this is an attnflow bug")
+    positions = inputs.row_positions(rows, lengths, plens)
+    R, S = max(len(p) for p in positions), max(lengths)
+    out = gen.new_zeros((gen.shape[0], *gen.shape[1:3], R, S))
+    for b, (pos, n, p) in enumerate(zip(positions, lengths, plens)):
+        slot = {t: R0 - len(prompt_pos[b]) + k for k, t in enumerate(prompt_pos[b])}  # prompt position -> gen row
+        src = torch.tensor([slot[t] if t < p else R0 + t - p for t in pos], dtype=torch.long)
+        pad = P - p  # generation columns of example b start here
+        out[b, :, :, R - len(pos) :, S - n :] = gen[b, :, :, src, pad : pad + n]
+    return out

@@ -16,6 +16,9 @@ layers x heads x seq².
     >>> tr.tokens[1]                           # the bridge prepended BOS to the string
     ['<|endoftext|>', 'A', 'Ġdog']
 
+TransformerLens is the `lens` extra (`pip install "attnflow[lens]"`); without it
+a TransformerLens model gets an UnsupportedModelError that names the extra.
+
 Strings are tokenized the way the bridge tokenizes them (`to_tokens`, which
 prepends BOS per `cfg.default_prepend_bos`), and that BOS is part of the
 recorded tokens and prompt length; token ids are used exactly as given.  The
@@ -46,10 +49,29 @@ def is_lens_model(model: Any) -> bool:
     )
 
 
+LENS_EXTRA = 'pip install "attnflow[lens]"'
+
+
+def require_transformer_lens() -> None:
+    """UnsupportedModelError naming the `lens` extra when transformer_lens cannot be imported.
+
+    TransformerLens is an optional dependency of attnflow (`pip install "attnflow[lens]"`);
+    the core install records HF models only.
+    """
+    try:
+        import transformer_lens  # noqa: F401  (already imported wherever a TransformerLens model exists)
+    except ImportError as err:
+        raise UnsupportedModelError(
+            f"this is a TransformerLens model but transformer_lens cannot be imported ({err}); "
+            f"install the TransformerLens extra: {LENS_EXTRA}"
+        ) from err
+
+
 class LensBackend:
     """A TransformerLens model's geometry, tokenization, generation and per-batch recording through hooks."""
 
     def __init__(self, model: Any, tokenizer: Any, options: TraceOptions):
+        require_transformer_lens()
         if options.remote:
             raise BadArgumentError(
                 "remote= runs HuggingFace models on NDIF through nnsight; a TransformerLens model records locally: "
@@ -102,30 +124,30 @@ class LensBackend:
 
     def record(
         self, sequences: list[list[int]], positions: list[list[int]], *, layers: list[int], heads: str | Tensor,
-        dtype: torch.dtype,
-    ) -> Float[Tensor, "batch layer head row key"]:
-        """One forward pass of a left-padded batch; each hook keeps its layer's selected rows, reduced over heads."""
+        options: TraceOptions, out: Float[Tensor, "batch layer head row key"],
+    ) -> None:
+        """One forward pass of a left-padded batch; each hook writes its layer's selected rows, heads reduced, into `out`."""
         ids, mask = inputs.left_pad(sequences, self.pad_id)
         row_index = inputs.row_index(positions, [len(s) for s in sequences], ids.shape[1])
-        kept: dict[int, Tensor] = {}
+        seen: set[int] = set()
 
         def keep(index: int):
             weights = heads if isinstance(heads, str) else heads[index]
 
             def hook(pattern: Float[Tensor, "batch head query key"], hook: Any = None) -> None:
-                kept[index] = select(pattern, row_index, mask, weights, dtype)
+                out[:, index] = select(pattern, row_index, mask, weights, options.dtype)
+                seen.add(index)
 
             return hook
 
         hooks = [(HOOK.format(layer=layer), keep(i)) for i, layer in enumerate(layers)]
         self.model.run_with_hooks(ids.to(self.device), attention_mask=mask.to(self.device), return_type=None, fwd_hooks=hooks)
-        missing = [layers[i] for i in range(len(layers)) if i not in kept]
+        missing = [layers[i] for i in range(len(layers)) if i not in seen]
         if missing:
             raise UnsupportedModelError(
                 f"hook_pattern of layers {missing} never fired; boot the bridge with eager attention "
                 "(boot_transformers does) so TransformerLens computes attention probabilities"
             )
-        return torch.stack([kept[i] for i in range(len(layers))], dim=1)
 
 
 def select(

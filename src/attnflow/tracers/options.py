@@ -32,7 +32,7 @@ from attnflow.tracers.remote import check_remote
 class TraceOptions:
     """How to record: every `attnflow.trace` keyword but the model, the prompts and their data.
 
-    max_new_tokens  generate this many tokens greedily first, then record prompt + completion
+    max_new_tokens  generate this many tokens greedily and record prompt + completion
     heads           "all" | "mean" | "max" | Tensor[layer, head] of non-negative weights (normalised per layer)
     layers          None (all), an index or a list of them, negatives from the end; stored sorted
     rows            None (every query row) | "last" | "completion" (rows prompt_length-1 .. length-2,
@@ -41,6 +41,12 @@ class TraceOptions:
     batch_size      prompts per forward pass
     remote          False | True (NDIF) | "local" (nnsight's round trip) | an http(s) host (HF models only)
     progress        show a tqdm bar
+    memory_budget   bytes (or "512MiB", "2GiB") the in-trace float32 transient of one layer may take: rows are
+                    computed and their heads reduced in query chunks that fit it (None: all rows at once)
+    one_pass        with max_new_tokens, record while generating (HF models run locally): the prompt's rows
+                    at prefill and each new token's row at its decode step, inside the one generation.  False,
+                    or a remote or TransformerLens model: generate, then one forward over prompt + completion.
+                    Both give the same patterns (the KV cache holds the same keys)
 
     Lists come back as tuples and `dtype` as a torch dtype; a head-weight tensor
     is copied, so changing the caller's tensor later changes nothing here.
@@ -57,6 +63,8 @@ class TraceOptions:
     batch_size: int = 8
     remote: bool | str = False
     progress: bool = True
+    memory_budget: int | str | None = "256MiB"
+    one_pass: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens is not None:
@@ -71,9 +79,11 @@ class TraceOptions:
             dtype=storage_dtype(self.dtype),
             batch_size=inputs.check_count("batch_size", self.batch_size, minimum=1),
             remote=check_remote(self.remote),
+            memory_budget=inputs.byte_count("memory_budget", self.memory_budget),
         )
-        if not isinstance(self.progress, bool):
-            raise BadArgumentError(f"progress={self.progress!r}; use True or False")
+        for name in ("progress", "one_pass"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadArgumentError(f"{name}={getattr(self, name)!r}; use True or False")
 
     def _set(self, **values: Any) -> None:
         for name, value in values.items():

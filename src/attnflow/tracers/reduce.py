@@ -45,6 +45,7 @@ def attention_pattern(
     sinks: Float[Tensor, "head"] | None = None,
     position_bias: Tensor | None = None,
     row_index: Int[Tensor, "batch row"] | None = None,
+    key_end: int | None = None,
 ) -> Float[Tensor, "batch head row key"]:
     """Float32 attention probabilities of the query rows in `row_index` (all rows when None).
 
@@ -58,7 +59,8 @@ def attention_pattern(
     is dropped after the softmax.  `row_index` [batch, row] holds query indices,
     -1 for "no row": those rows come back all zero.  Masked logits are set to
     float32's finfo.min (not -inf), so a fully masked row is finite (uniform),
-    never NaN.
+    never NaN.  `key_end` computes only keys `0 .. key_end - 1` (the result has
+    that many columns): for a caller that knows the later keys are masked.
     """
     B, Hq, Q, d = query.shape
     Bk, Hkv, K, dk = key.shape
@@ -74,6 +76,10 @@ def attention_pattern(
     rows = row_index.clamp(min=0)
     R = rows.shape[1]
 
+    K_all = K  # queries are the last Q of all K keys, whatever part of the keys is computed
+    if key_end is not None and key_end < K:
+        key, K = key[:, :, :key_end], key_end
+
     q = gather_rows(query, rows).float() * (d**-0.5 if scaling is None else scaling)
     # query head h*g+j reads kv head h (repeat_kv); one batched matmul per kv head, output already [b, (h g), r, k]
     q = einops.rearrange(q, "b (h g) r d -> b h (g r) d", h=Hkv)
@@ -85,10 +91,12 @@ def attention_pattern(
 
     lowest = torch.finfo(torch.float32).min
     padding_only = mask is not None and mask.ndim == 2  # flash attention's [batch, key] mask: causality not in it
-    keep = _allowed_keys(rows, Q, K, causal=(mask is None or padding_only) and is_causal, sliding_window=sliding_window)
+    keep = _allowed_keys(
+        rows, Q, K_all, causal=(mask is None or padding_only) and is_causal, sliding_window=sliding_window, n_keys=K
+    )
     keep = None if keep is None else keep.unsqueeze(1)  # [batch, 1, row, key]
     if padding_only:
-        real = mask[:, -K:].bool().view(B, 1, 1, K)
+        real = mask[:, -K_all:][:, :K].bool().view(B, 1, 1, K)
         keep = real if keep is None else keep & real
     elif mask is not None:
         m = gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows)
@@ -125,14 +133,15 @@ def _broadcast(m: Tensor, B: int, H: int, Q: int, K: int) -> Tensor:
 
 
 def _allowed_keys(
-    rows: Int[Tensor, "batch row"], Q: int, K: int, *, causal: bool, sliding_window: int | None
+    rows: Int[Tensor, "batch row"], Q: int, K: int, *, causal: bool, sliding_window: int | None, n_keys: int | None = None
 ) -> Bool[Tensor, "batch row key"] | None:
-    """Keys each selected row may see when no mask says so (causal) or within the sliding window; None = all."""
+    """Keys (the first `n_keys` of K) each selected row may see when no mask says so (causal) or within the window."""
     causal = causal and Q > 1
     if not causal and sliding_window is None:
         return None
     pos = (rows + (K - Q)).unsqueeze(-1)  # absolute position of each query row; queries are the last Q keys
-    keys = torch.arange(K, device=rows.device).view(1, 1, K)
+    n = K if n_keys is None else n_keys
+    keys = torch.arange(n, device=rows.device).view(1, 1, n)
     allowed = keys <= pos if causal else torch.ones_like(keys - pos, dtype=torch.bool)
     if sliding_window is not None:
         allowed = allowed & (pos - keys < sliding_window)
@@ -174,30 +183,88 @@ def interface_pattern(
     heads: str | Float[Tensor, "head"],
     dtype: torch.dtype | None,
     is_causal: bool,
+    out: Tensor | None = None,
+    memory_budget: int | None = None,
 ) -> Float[Tensor, "batch head_out row key"]:
     """The stored pattern of one layer from the `(args, kwargs)` of its `attention_interface(...)` call.
 
     The call is `attention_interface(module, query, key, value, attention_mask, scaling=..., ...)`;
     `is_causal` is the module's own flag (a kwarg of the same name overrides it,
     as in transformers' sdpa interface).
+
+    Rows are computed `chunk_rows(memory_budget, ...)` at a time and each chunk's
+    heads reduced at once, so the float32 transient is O(chunk x key x head) and
+    never the whole `[batch, head, row, key]`; each chunk is written into `out`
+    ([batch, head_out, row, key], any dtype: the copy casts) or into a new
+    tensor of `dtype` (float32 when None).
+
+        >>> q = torch.randn(1, 4, 6, 8); k = torch.randn(1, 2, 6, 8)
+        >>> args = (None, q, k, None, None); rows = torch.arange(6)[None]
+        >>> whole = interface_pattern(args, {}, row_index=rows, heads="mean", dtype=None, is_causal=True)
+        >>> chunked = interface_pattern(args, {}, row_index=rows, heads="mean", dtype=None, is_causal=True,
+        ...                             memory_budget=1)          # one row at a time
+        >>> whole.shape, bool((whole - chunked).abs().max() < 1e-6)   # the same up to float32 rounding
+        (torch.Size([1, 1, 6, 6]), True)
     """
     names = ("module", "query", "key", "value", "attention_mask")
     bound = dict(zip(names, args))
     bound.update({n: kwargs[n] for n in names if n in kwargs})
     causal = kwargs.get("is_causal")
-    P = attention_pattern(
-        bound["query"],
-        bound["key"],
-        bound.get("attention_mask"),
-        kwargs.get("scaling"),
-        is_causal=is_causal if causal is None else bool(causal),
-        sliding_window=kwargs.get("sliding_window"),
-        softcap=kwargs.get("softcap"),
-        sinks=_first(kwargs.get("s_aux"), kwargs.get("sinks")),
-        position_bias=kwargs.get("position_bias"),
-        row_index=row_index,
-    )
-    return to_storage(reduce_heads(P, heads), dtype)
+    query, key, mask = bound["query"], bound["key"], bound.get("attention_mask")
+    sinks = _first(kwargs.get("s_aux"), kwargs.get("sinks"))
+    B, R, K, Q = query.shape[0], row_index.shape[1], key.shape[2], query.shape[2]
+    causal_flag = is_causal if causal is None else bool(causal)
+    # without a mask (or with a padding-only one) causality is the rule: keys after a chunk's last row are masked,
+    # so they are not computed at all (half the work of an every-row recording); a 4-D mask may say otherwise
+    skip_later = causal_flag and Q > 1 and (mask is None or mask.ndim == 2) and kwargs.get("position_bias") is None
+    step = chunk_rows(memory_budget, batch=B, heads=query.shape[1], keys=K, rows=R, sinks=sinks is not None)
+    if skip_later:  # at least 8 chunks of >= 64 rows: the skipped upper triangle is then ~7/16 of the work
+        step = min(step, max(64, -(-R // 8)))
+    if out is None:
+        head_out = query.shape[1] if isinstance(heads, str) and heads == "all" else 1
+        out = query.new_zeros((B, head_out, R, K), dtype=torch.float32 if dtype is None else dtype)
+    for r0 in range(0, R, step):
+        rows = row_index[:, r0 : r0 + step]
+        end = max(1, min(K, int(rows.max()) + 1 + (K - Q))) if skip_later else K
+        P = attention_pattern(  # [batch, head, chunk, key] float32
+            query,
+            key,
+            mask,
+            kwargs.get("scaling"),
+            is_causal=is_causal if causal is None else bool(causal),
+            sliding_window=kwargs.get("sliding_window"),
+            softcap=kwargs.get("softcap"),
+            sinks=sinks,
+            position_bias=kwargs.get("position_bias"),
+            row_index=rows,
+            key_end=end,
+        )
+        out[:, :, r0 : r0 + step, :end] = reduce_heads(P, heads)  # the copy casts to the storage dtype
+        if end < K:
+            out[:, :, r0 : r0 + step, end:] = 0
+        del P
+    return out
+
+
+def chunk_rows(
+    memory_budget: int | None, *, batch: int, heads: int, keys: int, rows: int, sinks: bool = False
+) -> int:
+    """How many query rows to compute at once so one chunk's float32 transient fits `memory_budget` bytes.
+
+    A row costs the float32 scores of every head (`4·heads·keys` bytes per
+    example; three such buffers with attention sinks, whose softmax concatenates),
+    plus a mask row, a keep row and the reduced row (`16·keys` bounds them).
+    None = every row at once; at least one row, whatever the budget.
+
+        >>> chunk_rows(2**20, batch=1, heads=9, keys=8192, rows=8192)   # 1 MiB: 2 rows of 9 heads x 8,192 keys
+        2
+        >>> chunk_rows(None, batch=1, heads=9, keys=8192, rows=8192)
+        8192
+    """
+    if memory_budget is None:
+        return max(rows, 1)
+    per_row = batch * keys * (4 * heads * (3 if sinks else 1) + 16)
+    return max(1, min(rows, memory_budget // per_row))
 
 
 def _first(*xs):

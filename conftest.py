@@ -29,12 +29,6 @@ DOCS = [(name, PROMPT.index(text), PROMPT.index(text) + len(text))  # (name, cha
 collect_ignore = ["tests/ndif_mock", "tests/ndif_real/cpu_actor.py", "tests/ndif_real/deploy.py", "tests/ndif_real/stack.py"]  # server side: ray, ndif
 # modules whose examples still fail; they are edited on other branches (issue 10, phase 2 removes this list)
 collect_ignore += [f"src/attnflow/{m}" for m in [
-    "tracers/__init__.py",
-    "tracers/driver.py",
-    "tracers/hf.py",
-    "tracers/inputs.py",
-    "tracers/lens.py",
-    "tracers/remote.py",
     "eval/batch.py",
     "eval/datasets.py",
     "eval/jobs.py",

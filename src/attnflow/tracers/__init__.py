@@ -1,11 +1,11 @@
 """How attention patterns are recorded: `trace` runs the one driver on any model, `load` opens an HF model.
 
-    >>> model = af.load("path/to/model")                      # nnsight TransformersModel
-    >>> tr = af.trace(model, ["the cat sat on the mat"], heads="mean", rows="last")
-    >>> tr.patterns.shape                                      # batch layer head query key (2 layers, 6 tokens)
-    torch.Size([1, 2, 1, 1, 6])
+    >>> model = af.load(af.demo.MODEL_DIR)                     # nnsight TransformersModel (a folder or a .gguf)
+    >>> tr = af.trace(model, ["the cat sat on the mat"], heads="mean", rows="last", progress=False)
+    >>> tr.patterns.shape                                      # batch layer head query key (4 layers, BOS + 6 tokens)
+    torch.Size([1, 4, 1, 1, 7])
     >>> opts = TraceOptions(heads="mean", rows="last")        # the same parameters as one checked object
-    >>> torch.equal(af.trace(model, ["the cat sat on the mat"], options=opts).patterns, tr.patterns)
+    >>> torch.equal(af.trace(model, ["the cat sat on the mat"], options=opts, progress=False).patterns, tr.patterns)
     True
 
 `tracers/driver.py` runs the pipeline; its backends are `tracers/hf.py` (nnsight
@@ -53,9 +53,9 @@ def trace(
                     dtype, batch_size, remote, progress, memory_budget, one_pass (see TraceOptions).  Keywords given with
                     `options` replace those fields of it.
 
-        >>> tr = trace(model, ["the cat sat", "a dog ran to the park"], rows="last", heads="mean")
-        >>> tr.patterns.shape, tr.query_positions
-        (torch.Size([2, 2, 1, 1, 6]), tensor([[5], [5]]))
+        >>> tr = trace(model, ["the cat sat", "a dog ran to the park"], rows="last", heads="mean", progress=False)
+        >>> tr.patterns.shape, tr.query_positions              # the demo model: 4 layers, BOS + 6 tokens
+        (torch.Size([2, 4, 1, 1, 7]), tensor([[6], [6]]))
     """
     if options is None:
         options = TraceOptions(**fields)
@@ -72,9 +72,9 @@ def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any 
     A string that is neither an existing path nor of the form `org/name` is a
     missing local directory: ModelNotFoundError, without asking the hub.
 
-        >>> model = load("runs/tiny-llama")          # nnsight.TransformersModel
-        >>> model.tokenizer, model._module.config._attn_implementation
-        (..., 'sdpa')
+        >>> model = load(af.demo.MODEL_DIR)          # nnsight.TransformersModel
+        >>> type(model).__name__, model._module.config._attn_implementation
+        ('TransformersModel', 'sdpa')
     """
     import nnsight
     from transformers import AutoModelForCausalLM, AutoTokenizer

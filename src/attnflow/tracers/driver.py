@@ -14,8 +14,8 @@ locally) records while it generates, one generation per batch; otherwise
 batch first and records prompt + completion in a second forward.
 
     >>> tr = run(model, ["the cat sat", "a dog"], TraceOptions(heads="mean", rows="last", progress=False))
-    >>> tr.patterns.shape                      # batch layer head query key (a 2-layer model, 3 tokens)
-    torch.Size([2, 2, 1, 1, 3])
+    >>> tr.patterns.shape                      # batch layer head query key (the 4-layer demo model, BOS + 3 words)
+    torch.Size([2, 4, 1, 1, 4])
 
 Backends: `tracers/hf.py` (HF models through nnsight, locally or on NDIF) and
 `tracers/lens.py` (TransformerLens), chosen by `backend_for`.
@@ -122,12 +122,19 @@ def run(
         layers=layers,
         heads=inputs.head_label(heads),
         spans=span_lists,
-        model_info=info,
+        model_info={**info, "special_token_ids": special_ids(backend.tokenizer)},  # what exclude_keys="sinks" reads
         settings=options.to_settings(
             layers=layers, heads=heads, teacher_forced=completions is not None, pad_token_id=backend.pad_id,
             backend=backend.settings,
         ),
     )
+
+
+def special_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's special token ids (its special tokens and added tokens marked special); [] without one."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return sorted(ids | {int(i) for i, t in added.items() if getattr(t, "special", False)})
 
 
 def display_text(tokenizer: Any, enc: inputs.Encoded) -> list[list[str]] | None:

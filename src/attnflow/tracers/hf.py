@@ -28,9 +28,9 @@ process's tensors, so generation goes through `remote.generate`), for
 `HFBackend` is what `tracers/driver.py` drives: the checks, batching and
 assembly are the driver's.
 
-    >>> backend = HFBackend(model, None, TraceOptions())   # a 2-layer HF model
+    >>> backend = HFBackend(model, None, TraceOptions())   # the 4-layer demo model
     >>> backend.num_layers, backend.sites[0].op.startswith(OP_PREFIX)
-    (2, True)
+    (4, True)
 """
 
 from __future__ import annotations

@@ -8,17 +8,17 @@ where the tokenizer adds one), a chat as a list of `{"role", "content"}` dicts
 token ids (used exactly as given: no BOS added).  `completions=` appends given
 text or ids (teacher forcing); `prompt_lengths` mark the boundary.
 
-    >>> tok("the cat")["input_ids"]                     # a word-level tokenizer that adds no BOS
-    [4, 6]
+    >>> tok("the cat")["input_ids"]                     # the demo's word-level tokenizer adds a BOS (1)
+    [1, 9, 72]
     >>> enc = encode(["the cat", [1, 5, 6, 7]], tok, completions=["sat", [8]])
-    >>> enc.sequences, enc.prompt_lengths
-    ([[4, 6, 8], [1, 5, 6, 7, 8]], [2, 4])
+    >>> enc.sequences, enc.prompt_lengths                 # "sat" is unknown to it: <unk> = 3
+    ([[1, 9, 72, 3], [1, 5, 6, 7, 8]], [3, 4])
     >>> ids, mask = left_pad(enc.sequences, pad_id=0)
     >>> mask
-    tensor([[0, 0, 1, 1, 1],
+    tensor([[0, 1, 1, 1, 1],
             [1, 1, 1, 1, 1]])
     >>> position_ids(mask)
-    tensor([[0, 0, 0, 1, 2],
+    tensor([[0, 0, 1, 2, 3],
             [0, 1, 2, 3, 4]])
 
 Query rows (`rows=`) are unpadded positions of each example: None = every

@@ -9,12 +9,15 @@ what was asked for (the query rows of `rows=`, the head reduction of `heads=`,
 the layers of `layers=`), so what it holds is O(layers x rows x seq), never
 layers x heads x seq².
 
-    >>> bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tok)
-    >>> tr = af.trace(bridge, ["The cat sat", "A dog"], heads="mean", rows="last")
-    >>> tr.patterns.shape                      # batch layer head query key
+    >>> bridge = TransformerBridge.boot_transformers("gpt2", hf_model=copy.deepcopy(hf), tokenizer=tok)  # doctest: +SKIP
+    >>> tr = af.trace(bridge, ["The cat sat", "A dog"], heads="mean", rows="last")  # doctest: +SKIP
+    >>> tr.patterns.shape                      # batch layer head query key  # doctest: +SKIP
     torch.Size([2, 12, 1, 1, 4])
-    >>> tr.tokens[1]                           # the bridge prepended BOS to the string
+    >>> tr.tokens[1]                           # the bridge prepended BOS to the string  # doctest: +SKIP
     ['<|endoftext|>', 'A', 'Ġdog']
+
+(Skipped as a doctest: booting a bridge needs a GPT-2 checkpoint; tests/test_lens.py runs
+this on a tiny offline GPT-2.)
 
 TransformerLens is the `lens` extra (`pip install "attnflow[lens]"`); without it
 a TransformerLens model gets an UnsupportedModelError that names the extra.

@@ -26,10 +26,12 @@ a missing key is reported only when the server asks for one (401).
 a rejected key, a refused client version, a failed job) into the same one-line
 RemoteError.
 
-    >>> kwargs = trace_kwargs(model, True)          # {"backend": RemoteBackend(...)} after the checks
-    >>> with translate_errors(kwargs):
+    >>> kwargs = trace_kwargs(model, True)          # {"backend": RemoteBackend(...)}  # doctest: +SKIP
+    >>> with translate_errors(kwargs):              # doctest: +SKIP
     ...     with model.trace(input_ids=ids, **kwargs):
     ...         saved = something.save()
+
+(Skipped as a doctest: it needs an NDIF server; tests/test_remote.py runs it against the mock.)
 """
 
 from __future__ import annotations

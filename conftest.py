@@ -35,18 +35,6 @@ collect_ignore += [f"src/attnflow/{m}" for m in [
     "tracers/inputs.py",
     "tracers/lens.py",
     "tracers/remote.py",
-    "eval/batch.py",
-    "eval/datasets.py",
-    "eval/jobs.py",
-    "eval/methods.py",
-    "eval/prompts.py",
-    "eval/report.py",
-    "eval/runner.py",
-    "eval/store.py",
-    "eval/views.py",
-    "attribution.py",
-    "exporters/html.py",
-    "demo/run.py",
 ]]
 
 

@@ -27,21 +27,6 @@ DOCS = [(name, PROMPT.index(text), PROMPT.index(text) + len(text))  # (name, cha
 # the NDIF stand-in: helpers, no tests; server.py blocks `import attnflow` in the process that imports it,
 # and the package's example needs a model directory and a subprocess
 collect_ignore = ["tests/ndif_mock", "tests/ndif_real/cpu_actor.py", "tests/ndif_real/deploy.py", "tests/ndif_real/stack.py"]  # server side: ray, ndif
-# modules whose examples still fail; they are edited on other branches (issue 10, phase 2 removes this list)
-collect_ignore += [f"src/attnflow/{m}" for m in [
-    "eval/batch.py",
-    "eval/datasets.py",
-    "eval/jobs.py",
-    "eval/methods.py",
-    "eval/prompts.py",
-    "eval/report.py",
-    "eval/runner.py",
-    "eval/store.py",
-    "eval/views.py",
-    "attribution.py",
-    "exporters/html.py",
-    "demo/run.py",
-]]
 
 
 @pytest.fixture(scope="session")

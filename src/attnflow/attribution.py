@@ -1,10 +1,11 @@
 """Attribute output tokens to source spans (documents, sentences) or tokens, from composed flow rows.
 
-    >>> tr = af.trace(model, prompts, max_new_tokens=3)
-    >>> af.attribute(tr, method="rollout", sources="spans", targets="completion").to_pandas()
+    >>> tr.prompt_lengths, tr.lengths, [s.name for s in tr.spans[0]]   # a traced prompt, one generated token
+    ([26], [27], ['doc1', 'doc2'])
+    >>> af.attribute(tr, method="rollout", sources="spans", targets="completion", shares=False).to_pandas()
        example   method  target  source_span     score  rank
-    0        0  rollout      -1            0  0.412...     1
-    1        0  rollout      -1            1  0.211...     2
+    0        0  rollout      -1            0  0.305     1
+    1        0  rollout      -1            1  0.118     2
 
 Alignment: the token at position `t + 1` is produced by query row `t`
 (`producing_row(t + 1) == t`), so the scores for an output token at `t + 1` come
@@ -174,10 +175,12 @@ def target_positions(trace: AttentionTrace, targets: str | Sequence[int] = "comp
     a list of positions in `1 .. n` (negative ones count from the end: -1 is the
     trace's last token), the same for every example.
 
-        >>> target_positions(tr, "completion")        # prompts of 4 and 2 tokens, 2 generated each
-        [[4, 5], [2, 3]]
+        >>> target_positions(tr, "completion")        # a prompt of 26 tokens, 1 generated
+        [[26]]
         >>> target_positions(tr, "last")
-        [[6], [4]]
+        [[27]]
+        >>> target_positions(tr, [-1, 5])
+        [[26, 5]]
     """
     out = []
     for b, n in enumerate(trace.lengths):
@@ -277,10 +280,14 @@ def sink_keys(
     test is repeated up to `rounds` times on the rows renormalised without the keys
     found so far (and without `exclude`, per example, e.g. position 0 and special tokens).
 
-        >>> sink_keys(tr)                    # SmolLM2, a 1,117-token HotPotQA chat prompt: <|im_start|>
-        [[0]]
-        >>> sink_keys(tr, exclude=[[0]])     # none takes > 30% of the rest in most rows
+    On SmolLM2 and a 1,117-token HotPotQA chat prompt, `sink_keys` finds [[0]] (<|im_start|>),
+    and [[]] with `exclude=[[0]]`: no other key takes > 30% of the rest in most rows.  The demo
+    model has no sink; with a lower `share` its prompt's answer word ("paris", position 6) is one:
+
+        >>> sink_keys(tr)
         [[]]
+        >>> sink_keys(tr, share=0.1)
+        [[6]]
     """
     if not 0.0 < share < 1.0:
         raise BadArgumentError(f"share={share}; use a share of the row in (0, 1)")
@@ -326,8 +333,13 @@ def excluded_positions(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -
     of range ones name nothing); strings are span kinds (`SPAN_KINDS`) or
     `"sinks"`: position 0, special tokens and `sink_keys`.
 
-        >>> excluded_positions(tr, "sinks")  # SmolLM2: <|im_start|> <|im_end|> <|im_start|> ... <|im_end|> <|im_start|>
-        [[0, 19, 21, 1111, 1113]]
+    On a SmolLM2 chat prompt, `"sinks"` gives [[0, 19, 21, 1111, 1113]]: <|im_start|> <|im_end|>
+    <|im_start|> ... <|im_end|> <|im_start|>.  On the demo trace it is position 0 (`<s>`) alone:
+
+        >>> excluded_positions(tr, "sinks")
+        [[0]]
+        >>> excluded_positions(tr, (0, "document"))   # position 0 and the two documents' tokens
+        [[0, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14]]
     """
     items = [exclude_keys] if isinstance(exclude_keys, str) else list(exclude_keys)
     out: list[set[int]] = [set() for _ in range(trace.batch_size)]
@@ -390,7 +402,10 @@ def flow_rows(
     the result goes straight to the exporters:
 
         >>> R = flow_rows(tr, "rollout", exclude_keys=(0,))          # [batch, query, key]
+        >>> R.shape
+        torch.Size([1, 27, 27])
         >>> af.exporters.to_parquet(tr, "run/", flow={"rollout": R})
+        PosixPath('run')
 
     Composed methods need a trace recorded with every query row and every layer;
     `method="raw"` (the last recorded layer) works on any trace.  `exclude_keys`
@@ -509,10 +524,14 @@ def attribute(
     module docstring says what they mean; they add up to 1 over non-overlapping sources).
 
         >>> tr.spans[0]
-        [Span(name='doc 0', kind='document', start=0, end=3), Span(name='doc 1', kind='document', start=3, end=6)]
+        [Span(name='doc1', kind='document', start=3, end=8, char_start=7, char_end=29),
+         Span(name='doc2', kind='document', start=10, end=15, char_start=37, char_end=53)]
         >>> af.attribute(tr, method="rollout", span_kind="document", shares=False).to_pydict()   # scores rounded
         {'example': [0, 0], 'method': ['rollout', 'rollout'], 'target': [-1, -1],
-         'source_span': [0, 1], 'score': [0.61, 0.27], 'rank': [1, 2]}
+         'source_span': [0, 1], 'score': [0.35, 0.13], 'rank': [1, 2]}
+        >>> t = af.attribute(tr, method="rollout", span_kind="document", reduce=None).to_pydict()
+        >>> t["target"], t["excluded_keys"][0], t["share"], t["excluded_share"][0], t["other_share"][0]
+        ([26, 26], [0], [0.302, 0.108], 0.140, 0.450)
 
     With `reduce=None` there is one group per target token, `target` naming the
     produced token's position; `sources="tokens"` scores every key position.

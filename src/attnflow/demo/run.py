@@ -12,8 +12,25 @@ the supporting document first most often on the organism.
     ...
     attnflow-demo/html/index.html
 
-    >>> summary = run("attnflow-demo", examples=32)      # the library call behind the command
+    >>> summary = run("attnflow-demo", examples=2, progress=False)   # the library call behind the command
     >>> print(format_summary(summary))
+    attnflow demo: 2 held-out single-hop questions (seed 1234), 2-5 documents each
+    answer accuracy (greedy): 2/2 = 100.0%
+    <BLANKLINE>
+    attribution of each answer token to the documents, against the supporting documents
+      method                   top-1   top-2
+      total attention         100.0%  100.0%
+      total attention/sinks   100.0%  100.0%
+      rollout (alpha 0.5)      50.0%  100.0%
+      rollout/sinks            50.0%  100.0%
+      flow (residual)          50.0%  100.0%
+      flow/sinks               50.0%  100.0%
+      raw (last layer)         50.0%   50.0%
+      random ranking           35.0%   70.0%
+      top-1: the highest-scored document supports the answer; top-2: every supporting document ranks in the best two
+      share of the answer rows on the excluded keys (<s>, sinks): total attention 0.5%, ...
+    <BLANKLINE>
+    seconds: load ..., trace ..., flow ..., attribute ..., write ...
 
 Written under --out:
     parquet/        the trace, flow and attributions (attnflow.exporters.to_parquet)
@@ -114,9 +131,14 @@ def run(
     `viewer`, the path of the HTML viewer's index.html.  `out` must be new or empty, or (with
     `overwrite=True`) a demo run attnflow wrote: it is replaced whole, never merged into.
 
-        >>> s = run("attnflow-demo", examples=8, progress=False)
+        >>> s = run("attnflow-demo", examples=2, progress=False)
         >>> list(s["attribution"]), s["viewer"]
         (['sum', 'sum/sinks', 'rollout', 'rollout/sinks', 'flow', 'flow/sinks', 'raw'], PosixPath('attnflow-demo/html/index.html'))
+        >>> sorted(p.name for p in Path("attnflow-demo").iterdir())
+        ['examples.json', 'html', 'parquet', 'summary.json']
+        >>> run("attnflow-demo", examples=2, progress=False)
+        Traceback (most recent call last):
+        attnflow.errors.DataError: attnflow-demo already holds an attnflow demo; pass overwrite=True (CLI: --overwrite) to replace it
     """
     from attnflow.demo import load
     from attnflow.exporters import to_html, to_parquet

@@ -6,9 +6,19 @@ extracted answer in generate mode, the gold answer in teacher mode).  The rows'
 composed flow is averaged (`methods.key_scores`, one trace for every method) and
 summed over each sentence and paragraph.
 
+    >>> from attnflow.eval.datasets import demo_examples
+    >>> from attnflow.eval.jobs import batches, prepare
+    >>> config = RunConfig(task="demo")
+    >>> batch, = batches(prepare(demo_examples(2, seed=0), tokenizer, config, limit_tokens=None), 2)
     >>> tables = run_batch(batch, model, tokenizer, config, Path("runs/demo"), views=0)
-    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 11 methods
-    (2, 44)
+    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 18 methods
+    (2, 72)
+    >>> tables["examples"].select(["index", "answer", "prediction", "em"]).to_pylist()
+    [{'index': 1, 'answer': 'banjo', 'prediction': 'banjo', 'em': 1.0},
+     {'index': 0, 'answer': 'madrid', 'prediction': 'madrid', 'em': 1.0}]
+    >>> row = tables["attribution"].to_pylist()[1]
+    >>> row["level"], row["method"], row["scores"], row["mrr"]           # the gold sentence ranks first
+    ('sentence', 'raw', [0.08, 0.11], 1.0)
 """
 
 from __future__ import annotations

@@ -3,14 +3,22 @@
 Every source becomes a list of `QAExample`: paragraphs with titles and
 sentences, and the gold supporting sentences as (title, sent_id) pairs.
 
+    >>> import json
+    >>> rows = [{"_id": "5a8b57f2", "question": "Were Scott Derrickson and Ed Wood of the same nationality?",
+    ...          "answer": "yes", "supporting_facts": [["Scott Derrickson", 0], ["Ed Wood", 0]],
+    ...          "context": [["Scott Derrickson", ["Scott Derrickson is an American director.", " He lives in LA."]],
+    ...                      ["Ed Wood", ["Edward Davis Wood Jr. was an American filmmaker."]]]},
+    ...         {"_id": "5a8c7595", "question": "Who?", "answer": "X", "supporting_facts": [["X", 3]],
+    ...          "context": [["X", ["One.", "Two."]]]}]
+    >>> _ = Path("hotpot_dev_distractor_v1.json").write_text(json.dumps(rows))
     >>> examples, problems = load_hotpotqa("hotpot_dev_distractor_v1.json")
     >>> ex = examples[0]
-    >>> ex.paragraphs[0].title, len(ex.paragraphs[0].sentences)      # doctest: +SKIP
-    ('Ed Wood (film)', 4)
-    >>> ex.supporting                                                 # doctest: +SKIP
+    >>> ex.paragraphs[0].title, len(ex.paragraphs[0].sentences)
+    ('Scott Derrickson', 2)
+    >>> ex.supporting
     (('Scott Derrickson', 0), ('Ed Wood', 0))
-    >>> problems                          # malformed rows, skipped  # doctest: +SKIP
-    [Problem(index=7, id='5a8c...', reason='supporting fact ("X", 3) is out of range: "X" has 2 sentences')]
+    >>> problems                          # malformed rows, skipped
+    [Problem(index=1, id='5a8c7595', reason="supporting fact ('X', 3) is out of range: 'X' has 2 sentences")]
 
 Accepted files:
 
@@ -208,7 +216,7 @@ def _supporting(facts) -> tuple[tuple[str, int], ...]:
 def demo_examples(n: int, seed: int, two_hop: bool | float = False) -> list[QAExample]:
     """`n` demo-task examples as QAExamples: one single-sentence paragraph per document.
 
-    >>> demo_examples(1, seed=0)[0].supporting            # doctest: +SKIP
+    >>> demo_examples(1, seed=0)[0].supporting
     (('doc2', 0),)
     """
     from attnflow.demo import task

@@ -7,9 +7,18 @@ by length, then index, so padding stays small), cut from the examples not yet
 committed, so a resumed run commits the same parts as an uninterrupted one and an
 extended run (a larger limit) evaluates only the new examples.
 
+    >>> examples = demo_examples(4, seed=0)
     >>> jobs = prepare(examples, tokenizer, RunConfig(task="demo"), limit_tokens=512)
+    >>> [(j.example.index, len(j.prompt), j.status) for j in jobs]
+    [(0, 47, 'ok'), (1, 26, 'ok'), (2, 47, 'ok'), (3, 47, 'ok')]
+    >>> [[j.example.index for j in b] for b in batches(jobs, 2)]       # shortest prompts first
+    [[1, 0], [2, 3]]
     >>> [part_name(b) for b in batches(jobs, 2)]
-    ['part-000000000', 'part-000000002', ...]
+    ['part-000000001', 'part-000000002']
+    >>> [part_name(b) for b in batches(jobs, 2, done={1, 0})]          # resumed: part-000000001 is committed
+    ['part-000000002']
+    >>> prepare(examples[:1], tokenizer, RunConfig(task="demo"), limit_tokens=32)[0].reason
+    '47 prompt tokens + answer > 32'
 """
 
 from __future__ import annotations

@@ -23,8 +23,18 @@ tokens and the keys detected as sinks in the example's own attention.
     >>> rows, mask = answer_rows(prompt_lengths=[4], answer_lengths=[2], pad_offsets=[1])
     >>> rows, mask                     # rows 3, 4 unpadded -> 4, 5 padded
     (tensor([[4, 5]]), tensor([[True, True]]))
-    >>> s = key_scores(tr, [[3, 4]])                                   # {method: [batch, key]}, unpadded rows
-    >>> span_sums(s["rollout"], starts, ends)                          # [batch, span]
+    >>> tr.lengths, [(s.name, s.start, s.end) for s in tr.spans[0]]   # 26 prompt tokens + the generated one
+    ([27], [('doc1', 3, 8), ('doc2', 10, 15)])
+    >>> answer_rows(prompt_lengths=[26], answer_lengths=[1], pad_offsets=[0])[0]
+    tensor([[25]])
+    >>> s = key_scores(tr, [[25]])                                     # {method: [batch, key]}, unpadded rows
+    >>> s["rollout"].shape, len(s)
+    (torch.Size([1, 27]), 17)
+    >>> starts, ends = torch.tensor([[3, 10]]), torch.tensor([[8, 15]])  # [batch, span]: doc1, doc2
+    >>> span_sums(s["rollout"], starts, ends)                          # the answer, paris, is in doc1
+    tensor([[0.30, 0.12]], dtype=torch.float64)
+    >>> span_sums(s["raw"], starts, ends)                              # the last layer alone looks at doc2
+    tensor([[0.14, 0.24]], dtype=torch.float64)
 """
 
 from __future__ import annotations

@@ -7,13 +7,31 @@ fragments, which merges differently at the boundaries).  A token belongs to the
 range holding its first non-whitespace character, so spans never overlap even
 when a token such as " The" starts with the space before a sentence.
 
-    >>> p = build_prompt(example, tokenizer)
-    >>> p.text                                                       # doctest: +SKIP
-    'Answer the question from the documents.\\n\\nDocument 1: Ed Wood\\nEd Wood is a 1994 ...'
-    >>> [s.name for s in p.spans[:3]]                                # doctest: +SKIP
-    ['Ed Wood', 'Scott Derrickson', 'Woodson, Arkansas']
-    >>> p.gold_paragraphs, p.gold_sentences[:4]                      # doctest: +SKIP
-    (array([ True,  True, False]), array([ True, False, False,  True]))
+    >>> from attnflow.eval.datasets import Paragraph
+    >>> ex = QAExample("5a8b", "Which film is Ed Wood in?", "Ed Wood",
+    ...                (Paragraph("Ed Wood", ("Ed Wood is a 1994 film.", " It stars Johnny Depp.")),
+    ...                 Paragraph("Scott Derrickson", ("Scott Derrickson is a director.",))),
+    ...                supporting=(("Ed Wood", 0),))
+    >>> p = build_prompt(ex, tokenizer)                              # the demo tokenizer: no chat template
+    >>> print(p.text)
+    Answer the question using the documents. Reply with a short answer only.
+    <BLANKLINE>
+    Document 1: Ed Wood
+    Ed Wood is a 1994 film. It stars Johnny Depp.
+    <BLANKLINE>
+    Document 2: Scott Derrickson
+    Scott Derrickson is a director.
+    <BLANKLINE>
+    Question: Which film is Ed Wood in?
+    Answer:
+    >>> [(s.name, s.kind, s.start, s.end) for s in p.spans]          # paragraphs, then sentences
+    [('Ed Wood', 'document', 13, 27), ('Scott Derrickson', 'document', 27, 36),
+     ('Ed Wood [0]', 'sentence', 17, 23), ('Ed Wood [1]', 'sentence', 23, 27),
+     ('Scott Derrickson [0]', 'sentence', 31, 36)]
+    >>> p.text[p.spans[2].char_start : p.spans[2].char_end]
+    'Ed Wood is a 1994 film.'
+    >>> p.gold_paragraphs, p.gold_sentences
+    (array([ True, False]), array([ True, False, False]))
 
 With a chat template, the rendered documents and question are the user turn and
 the generation prompt follows; the spans are located inside the templated text.

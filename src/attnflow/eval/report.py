@@ -1,10 +1,28 @@
 """The evaluation report: summary table (printed, Parquet, Markdown), a precision/recall@k plot, an explorer page.
 
-    >>> facts = write_report(out, examples_table, attribution_table, config)
-    >>> print(facts["text"])                                          # doctest: +SKIP
-    paragraph level, 200 examples (mean [95% bootstrap CI])
-    | method | P@1 | R@2 | MRR | nDCG | AUROC |
-    | random | 0.21 [0.16, 0.27] | ...
+    >>> from attnflow.eval.runner import RunConfig, evaluate, select_examples
+    >>> config, out = RunConfig(task="demo", limit=2, seed=0), Path("runs/demo")
+    >>> _ = evaluate(*select_examples(config), model, tokenizer, out, config, progress=False, views=0, report=False)
+    >>> examples_table = pq.read_table(out / "examples.parquet")
+    >>> attribution_table = pq.read_table(out / "attribution.parquet")
+    >>> facts = write_report(out, examples_table, attribution_table, config.to_json())
+    >>> print(facts["text"])
+    2 examples evaluated (generate mode); skipped: 0 too long, 0 malformed
+    answer (extracted): EM 1.000 [1.000, 1.000], F1 1.000 [1.000, 1.000], CONTAINS 1.000 [1.000, 1.000]
+    ...
+    paragraph level, 2 examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)
+    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC |
+    ...
+    >>> sorted(p.name for p in out.iterdir())
+    ['attribution.parquet', 'config.json', 'examples.parquet', 'explorer.html', 'parts', 'precision_recall.png',
+     'summary.md', 'summary.parquet']
+    >>> print(markdown_table(facts["summary"], "paragraph", ("precision@1", "mrr")))
+    | method | P@1 | MRR |
+    |---|---|---|
+    | random | 0.350 [0.200, 0.500] | 0.603 [0.457, 0.750] |
+    | raw | 0.500 [0.000, 1.000] | 0.600 [0.200, 1.000] |
+    ...
+    | maxflow/sinks | 0.000 [0.000, 0.000] | 0.417 [0.333, 0.500] |
 
 `summary.parquet` is long: one row per (level, method, metric) with mean, ci_low,
 ci_high and n (examples where the metric is defined), plus answer rows

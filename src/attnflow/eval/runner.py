@@ -26,11 +26,26 @@ Out directory when done:
     attribution.parquet  one row per (ok example, level, method): span scores and every metric
     summary.parquet, summary.md, precision_recall.png, explorer.html, views/<index>/  (report.py)
 
-    >>> config = RunConfig(task="demo", limit=200)
+    >>> config = RunConfig(task="demo", limit=2, seed=0)    # 2 examples keep this example to a few seconds
     >>> examples, problems = select_examples(config)
     >>> model, tokenizer = load_model(config)
-    >>> facts = evaluate(examples, problems, model, tokenizer, "runs/demo", config)
+    >>> facts = evaluate(examples, problems, model, tokenizer, "runs/demo", config, progress=False, views=0)
     >>> print(facts["text"])
+    2 examples evaluated (generate mode); skipped: 0 too long, 0 malformed
+    answer (extracted): EM 1.000 [1.000, 1.000], F1 1.000 [1.000, 1.000], CONTAINS 1.000 [1.000, 1.000]
+    answer (first line, before extraction): EM 1.000 [1.000, 1.000], F1 1.000 [1.000, 1.000], CONTAINS 1.000 [1.000, 1.000]
+    attribution over the extracted answer's tokens (examples.parquet: answer_start/answer_end/answer_span)
+    views: 0 written, 0.0 MB (budget 200 MB, --views 0)
+    note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike
+    <BLANKLINE>
+    paragraph level, 2 examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)
+    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC |
+    |---|---|---|---|---|---|---|---|
+    | random | 0.350 [0.200, 0.500] | 0.350 [0.200, 0.500] | 0.700 [0.400, 1.000] | 1.000 [1.000, 1.000] | 0.603 [0.457, 0.750] | 0.703 [0.590, 0.815] | 0.500 [0.500, 0.500] |
+    | raw | 0.500 [0.000, 1.000] | 0.250 [0.000, 0.500] | 0.500 [0.000, 1.000] | 1.000 [1.000, 1.000] | 0.600 [0.200, 1.000] | 0.693 [0.387, 1.000] | 0.500 [0.000, 1.000] |
+    ...
+    | rollout | 0.500 [0.000, 1.000] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 0.750 [0.500, 1.000] | 0.815 [0.631, 1.000] | 0.875 [0.750, 1.000] |
+    ...
 """
 
 from __future__ import annotations

@@ -5,8 +5,30 @@
     out/examples.parquet                  one row per selected example (EXAMPLE_SCHEMA)
     out/attribution.parquet               one row per (ok example, level, method) (ATTRIBUTION_SCHEMA)
 
-    >>> check_out(Path("runs/demo"), config, resume=True)     # DataError if the settings differ
-    >>> examples_t, attribution_t = collect(parts, todo, skipped)
+    >>> out, config = Path("runs/demo"), RunConfig(task="demo", limit=3)
+    >>> prepare_out(out, config, resume=False)
+    >>> check_out(out, config, resume=True)                   # the same settings: resumable
+    >>> check_out(out, RunConfig(task="demo", limit=3, seed=1), resume=True)
+    Traceback (most recent call last):
+    attnflow.errors.DataError: cannot resume runs/demo with other settings (seed: None -> 1); use the original ones or a new --out
+    >>> check_out(out, RunConfig(task="demo", limit=5), resume=True)   # a larger limit only grows the run
+
+Commit one batch, then collect what is committed (the runner's loop, `runner.evaluate`):
+
+    >>> from attnflow.eval.batch import run_batch, skipped_table
+    >>> from attnflow.eval.datasets import demo_examples
+    >>> from attnflow.eval.jobs import batches, prepare
+    >>> jobs = prepare(demo_examples(3, seed=0), tokenizer, config, limit_tokens=None)
+    >>> first, rest = batches(jobs, 2)
+    >>> commit_part(out / "parts", first, run_batch(first, model, tokenizer, config, out, views=0))
+    >>> done = committed(out / "parts", jobs)                 # {example index: its part}
+    >>> sorted(done), done[0].name
+    ([0, 1], 'part-000000001')
+    >>> [[j.example.index for j in b] for b in batches(jobs, 2, set(done))]   # what a resumed run does
+    [[2]]
+    >>> examples_t, attribution_t = collect(done, jobs, skipped_table(jobs, []))
+    >>> examples_t["index"].to_pylist(), attribution_t.num_rows     # 2 examples x 2 levels x 18 methods
+    ([0, 1], 72)
 """
 
 from __future__ import annotations

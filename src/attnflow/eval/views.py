@@ -7,10 +7,22 @@ tokens.  `estimate_bytes` gives that size before anything is written; `ViewBudge
 writes views for examples with index < `count` while the bytes already under `views/`
 plus the next view's estimate stay within `max_bytes` (default 200 MB), and skips the rest.
 
-    >>> budget = ViewBudget(Path("runs/demo"), count=50, max_bytes=200 * 10**6)
+    >>> from attnflow.eval.config import RunConfig
+    >>> from attnflow.eval.datasets import demo_examples
+    >>> from attnflow.eval.jobs import batches, prepare
+    >>> batch, = batches(prepare(demo_examples(3, seed=0), tokenizer, RunConfig(task="demo"), None), 3)
+    >>> tr = af.trace(model, [j.prompt.input_ids for j in batch], heads="mean", max_new_tokens=1, progress=False)
+    >>> [j.example.index for j in batch], tr.lengths            # shortest prompt first
+    ([1, 0, 2], [27, 48, 48])
+    >>> targets = [[len(j.prompt) - 1] for j in batch]          # the rows producing the first answer token
+    >>> round(estimate_bytes(48, n_layers=4) / 1e6, 2)          # MB of one 48-token view of the 4-layer demo model
+    0.10
+    >>> budget = ViewBudget(Path("runs/demo"), count=50, max_bytes=150_000)
     >>> write_views(tr, batch, targets, Path("runs/demo"), budget)
-    >>> budget.written, budget.skipped                         # doctest: +SKIP
-    (4, [7, 9])
+    >>> budget.written, budget.skipped                          # the second view would pass 150 kB
+    (1, [0, 2])
+    >>> sorted(p.name for p in Path("runs/demo/views/000000001").iterdir())
+    ['index.html', 'shards', 'thumbs', 'viewer.css', 'viewer.js']
 """
 
 from __future__ import annotations

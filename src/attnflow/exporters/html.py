@@ -19,9 +19,16 @@ base64-encoded, so a uint8 value costs 4/3 bytes.
 
     >>> to_html(tr, "view/")                          # then open view/index.html
     PosixPath('view')
-    >>> to_html(tr, "view/", flow={"rollout": af.flow.rollout(tr.patterns)}, attributions=scores)
+    >>> sorted(p.name for p in Path("view").iterdir())
+    ['index.html', 'shards', 'thumbs', 'viewer.css', 'viewer.js']
+    >>> scores = af.attribute(tr, method="rollout")
+    >>> to_html(tr, "view/", flow={"rollout": af.flow.rollout(tr.patterns)}, attributions=scores, overwrite=True)
+    PosixPath('view')
+    >>> R = af.attribution.flow_rows(tr, "rollout", exclude_keys=(0,))   # [batch, query, key]
     >>> to_html(tr, "view/", flow={"rollout": R}, flow_info={"rollout": {"alpha": 0.5, "exclude_keys": [0]}},
-    ...         gold={0: ["Document 2"]}, examples=[{"question": "where is bob ?", "answer": "rome", "correct": True}])
+    ...         gold={0: ["doc1"]}, examples=[{"question": "what is the city of alice ?", "answer": "paris", "correct": True}],
+    ...         overwrite=True)
+    PosixPath('view')
 
 What each panel shows (the page says the same in words): Observer, hovering position p, shows
 attention row p (what p attended to); Observed shows column p (who attended to p); Flow,
@@ -107,8 +114,11 @@ def to_html(
     gives one dict per example, shown in the example picker: `question`, `answer` and `correct`
     (True/False) are read; any other JSON value is listed in the settings block.
 
-    >>> to_html(tr, "view/", shard_bytes=2**20, gold={0: ["Document 2"]})
+    >>> to_html(tr, "view/", shard_bytes=2**20, gold={0: ["doc2"]})
     PosixPath('view')
+    >>> to_html(tr, "view/")
+    Traceback (most recent call last):
+    attnflow.errors.DataError: view already holds an attnflow html; pass overwrite=True (CLI: --overwrite) to replace it
     """
     path = Path(path)
     _check(shard_bytes, precision)
@@ -146,7 +156,9 @@ def inline_html(
     place of the view, saying how to render it again.
 
     >>> tr                     # in a notebook: shows the viewer inline, with rollout for the answer
-    >>> af.exporters.inline_html(tr, flow=None)
+    AttentionTrace(batch=1, layers=[0, 1, 2, 3], heads='all', patterns=(1, 4, 8, 27, 27) float16, model='...')
+    >>> af.exporters.inline_html(tr, flow=None)[:31]
+    '<iframe class="attnflow-inline"'
     """
     values = _stored_values(trace)
     if values > INLINE_LIMIT * 3 // 4:
@@ -340,8 +352,10 @@ def summarise(trace: AttentionTrace, b: int) -> tuple[Tensor, list[int]]:
     A thumbnail is the [row, key] block average of a head's recorded rows, scaled to its max,
     square-rooted (faint structure stays visible) and quantised to 0..255.
 
-    >>> grid, sinks = summarise(tr, 0); grid.shape, sinks        # doctest: +SKIP
-    (torch.Size([30, 9, 48, 48]), [0])
+    >>> grid, sinks = summarise(tr, 0); grid.shape, sinks        # 27 tokens < THUMB: one cell per row and key
+    (torch.Size([4, 8, 27, 27]), [0])
+    >>> grid.dtype, int(grid.max())
+    (torch.uint8, 255)
     """
     pad = trace.pad_offsets[b]
     rows = torch.nonzero(trace.query_positions[b] >= 0).squeeze(1)

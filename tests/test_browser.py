@@ -365,7 +365,7 @@ def test_inline_view_runs_nothing_from_tokens(driver, tmp_path):
 def demo_view(out: Path) -> tuple[Path, AttentionTrace, int]:
     """The demo organism on one held-out question: rollout and flow, attributions, gold documents marked."""
     import attnflow as af
-    from attnflow.demo.run import EXCLUDE_KEYS, METHODS, document_spans
+    from attnflow.demo.run import EXCLUDE_KEYS, METHODS, document_spans, named
 
     model = af.demo.load()
     example = af.demo.task.generate(1, seed=11)[0]
@@ -373,7 +373,9 @@ def demo_view(out: Path) -> tuple[Path, AttentionTrace, int]:
     spans = document_spans(model.tokenizer, prompt, docs)
     tr = af.trace(model, [prompt], max_new_tokens=1, spans=[spans], dtype=torch.float32, progress=False)
     flows = {m: af.attribution.flow_rows(tr, m, exclude_keys=EXCLUDE_KEYS) for m in ("rollout", "flow")}
-    scores = pa.concat_tables([af.attribute(tr, method=m, span_kind="document", exclude_keys=EXCLUDE_KEYS) for m in METHODS])
+    scores = pa.concat_tables(
+        [named(af.attribute(tr, method=m, span_kind="document", exclude_keys=ex), name) for name, m, ex in METHODS]
+    )
     answer = tr.prompt_lengths[0]
     generated = tr.tokens[0][answer]
     info = [{"question": example.question, "answer": example.answer, "generated": generated, "correct": generated == example.answer}]

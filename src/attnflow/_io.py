@@ -11,8 +11,21 @@ checks that the target may be written:
     a folder attnflow wrote, same kind  replaced, only with overwrite=True (its marker: `folder_kind`)
     anything else                     refused
 
-    >>> with output_dir("view/", "html", overwrite=True) as tmp:
-    ...     (tmp / "index.html").write_text(page)       # view/ is swapped in whole
+    >>> page = '<script id="attnflow-data" type="application/json">{}</script>'
+    >>> with output_dir("view/", "html") as tmp:         # a new folder: written
+    ...     _ = (tmp / "index.html").write_text(page)
+    ...     _ = (tmp / "viewer.js").write_text("")
+    >>> folder_kind("view/")
+    'html'
+    >>> with output_dir("view/", "html") as tmp:
+    ...     pass
+    Traceback (most recent call last):
+    attnflow.errors.DataError: view already holds an attnflow html; pass overwrite=True (CLI: --overwrite) to replace it
+    >>> with output_dir("view/", "html", overwrite=True) as tmp:   # view/ is swapped in whole
+    ...     _ = (tmp / "index.html").write_text(page.replace("{}", '{"v": 2}'))
+    ...     _ = (tmp / "viewer.js").write_text("")
+    >>> Path("view/index.html").read_text()
+    '<script id="attnflow-data" type="application/json">{"v": 2}</script>'
 
 Temporary names are `.<name>.attnflow-tmp.<pid>.<random>`; the next write into the same parent
 removes those whose process is gone (interrupted runs).  Writers of one parent folder take an
@@ -134,7 +147,12 @@ def _remove(path: Path) -> None:
 def clean_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders in `folder` left by attnflow processes that are gone.
 
-    >>> clean_temps("runs/")        # e.g. [PosixPath('runs/.view.attnflow-tmp.4242.k2j1x9')] after a kill
+    >>> dead = Path("runs/.view.attnflow-tmp.999999999.k2j1x9")    # left by a killed process (pid 999999999)
+    >>> dead.mkdir(parents=True)
+    >>> clean_temps("runs/")
+    [PosixPath('runs/.view.attnflow-tmp.999999999.k2j1x9')]
+    >>> dead.exists(), clean_temps("runs/")
+    (False, [])
     """
     removed = []
     try:
@@ -201,8 +219,13 @@ def atomic_dir(path: str | os.PathLike, check: Callable[[], None] | None = None)
     An existing directory at `path` is replaced in one step once the new one is complete; a file at
     `path` is never replaced.  `check()` runs again just before the swap, under the parent's lock.
 
+    >>> import pyarrow.parquet as pq
     >>> with atomic_dir("parts/part-3") as tmp:
-    ...     pq.write_table(table, tmp / "examples.parquet")
+    ...     pq.write_table(pa.table({"x": [1, 2]}), tmp / "examples.parquet")
+    ...     Path("parts/part-3").exists()
+    False
+    >>> [p.name for p in Path("parts/part-3").iterdir()], [p.name for p in Path("parts").iterdir()]
+    (['examples.parquet'], ['part-3'])
     """
     path = Path(path)
     _mkdir_parent(path)
@@ -233,8 +256,11 @@ def folder_kind(path: str | os.PathLike) -> str | None:
     html: index.html with attnflow's data block beside viewer.js; demo: summary.json, examples.json,
     a parquet and an html folder.
 
-    >>> folder_kind("view/")
-    'html'
+    >>> tr.save("run/")
+    PosixPath('run')
+    >>> Path("notes/").mkdir(); _ = Path("notes/a.txt").write_text("mine")
+    >>> folder_kind("run/"), folder_kind("notes/"), folder_kind("missing/")
+    ('trace', None, None)
     """
     path = Path(path)
     man = _read_json(path / "manifest.json")
@@ -279,8 +305,11 @@ def check_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -
 def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """DataError unless `output_dir(path, kind, overwrite, inputs)` may write `path` (see the module doc).
 
+    >>> check_output("thesis/", "trace")     # a new path: may be written
+    >>> Path("thesis/").mkdir(); _ = Path("thesis/ch1.tex").write_text("...")
     >>> check_output("thesis/", "trace")     # a folder of the user's files
-    DataError: thesis exists and holds files attnflow did not write; ...
+    Traceback (most recent call last):
+    attnflow.errors.DataError: thesis exists and holds files attnflow did not write; ...
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; one of {KINDS}")
@@ -310,8 +339,11 @@ def output_dir(
     Refuses (DataError, before the block runs and again before the swap) what `check_output` refuses.
     The block writes the kind's marker (see `folder_kind`), so the next write knows the folder.
 
+    >>> from attnflow import codec
     >>> with output_dir("run/", "trace") as tmp:
-    ...     codec.write_trace(tr, tmp)
+    ...     manifest = codec.write_trace(tr, tmp)      # writes manifest.json, kind "trace"
+    >>> folder_kind("run/"), af.AttentionTrace.load("run/").patterns.equal(tr.patterns)
+    ('trace', True)
     """
     inputs = list(inputs)
     check_output(path, kind, overwrite, inputs)

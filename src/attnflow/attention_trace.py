@@ -168,7 +168,12 @@ class AttentionTrace:
         An existing folder is replaced (whole) only if it holds a trace attnflow saved and
         `overwrite=True`; a file, or a folder of anything else, is never touched (DataError).
 
-        >>> tr.save("run/"); tr.save("run/", overwrite=True)
+        >>> tr.save("run/")
+        PosixPath('run')
+        >>> tr.save("run/")
+        Traceback (most recent call last):
+        attnflow.errors.DataError: run already holds an attnflow trace; pass overwrite=True (CLI: --overwrite) to replace it
+        >>> tr.save("run/", overwrite=True)
         PosixPath('run')
         """
         path = Path(path)

@@ -207,8 +207,11 @@ def _int(v: Any) -> bool:
 def check_layers(layers: Any, where: Any = "layers") -> list[int]:
     """`layers` as distinct non-negative ints, else DataError: they become folder names `layer=<n>`.
 
+    >>> check_layers((0, 2))
+    [0, 2]
     >>> check_layers([0, "1/../../x"])
-    DataError: layers holds '1/../../x', not a non-negative integer; ...
+    Traceback (most recent call last):
+    attnflow.errors.DataError: layers: layers holds '1/../../x', not a non-negative integer; ...
     """
     if not isinstance(layers, (list, tuple)) or not layers:
         raise DataError(f"{where}: layers is {_short(layers)}; need a non-empty list of layer indices")

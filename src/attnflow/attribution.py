@@ -54,6 +54,7 @@ from torch import Tensor
 from attnflow import flow as F
 from attnflow.errors import BadArgumentError
 from attnflow.attention_trace import SPAN_KINDS, AttentionTrace, Span
+from attnflow.codec import SHARE_COLUMNS, SOURCE_COLUMNS, attribution_schema
 
 __all__ = [
     "SINK_SHARE",
@@ -74,8 +75,6 @@ __all__ = [
     "token_ranges",
 ]
 
-SOURCE_COLUMNS = {"spans": "source_span", "tokens": "source_token"}
-SHARE_COLUMNS = ("share", "excluded_share", "completion_share", "other_share")
 SINK_SHARE = 0.3  # a detected sink takes more than this share of the attention ...
 SINK_MIN_ROWS = 4  # ... in most of the (at least this many) rows after it
 Exclude = str | Sequence[int | str] | Tensor
@@ -125,25 +124,6 @@ def text_spans(
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     tok = token_ranges(text, np.asarray(enc["offset_mapping"]), [(a, b) for _, a, b in ranges])
     return [Span(name, kind, s, e, a, b) for (name, a, b), (s, e) in zip(ranges, tok)]
-
-
-def attribution_schema(sources: str = "spans", shares: bool = False) -> pa.Schema:
-    """The attributions table's columns (src/attnflow/exporters/SCHEMA.md); `source_token` replaces `source_span` for tokens.
-
-    `shares=True` adds the accounting columns after the six: share, excluded_share,
-    completion_share, other_share (float32) and excluded_keys (list<int32>).
-    """
-    fields = [
-        ("example", pa.int32()),
-        ("method", pa.string()),
-        ("target", pa.int32()),
-        (SOURCE_COLUMNS[sources], pa.int32()),
-        ("score", pa.float32()),
-        ("rank", pa.int32()),
-    ]
-    if shares:
-        fields += [(c, pa.float32()) for c in SHARE_COLUMNS] + [("excluded_keys", pa.list_(pa.int32()))]
-    return pa.schema(fields)
 
 
 # ------------------------------------------------------------------------------------

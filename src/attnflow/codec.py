@@ -81,6 +81,7 @@ FLOW_SCHEMA = pa.schema(
     ]
 )
 SOURCE_COLUMNS = {"spans": "source_span", "tokens": "source_token"}
+SHARE_COLUMNS = ("share", "excluded_share", "completion_share", "other_share")
 
 FlowArg = Mapping[str, "Tensor | tuple[Tensor, Tensor]"]
 
@@ -97,18 +98,23 @@ def attention_schema(dtype: torch.dtype) -> pa.Schema:
     )
 
 
-def attribution_schema(sources: str = "spans") -> pa.Schema:
-    """The attributions table's columns; `source_token` replaces `source_span` for token-level scores."""
-    return pa.schema(
-        [
-            ("example", pa.int32()),
-            ("method", pa.string()),
-            ("target", pa.int32()),
-            (SOURCE_COLUMNS[sources], pa.int32()),
-            ("score", pa.float32()),
-            ("rank", pa.int32()),
-        ]
-    )
+def attribution_schema(sources: str = "spans", shares: bool = False) -> pa.Schema:
+    """The attributions table's columns (exporters/SCHEMA.md); `source_token` replaces `source_span` for tokens.
+
+    `shares=True` adds the accounting columns after the six: share, excluded_share,
+    completion_share, other_share (float32) and excluded_keys (list<int32>).
+    """
+    fields = [
+        ("example", pa.int32()),
+        ("method", pa.string()),
+        ("target", pa.int32()),
+        (SOURCE_COLUMNS[sources], pa.int32()),
+        ("score", pa.float32()),
+        ("rank", pa.int32()),
+    ]
+    if shares:
+        fields += [(c, pa.float32()) for c in SHARE_COLUMNS] + [("excluded_keys", pa.list_(pa.int32()))]
+    return pa.schema(fields)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

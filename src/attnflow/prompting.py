@@ -18,12 +18,28 @@ the tokenizer's offset mapping (`attribution.text_spans`), so they are exact for
 template that copies the message verbatim.
 
     >>> docs = [Document("paris", "alice lives in paris ."), Document("london", "bob lives in london .")]
-    >>> p = build_prompt("where does alice live ?", tok, documents=docs, chat=True, system="be brief")
-    >>> p.prompt[-1]["content"][:34]                  # what af.trace receives: the chat
+    >>> p = build_prompt("where does alice live ?", tok, documents=docs)      # plain text
+    >>> p.prompt[:34]                                  # what af.trace receives
     'Document [1]: paris\\nalice lives in'
     >>> [(s.name, s.kind, s.start, s.end) for s in p.spans]
-    [('paris', 'document', 9, 19), ('london', 'document', 19, 29)]
-    >>> tr = af.trace(model, [p.prompt], spans=[p.spans], max_new_tokens=4)
+    [('paris', 'document', 1, 9), ('london', 'document', 9, 17)]
+    >>> t = af.trace(model, [p.prompt], spans=[p.spans], max_new_tokens=4, progress=False)
+    >>> [s.name for s in t.spans[0]], t.display(0)[3:9]    # the demo's vocabulary lacks "Document" (<unk>)
+    (['paris', 'london'], ['paris', ' alice', ' lives', ' in', ' paris', ' .'])
+
+A chat needs a tokenizer with a chat template (the demo's has none):
+
+    >>> build_prompt("hi", tok, chat=True)
+    Traceback (most recent call last):
+    attnflow.errors.PromptError: this model's tokenizer has no chat template, so a chat cannot be rendered; ...
+    >>> import copy
+    >>> chat_tok = copy.deepcopy(tok)
+    >>> chat_tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} | {% endfor %}<assistant>"
+    >>> p = build_prompt("where does alice live ?", chat_tok, documents=docs, chat=True, system="be brief")
+    >>> [m["role"] for m in p.prompt], p.prompt[-1]["content"][:34]    # what af.trace receives: the chat
+    (['system', 'user'], 'Document [1]: paris\\nalice lives in')
+    >>> [(s.name, s.kind, s.start, s.end) for s in p.spans]
+    [('paris', 'document', 5, 13), ('london', 'document', 13, 21)]
 
 Files: `read_documents` takes a JSON object `{name: text}`, a JSON list or JSONL of
 `{"name", "text"}`; `read_prompts` takes one prompt per line, or JSONL where each
@@ -70,8 +86,12 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
     A `.jsonl` file is read line by line; any other file as one JSON value
     (falling back to lines when it holds several).  Names must be unique and texts non-empty.
 
-        >>> read_documents("docs.json")                     # {"paris": "alice lives in paris ."}
+        >>> _ = Path("docs.json").write_text('{"paris": "alice lives in paris ."}')
+        >>> read_documents("docs.json")
         [Document(name='paris', text='alice lives in paris .')]
+        >>> _ = Path("docs.jsonl").write_text('{"name": "a", "text": "x"}\\n{"name": "b", "text": "y"}\\n')
+        >>> read_documents("docs.jsonl")
+        [Document(name='a', text='x'), Document(name='b', text='y')]
     """
     file = Path(path)
     raw = _read_text(file, "documents file")
@@ -101,9 +121,11 @@ def read_prompts(path: str | os.PathLike) -> list[str | Chat]:
 
     A `.jsonl` file, or a file whose every non-blank line starts with `[` or `{`, is JSONL.
 
+        >>> _ = Path("prompts.txt").write_text("where does alice live ?\\n\\nwhere does bob live ?\\n")
         >>> read_prompts("prompts.txt")
         ['where does alice live ?', 'where does bob live ?']
-        >>> read_prompts("chats.jsonl")                     # [{"role": "user", "content": "hi"}]
+        >>> _ = Path("chats.jsonl").write_text('[{"role": "user", "content": "hi"}]\\n')
+        >>> read_prompts("chats.jsonl")
         [[{'role': 'user', 'content': 'hi'}]]
     """
     file = Path(path)

@@ -4,12 +4,23 @@
 (or, without a completion, on the last row: the next token) and returns
 JSON-ready dicts, the content of `attnflow trace`'s printout and of its `--json`.
 
-    >>> tr = af.trace(model, [p.prompt], spans=[p.spans], max_new_tokens=4)   # p: attnflow.prompting.build_prompt
-    >>> summarize(tr, "rollout")[0]
-    {'example': 0, 'method': 'rollout', 'targets': 'completion', 'completion': ' paris .', 'completion_tokens': 2,
-     'documents': [{'name': 'paris', 'share': 0.41, 'rank': 1, 'start': 9, 'end': 19,
-                    'top_tokens': [{'position': 12, 'text': ' paris', 'share': 0.12}, ...]}, ...],
-     'other_share': 0.38, 'top_tokens': [...]}
+    >>> s = summarize(tr, "rollout")[0]        # tr: the demo model on two documents, one generated token
+    >>> s
+    {'example': 0, 'method': 'rollout', 'targets': 'completion', 'completion': ' paris', 'completion_tokens': 1,
+     'documents': [{'name': 'doc1', 'share': 0.305, 'rank': 1, 'start': 3, 'end': 8,
+                    'top_tokens': [{'position': 6, 'text': ' paris', 'share': 0.180},
+                                   {'position': 5, 'text': ' in', 'share': 0.062},
+                                   {'position': 3, 'text': ' alice', 'share': 0.034}]},
+                   {'name': 'doc2', 'share': 0.118, 'rank': 2, 'start': 10, 'end': 15,
+                    'top_tokens': [{'position': 13, 'text': ' cat', 'share': 0.038},
+                                   {'position': 10, 'text': ' bob', 'share': 0.026},
+                                   {'position': 11, 'text': ' owns', 'share': 0.022}]}],
+     'other_share': 0.577,
+     'top_tokens': [{'position': 6, 'text': ' paris', 'share': 0.180},
+                    {'position': 0, 'text': '<s>', 'share': 0.140},
+                    {'position': 25, 'text': ' :', 'share': 0.074}]}
+    >>> round(sum(d["share"] for d in s["documents"]) + s["other_share"], 6)
+    1.0
 
 A share is the document's part of the composed row, averaged over the target rows;
 `other_share` is the rest (question, template, completion tokens), so the
@@ -77,8 +88,8 @@ def summarize(
 def completion_text(trace: AttentionTrace, example: int) -> str:
     """The display text of example `example`'s completion (empty without one).
 
-        >>> completion_text(tr, 0)
-        ' paris .'
+        >>> completion_text(tr, 0)            # tr: one generated token
+        ' paris'
     """
     p, n = trace.prompt_lengths[example], trace.lengths[example]
     return "".join(trace.display(example)[p:n])

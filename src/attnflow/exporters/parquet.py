@@ -20,10 +20,11 @@ The full schema is in src/attnflow/exporters/SCHEMA.md.
     0        0  rollout      0                           [1.0]
     1        0  rollout      1            [0.678523, 0.321477]
     2        0  rollout      2  [0.608995, 0.167034, 0.223971]
-    >>> read_attributions("run/").to_pandas()                 # one row per document span
-       example   method  target  source_span  score  rank
-    0        0  rollout      -1            0   0.30     1
-    1        0  rollout      -1            1   0.12     2
+    >>> cols = ["example", "method", "target", "source_span", "score", "rank"]
+    >>> read_attributions("run/").to_pandas()[cols]           # one row per document span
+       example   method  target  source_span     score  rank
+    0        0  rollout      -1            0  0.304806     1
+    1        0  rollout      -1            1  0.117718     2
     >>> af.AttentionTrace.load("run/").patterns.equal(tr.patterns)   # the trace itself, unchanged
     True
 """

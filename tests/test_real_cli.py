@@ -80,4 +80,4 @@ def test_convert_writes_a_plain_folder_and_refuses_to_clobber(smollm2, tmp_path,
     assert AutoTokenizer.from_pretrained(out).chat_template == smollm2.tok.chat_template
     before = sorted(p.name for p in out.iterdir())
     assert cli.main(["convert", str(smollm2.file), str(out)]) == 2  # refused before loading anything
-    assert "pass --overwrite" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
+    assert "(CLI: --overwrite)" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before

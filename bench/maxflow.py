@@ -48,7 +48,7 @@ import torch  # noqa: E402
 N_MAX = 512
 CACHE = Path("/tmp/attnflow_bench_smollm2_patterns_512.safetensors")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HOTPOT = Path("/work/shared/data/hotpot_dev_distractor_first26.json")
+HOTPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpot_dev_distractor_first26.json"  # ../shared
 
 
 def hotpot_prompt() -> str:

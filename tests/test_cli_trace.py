@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import eager_copy, eager_patterns, tiny_model, tiny_tokenizer
+from tiny_models import eager_copy, eager_patterns, tiny_model, tiny_tokenizer, write_gguf
 
 import attnflow as af
 from attnflow import cli
@@ -244,19 +244,6 @@ def test_eval_takes_model_dtype_and_refuses_dtype(capsys):
 
 
 # --- bad input: one line, exit 2 ------------------------------------------------------------------
-def write_gguf(path, arch="mamba3x"):
-    import gguf
-
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.parametrize(
     "make, match",
     [

@@ -11,7 +11,7 @@ import torch
 
 import attnflow.flow as F
 from attnflow.errors import BadArgumentError, ShapeError
-from tiny_models import eager_copy, prompts_ids, tiny_model
+from tiny_models import eager_copy, eager_run, prompts_ids, tiny_model
 
 
 def loop_reference(A, a_norm, x_norm, exclude=()):
@@ -78,15 +78,7 @@ def test_key_mask_padding_and_mask_exclusion():
 def measured():
     model = eager_copy(tiny_model("llama", seed=4)).double()
     ids = prompts_ids((8,), seed=2)[0]
-    outs = {}
-    hooks = [
-        layer.self_attn.register_forward_hook(lambda m, i, o, l=l: outs.__setitem__(l, o[0][0]))
-        for l, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
-    for h in hooks:
-        h.remove()
+    res, outs = eager_run(model, ids)
     A = torch.stack([t[0] for t in res.attentions])  # [layer, head, q, k]
     a = torch.stack([outs[l].norm(dim=-1) for l in range(len(outs))])  # [layer, query]: ‖attention output‖
     x = torch.stack([res.hidden_states[l][0].norm(dim=-1) for l in range(len(outs))])  # ‖residual input‖

@@ -13,7 +13,7 @@ import torch
 
 import attnflow.flow as F
 from attnflow.errors import BadArgumentError, ShapeError
-from tiny_models import eager_copy, prompts_ids, tiny_model
+from tiny_models import eager_copy, eager_run, prompts_ids, tiny_model
 
 
 def transformed_values(model, ids):
@@ -21,15 +21,7 @@ def transformed_values(model, ids):
     cfg = model.config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = cfg.hidden_size // H
-    outs = {}
-    hooks = [
-        layer.self_attn.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, o[0][0]))
-        for l, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
-    for h in hooks:
-        h.remove()
+    res, outs = eager_run(model, ids)
     layers = []
     for l, layer in enumerate(model.model.layers):
         with torch.no_grad():

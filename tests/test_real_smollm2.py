@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from real_model import GGUF_NAME, hotpot_examples, require_smollm2, smollm2  # noqa: F401 (fixtures)
+from tiny_models import write_gguf
 from test_html import decode, page_data
 from test_parquet import assert_same
 
@@ -202,16 +203,7 @@ def test_truncated_gguf_is_a_data_error(tmp_path, keep):
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    import gguf
-
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(path, "mamba3x")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "tiny.gguf", "mamba3x")
     with pytest.raises(UnsupportedModelError, match="cannot load GGUF architecture 'mamba3x'") as err:
         af.load(path)
     assert "\n" not in str(err.value)

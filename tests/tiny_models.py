@@ -88,6 +88,37 @@ def eager_patterns(ref: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return torch.stack([a[0] for a in out.attentions]).float()
 
 
+def eager_run(ref: torch.nn.Module, ids: list[int]):
+    """(outputs with attentions and hidden states, {layer: attention-module output [query, hidden]}) of one prompt."""
+    outs = {}
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, o[0][0]))
+        for l, layer in enumerate(ref.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            res = ref(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return res, outs
+
+
+def write_gguf(path, arch: str = "mamba3x"):
+    """A one-tensor GGUF file of architecture `arch` (transformers refuses unknown ones): `path`."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer over VOCAB ids; adds no special tokens to text."""
     words = ["<pad>", "<bos>", "<eos>", "<unk>"] + WORDS

@@ -162,8 +162,6 @@ def run(
         tr = trace(model, [text for text, _ in rendered], max_new_tokens=1, heads="all", spans=spans,
                    dtype=torch.float32, progress=progress)
     generated = [tr.tokens[b][tr.prompt_lengths[b]] for b in range(len(instances))]
-    if "special_token_ids" not in tr.model_info:  # what "sinks" reads (older tracers do not record it)
-        tr.model_info["special_token_ids"] = sorted(set(tok.all_special_ids))
     order = sorted(METHODS, key=lambda m: m[0] != VIEWER_FIRST)  # the viewer opens on the first flow
     with _timed(timings, "flow"):
         flows = {name: flow_rows(tr, m, exclude_keys=ex) for name, m, ex in order if m != "raw"}

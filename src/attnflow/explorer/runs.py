@@ -401,11 +401,11 @@ def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callabl
     """Greedy tokens after `ids` (cut after the first end token); `on_token(tokens so far)` as each appears."""
     from transformers.generation.streamers import BaseStreamer
 
-    from attnflow.tracers.hf import _device, as_nnsight, pad_id
+    from attnflow.tracers.hf import _device, as_nnsight, greedy, pad_id
+    from attnflow.tracers.inputs import id_set
 
     _, hf, tok = as_nnsight(model)
-    eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
-    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    eos = id_set(getattr(getattr(hf, "generation_config", None), "eos_token_id", None))
     out: list[int] = []
 
     class Streamer(BaseStreamer):
@@ -425,9 +425,8 @@ def _generate(model: Any, ids: list[int], max_new_tokens: int, on_token: Callabl
 
     x = torch.tensor([ids], device=_device(hf))
     with torch.no_grad():
-        hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, min_new_tokens=0,
-                    do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                    pad_token_id=pad_id(tok, hf), streamer=Streamer())
+        hf.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=Streamer(),
+                    **greedy(max_new_tokens, pad_id(tok, hf)))
     return out
 
 

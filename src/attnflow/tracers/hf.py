@@ -163,6 +163,14 @@ def pad_id(tokenizer: Any, hf: torch.nn.Module) -> int:
     )
 
 
+def greedy(max_new_tokens: int, pad_token_id: int) -> dict[str, Any]:
+    """`generate` keywords of plain argmax decoding, whatever penalties the checkpoint's generation_config sets."""
+    return dict(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=pad_token_id,
+    )
+
+
 class HFBackend:
     """An HF model's attention sites, geometry, generation and per-batch recording (the driver does the rest)."""
 
@@ -185,11 +193,11 @@ class HFBackend:
         """Greedy new tokens of one batch from `hf.generate` (or nnsight's generate where `remote` says)."""
         ids, mask = inputs.left_pad(sequences, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        greedy = self.greedy(max_new_tokens)
+        kw = greedy(max_new_tokens, self.pad_id)
         if self.remote:  # generate where the weights are: NDIF, or nnsight's local round trip
-            out = ndif.generate(self.nn_model, ids, mask, remote=self.remote, **greedy)
+            out = ndif.generate(self.nn_model, ids, mask, remote=self.remote, **kw)
         else:
-            out = self.hf.generate(input_ids=ids, attention_mask=mask, **greedy)
+            out = self.hf.generate(input_ids=ids, attention_mask=mask, **kw)
         return out[:, ids.shape[1] :].tolist()
 
     def record(
@@ -284,7 +292,7 @@ class HFBackend:
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 fn=self.hf.generate,
-                **self.greedy(N + 1),
+                **greedy(N + 1, self.pad_id),
                 eos_token_id=None,  # `stop` ends the generation instead, one step after the last EOS
                 stopping_criteria=StoppingCriteriaList([stop]),
             ) as tracer:
@@ -304,12 +312,6 @@ class HFBackend:
         new = stop.ids[:, P : P + N].tolist()  # the token past N was only there to compute the last row
         return new, assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=stop.ids.shape[1] - P - 1)
 
-    def greedy(self, max_new_tokens: int) -> dict[str, Any]:
-        """`generate` keywords of plain argmax decoding, whatever penalties the checkpoint's generation_config sets."""
-        return dict(
-            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
-            repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=self.pad_id,
-        )
 
 
 class StopAfterEOS(StoppingCriteria):

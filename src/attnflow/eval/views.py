@@ -27,6 +27,7 @@ plus the next view's estimate stay within `max_bytes` (default 200 MB), and skip
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ def estimate_bytes(n_tokens: int, n_layers: int, n_heads: int = 1, flow_rows: in
     return attention + flows + thumbs + headers + static_bytes() + PAGE_BYTES + TOKEN_BYTES * n_tokens
 
 
+@functools.cache
 def static_bytes() -> int:
     """Bytes of the viewer's static files (viewer.js, viewer.css), copied into every view."""
     from importlib import resources

@@ -491,6 +491,11 @@ def attribute(
     heads: F.Heads = "mean",
     span_kind: str | None = None,
     shares: bool = True,
+    *,
+    calibrate: str | AttentionTrace | None = None,
+    model=None,
+    content_free: str = "N/A",
+    calibrate_by: str = "subtract",
 ) -> pa.Table:
     """Score sources (spans or tokens) for target tokens: a pyarrow Table (`.to_pandas()` for a DataFrame).
 
@@ -521,7 +526,27 @@ def attribute(
     to `attnflow.flow`.  `exclude_keys` takes positions, span kinds or `"sinks"`;
     the default `"auto"` is `"sinks"` for document attribution (`span_kind="document"`)
     and no exclusion otherwise: pass `exclude_keys=()` for the plain method.
+
+    Calibration (`attnflow.calibration`): `calibrate="content-free"` with `model=` records a
+    second pass with each example's question span replaced by `content_free` ("N/A"), the same
+    documents and the same completion; `calibrate=<AttentionTrace>` takes one you recorded
+    (spans matched by name).  `score` is then the real pass's minus the content-free pass's
+    (`calibrate_by="divide"`: their ratio), ranks follow it, and `plain_score` and
+    `content_free_score` hold the two passes' scores:
+
+        >>> text = "doc1 : alice lives in paris .\\ndoc2 : bob owns a cat .\\nquestion : n/a\\nanswer :"   # no question
+        >>> spans = text_spans(tok, text, [("doc1", 7, 29), ("doc2", 37, 53)])         # tr's documents, by name
+        >>> free = af.trace(model, [text], spans=[spans], completions=[tr.input_ids[0, -1:].tolist()], progress=False)
+        >>> cal = af.attribute(tr, "rollout", span_kind="document", calibrate=free, shares=False)
+        >>> t = cal.to_pydict(); t["score"], t["rank"], t["plain_score"], t["content_free_score"]   # rounded
+        ([0.068, -0.100], [1, 2], [0.352, 0.125], [0.284, 0.225])
     """
+    if calibrate is not None:
+        from attnflow.calibration import calibrated_attribution
+
+        kw = dict(method=method, sources=sources, targets=targets, reduce=reduce, alpha=alpha, exclude_keys=exclude_keys,
+                  heads=heads, span_kind=span_kind, shares=shares)  # fmt: skip
+        return calibrated_attribution(trace, calibrate, model=model, content_free=content_free, by=calibrate_by, **kw)
     _check_method(method)
     if sources not in SOURCE_COLUMNS:
         raise BadArgumentError(f"sources={sources!r}; use 'spans' or 'tokens'")

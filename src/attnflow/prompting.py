@@ -11,7 +11,9 @@ The documents come before the question, one block each, separated by a blank lin
     Question: <prompt>
 
 Each document's span (kind "document") covers its whole block, header line included,
-without the blank line after it.  With a chat template the blocks and the question
+without the blank line after it; after them one span of kind "question" covers the
+question's text (not the "Question: " label), so a calibration can replace it
+(`attribute(..., calibrate="content-free")`).  With a chat template the blocks and the question
 form the content of the chat's last user message; the spans are found by locating
 that content in the rendered template text and mapping characters to tokens with
 the tokenizer's offset mapping (`attribution.text_spans`), so they are exact for any
@@ -22,10 +24,12 @@ template that copies the message verbatim.
     >>> p.prompt[:34]                                  # what af.trace receives
     'Document [1]: paris\\nalice lives in'
     >>> [(s.name, s.kind, s.start, s.end) for s in p.spans]
-    [('paris', 'document', 1, 9), ('london', 'document', 9, 17)]
+    [('paris', 'document', 1, 9), ('london', 'document', 9, 17), ('question', 'question', 18, 23)]
+    >>> p.text[p.spans[2].char_start : p.spans[2].char_end]
+    'where does alice live ?'
     >>> t = af.trace(model, [p.prompt], spans=[p.spans], max_new_tokens=4, progress=False)
     >>> [s.name for s in t.spans[0]], t.display(0)[3:9]    # the demo's vocabulary lacks "Document" (<unk>)
-    (['paris', 'london'], ['paris', ' alice', ' lives', ' in', ' paris', ' .'])
+    (['paris', 'london', 'question'], ['paris', ' alice', ' lives', ' in', ' paris', ' .'])
 
 A chat needs a tokenizer with a chat template (the demo's has none):
 
@@ -39,7 +43,7 @@ A chat needs a tokenizer with a chat template (the demo's has none):
     >>> [m["role"] for m in p.prompt], p.prompt[-1]["content"][:34]    # what af.trace receives: the chat
     (['system', 'user'], 'Document [1]: paris\\nalice lives in')
     >>> [(s.name, s.kind, s.start, s.end) for s in p.spans]
-    [('paris', 'document', 5, 13), ('london', 'document', 13, 21)]
+    [('paris', 'document', 5, 13), ('london', 'document', 13, 21), ('question', 'question', 22, 27)]
 
 Files: `read_documents` takes a JSON object `{name: text}`, a JSON list or JSONL of
 `{"name", "text"}`; `read_prompts` takes one prompt per line, or JSONL where each
@@ -50,7 +54,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -249,7 +253,8 @@ def build_prompt(
         if not documents:
             return Prompt(prompt, [], prompt)
         text, ranges = document_block(documents, prompt)
-        return Prompt(text, _spans(tokenizer, text, ranges, add_special_tokens=True), text)
+        question = ("question", len(text) - len(prompt), len(text))
+        return Prompt(text, _spans(tokenizer, text, ranges, question, add_special_tokens=True), text)
     require_template(tokenizer)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if system is not None and messages[0]["role"] != "system":
@@ -260,28 +265,33 @@ def build_prompt(
     last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
     if last is None:
         raise PromptError("a chat with documents needs a user message to put them in; add one")
-    content, ranges = document_block(documents, messages[last]["content"])
+    asked = messages[last]["content"]
+    content, ranges = document_block(documents, asked)
     messages[last]["content"] = content
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     base = rendered.rfind(content)  # the last user message: only the generation prompt follows it
     if base < 0:
         raise PromptError("the chat template rewrites the message text, so the documents cannot be located in it; pass --documents without --chat")
     ranges = [(name, base + a, base + b) for name, a, b in ranges]
-    return Prompt(messages, _spans(tokenizer, rendered, ranges, add_special_tokens=False), rendered)
+    end = base + len(content)  # the content ends with the question
+    question = ("question", end - len(asked), end)
+    return Prompt(messages, _spans(tokenizer, rendered, ranges, question, add_special_tokens=False), rendered)
 
 
-def _spans(tokenizer: Any, text: str, ranges: list[tuple[str, int, int]], add_special_tokens: bool) -> list[Span]:
-    """Document spans through the offset mapping, tokenized the way `af.trace` tokenizes this prompt."""
+def _spans(
+    tokenizer: Any, text: str, ranges: list[tuple[str, int, int]], question: tuple[str, int, int], add_special_tokens: bool
+) -> list[Span]:
+    """Document spans, then the question's, through the offset mapping, tokenized the way `af.trace` tokenizes this prompt."""
     from attnflow.attribution import text_spans
 
     try:
-        spans = text_spans(tokenizer, text, ranges, kind="document", add_special_tokens=add_special_tokens)
+        spans = text_spans(tokenizer, text, [*ranges, question], kind="document", add_special_tokens=add_special_tokens)
     except NotImplementedError:  # slow (Python) tokenizers have no offset mapping
         raise UnsupportedModelError("locating documents needs a fast tokenizer (offset mapping); load the model with a fast tokenizer") from None
-    empty = next((s for s in spans if s.start == s.end), None)
+    empty = next((s for s in spans[:-1] if s.start == s.end), None)
     if empty is not None:
         raise PromptError(f"document {empty.name!r} covers no token of the tokenized prompt; check that its text tokenizes")
-    return spans
+    return spans[:-1] + [replace(spans[-1], kind="question")]
 
 
 __all__ = ["Document", "Prompt", "build_prompt", "document_block", "read_documents", "read_prompts", "require_template"]

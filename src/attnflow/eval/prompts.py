@@ -24,12 +24,14 @@ when a token such as " The" starts with the space before a sentence.
     <BLANKLINE>
     Question: Which film is Ed Wood in?
     Answer:
-    >>> [(s.name, s.kind, s.start, s.end) for s in p.spans]          # paragraphs, then sentences
+    >>> [(s.name, s.kind, s.start, s.end) for s in p.spans]          # paragraphs, sentences, the question
     [('Ed Wood', 'document', 13, 27), ('Scott Derrickson', 'document', 27, 36),
      ('Ed Wood [0]', 'sentence', 17, 23), ('Ed Wood [1]', 'sentence', 23, 27),
-     ('Scott Derrickson [0]', 'sentence', 31, 36)]
+     ('Scott Derrickson [0]', 'sentence', 31, 36), ('question', 'question', 37, 43)]
     >>> p.text[p.spans[2].char_start : p.spans[2].char_end]
     'Ed Wood is a 1994 film.'
+    >>> p.text[p.question_span.char_start : p.question_span.char_end]
+    'Which film is Ed Wood in?'
     >>> p.gold_paragraphs, p.gold_sentences
     (array([ True, False]), array([ True, False, False]))
 
@@ -62,6 +64,7 @@ class Rendered:
     text: str
     paragraphs: list[tuple[int, int]]  # one per example.paragraphs
     sentences: list[tuple[int, int, int, int]]  # (paragraph index, sent_id, char_start, char_end)
+    question: tuple[int, int] = (0, 0)  # char range of the question's text
 
 
 @dataclass
@@ -70,7 +73,7 @@ class Prompt:
 
     text: str
     input_ids: list[int]
-    spans: list[Span]  # paragraphs ("document") first, then sentences ("sentence"), both in document order
+    spans: list[Span]  # paragraphs ("document"), then sentences ("sentence"), both in document order, then the question
     n_paragraphs: int
     sentence_keys: list[tuple[str, int]]  # (title, sent_id) of each sentence span
     gold_paragraphs: np.ndarray  # bool [n_paragraphs]
@@ -83,7 +86,11 @@ class Prompt:
 
     @property
     def sentence_spans(self) -> list[Span]:
-        return self.spans[self.n_paragraphs :]
+        return self.spans[self.n_paragraphs : self.n_paragraphs + len(self.sentence_keys)]
+
+    @property
+    def question_span(self) -> Span:
+        return self.spans[-1]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -105,9 +112,10 @@ def render_hotpotqa(example: QAExample, template: str | None = None) -> Rendered
     blank line; `{question}` the question; everything else in the template is kept as written.
     A paragraph's range covers its header line and its sentences; a sentence's, its text only.
     """
-    text, paragraphs, sentences = "", [], []
+    text, paragraphs, sentences, question = "", [], [], (0, 0)
     for piece in _PLACEHOLDER.split(check_template(DEFAULT_TEMPLATE if template is None else template)):
         if piece == "{question}":
+            question = (len(text), len(text) + len(example.question))
             text += example.question
             continue
         if piece != "{documents}":
@@ -125,7 +133,7 @@ def render_hotpotqa(example: QAExample, template: str | None = None) -> Rendered
                 sentences.append((p_idx, s_idx, len(text), len(text) + len(sentence)))
                 text += sentence
             paragraphs.append((start, len(text)))
-    return Rendered(text, paragraphs, sentences)
+    return Rendered(text, paragraphs, sentences, question)
 
 
 # --- templates -------------------------------------------------------------------------------
@@ -178,7 +186,8 @@ def render_demo(example: QAExample) -> Rendered:
     text, doc_ranges = task.render_prompt(task.Example(docs, example.question, example.answer, support, False))
     paragraphs = [(s, e) for _, s, e in doc_ranges]
     sentences = [(i, 0, s, e) for i, (s, e) in enumerate(paragraphs)]
-    return Rendered(text, paragraphs, sentences)
+    start = text.rindex(example.question)
+    return Rendered(text, paragraphs, sentences, (start, start + len(example.question)))
 
 
 RENDERERS = {"hotpotqa": render_hotpotqa, "demo": render_demo}
@@ -212,11 +221,12 @@ def build_prompt(
     ids, offsets = _encode(tokenizer, text, special)
     ranges = [(s + shift, e + shift) for s, e in rendered.paragraphs]
     ranges += [(s + shift, e + shift) for _, _, s, e in rendered.sentences]
+    ranges.append((rendered.question[0] + shift, rendered.question[1] + shift))
     bounds = token_ranges(text, offsets, ranges)
     names = [p.title for p in example.paragraphs]
     keys = [(example.paragraphs[p].title, s) for p, s, _, _ in rendered.sentences]
-    names += [f"{t} [{s}]" for t, s in keys]
-    kinds = ["document"] * len(rendered.paragraphs) + ["sentence"] * len(rendered.sentences)
+    names += [f"{t} [{s}]" for t, s in keys] + ["question"]
+    kinds = ["document"] * len(rendered.paragraphs) + ["sentence"] * len(rendered.sentences) + ["question"]
     spans = [Span(n, k, a, b, cs, ce) for n, k, (a, b), (cs, ce) in zip(names, kinds, bounds, ranges)]
     gold = set(example.supporting)
     return Prompt(

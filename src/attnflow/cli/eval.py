@@ -47,6 +47,12 @@ def add_parser(subparsers) -> None:
                         help="skip (and count) longer prompts (default: the model's maximum positions)")
         ep.add_argument("--max-new-tokens", type=int, default=None, help="answer length budget (demo 3, hotpotqa 16)")
         ep.add_argument("--batch-size", type=int, default=1, help="examples per forward pass (default 1)")
+        ep.add_argument("--calibrate", nargs="?", const="N/A", default=None, metavar="QUERY",
+                        help="also record each prompt with the question replaced by QUERY (default 'N/A') and add "
+                             "calibrated methods '<method>/cal': real minus content-free scores")
+        ep.add_argument("--shuffle-check", type=int, default=0, metavar="K",
+                        help="also record the first K examples with their documents shuffled and report how much "
+                             "each method's ranking follows the documents (Spearman, top-1 kept)")
         ep.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --out, or extend it (a larger --limit: only the new examples)")
         ep.add_argument("--no-progress", action="store_true")
@@ -84,6 +90,10 @@ def config_from_args(args):
         if value is not None and value < 1:
             raise BadArgumentError(f"--{name.replace('_', '-')} {value}; use a positive integer")
     parse_shard(args.shard)
+    if args.shuffle_check < 0:
+        raise BadArgumentError(f"--shuffle-check {args.shuffle_check}; use 0 (off) or a number of examples")
+    if args.calibrate is not None and not args.calibrate.strip():
+        raise BadArgumentError("--calibrate ''; give a content-free question such as 'N/A', or --calibrate alone")
     if args.views < 0 or args.views_bytes < 0:
         raise BadArgumentError(f"--views {args.views} --views-bytes {args.views_bytes:g}; use numbers >= 0")
     template = getattr(args, "prompt_template", "default")
@@ -111,6 +121,8 @@ def config_from_args(args):
         prompt_template=template,
         chat_template=not getattr(args, "no_chat_template", False),
         system=getattr(args, "system", None),
+        calibrate=args.calibrate,
+        shuffle_check=args.shuffle_check,
     )
 
 

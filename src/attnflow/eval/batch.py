@@ -23,6 +23,7 @@ summed over each sentence and paragraph.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 
 from attnflow.eval import metrics as M
 from attnflow.eval.answers import answer_scores, locate, token_span
+from attnflow.eval.calibrate import SidePasses
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem
 from attnflow.eval.jobs import Job
@@ -46,32 +48,45 @@ def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, 
     `views` (a `views.ViewBudget`, or an int: examples with index < views, no byte budget)
     decides which examples get an attention view under `out/views/`.
     """
-    from attnflow.tracers import trace
-
     prompts = [j.prompt for j in batch]
     teacher = config.mode == "teacher"
-    tr = trace(
-        model,
-        [p.input_ids for p in prompts],
-        tokenizer=tokenizer,
-        max_new_tokens=None if teacher else config.new_tokens,
-        completions=[j.completion for j in batch] if teacher else None,
-        heads="mean",
-        dtype=torch.float32,
-        batch_size=len(batch),
-        progress=False,
-        spans=[p.spans for p in prompts],
-    )
+    side = SidePasses(batch, tokenizer, config)  # eval/calibrate.py: content-free / shuffled prompts (none by default)
+    inline = side.jobs if teacher else []  # teacher mode batches them with the real pass (the same forced answers)
+    clock = time.perf_counter()
+    tr = record(model, tokenizer, prompts + [j.prompt for j in inline],
+                [j.completion for j in batch + inline] if teacher else None, None if teacher else config.new_tokens)  # fmt: skip
     stop = set(tokenizer.all_special_ids)
     answers = [read_answer(tr, b, job, stop, teacher) for b, job in enumerate(batch)]
     targets = [a.rows for a in answers]  # unpadded query rows producing the answer span's tokens
-    scores = {k: v.double().cpu() for k, v in key_scores(tr, targets).items()}
+    rows = targets + (side.targets(answers) if teacher else [])
+    scores = {k: v.double().cpu() for k, v in key_scores(tr, rows).items()}
+    seconds = time.perf_counter() - clock
     ex_rows, attr_rows = [], []
     for b, job in enumerate(batch):
         ex_rows.append(example_row(job, answers[b]))
         attr_rows += attribution_rows(job, tr.pad_offsets[b], {k: v[b] for k, v in scores.items()})
+    forced = lambda ps, completions: record(model, tokenizer, ps, completions, None)  # noqa: E731
+    extra = side.finish(tr, scores, answers, ex_rows, attr_rows, seconds, forced)  # + "/cal" rows, costs, {"shuffle"}
     write_views(tr, batch, targets, out, views)
-    return {"examples": examples_table(ex_rows), "attribution": attribution_table(attr_rows)}
+    return {"examples": examples_table(ex_rows), "attribution": attribution_table(attr_rows)} | extra
+
+
+def record(model, tokenizer, prompts: list, completions: list | None, new_tokens: int | None):
+    """Trace `prompts` (eval Prompts) in one batch: forcing `completions`, or generating `new_tokens`."""
+    from attnflow.tracers import trace
+
+    return trace(
+        model,
+        [p.input_ids for p in prompts],
+        tokenizer=tokenizer,
+        max_new_tokens=new_tokens,
+        completions=completions,
+        heads="mean",
+        dtype=torch.float32,
+        batch_size=len(prompts),
+        progress=False,
+        spans=[p.spans for p in prompts],
+    )
 
 
 @dataclass

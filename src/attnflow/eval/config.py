@@ -35,6 +35,8 @@ class RunConfig:
     prompt_template: str = "default"  # a named template (prompts.TEMPLATES) or a template file's absolute path
     chat_template: bool = True  # apply the tokenizer's chat template when it has one
     system: str | None = None  # system prompt (chat template only)
+    calibrate: str | None = None  # a content-free question ("N/A"): add "<method>/cal" scores (eval/calibrate.py)
+    shuffle_check: int = 0  # re-run the first K examples with their documents shuffled (eval/calibrate.py)
 
     @property
     def shard_pair(self) -> tuple[int, int]:

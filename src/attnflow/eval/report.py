@@ -44,6 +44,8 @@ import pyarrow.parquet as pq
 
 from attnflow import _io
 from attnflow.eval import metrics as M
+from attnflow.eval import calibrate as C
+from attnflow.eval.calibrate import ALL_NAMES
 from attnflow.eval.methods import METHOD_NAMES
 
 LEVELS = ("paragraph", "sentence")
@@ -64,14 +66,15 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
+def summarize(examples: pa.Table, attribution: pa.Table, shuffle: pa.Table | None = None) -> pa.Table:
     """Mean and bootstrap CI of every metric per (subset, level, method), answer scores, position bias.
 
     Subsets of the examples: "all"; "correct" and "wrong" (generate mode) by the exact
     match of the extracted answer (attribution of answers the model got right); one per
     question type ("bridge", "comparison" for HotPotQA).  Answer rows (level "answer"):
     subset "all" holds EM and F1 of the extracted answer, "extracted" and "raw" hold EM,
-    F1 and containment after and before extraction.  Subset "position" holds `position_bias`.
+    F1 and containment after and before extraction.  Subset "position" holds `position_bias`;
+    "shuffle" and "cost" the permutation check and the side passes' cost (`calibrate.summary_rows`).
     """
     rows = []
     em_of = dict(zip(examples["index"].to_pylist(), examples["em"].to_pylist()))
@@ -89,7 +92,7 @@ def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
     } | {t: kind == t for t in sorted({t for t in type_of.values() if t})}
     for subset, in_subset in subsets.items():
         for level in LEVELS:
-            for method in METHOD_NAMES:
+            for method in ALL_NAMES:
                 sel = in_subset & (level_col == level) & (method_col == method)
                 if not sel.any():
                     continue
@@ -99,6 +102,7 @@ def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
                     rows.append(dict(subset=subset, level=level, method=method, metric=metric) | stats)
     rows += answer_rows(examples)
     rows += position_bias(examples, attribution)
+    rows += C.summary_rows(examples, shuffle)
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
@@ -146,7 +150,7 @@ def position_bias(examples: pa.Table, attribution: pa.Table) -> list[dict]:
     gold = [np.asarray(g, bool) for g, s in zip(examples["gold_paragraphs"].to_pylist(), examples["status"].to_pylist())
             if s == "ok" and g]  # fmt: skip
     out = []
-    for method in [*METHOD_NAMES, "gold"]:
+    for method in [*ALL_NAMES, "gold"]:
         if method == "gold":
             ranked = [_gold_ranks(g) for g in gold] if rows_by else []
         elif method == "random":
@@ -188,7 +192,7 @@ def _gold_ranks(gold: np.ndarray) -> np.ndarray:
 def position_table(summary: pa.Table, positions: int = 10) -> str:
     """Markdown: per method, top-1 = first / last document and the mean rank of documents 1..positions."""
     cells = {(r["method"], r["metric"]): r["mean"] for r in summary.to_pylist() if r["subset"] == "position"}
-    methods = [m for m in [*METHOD_NAMES, "gold"] if (m, "top1_first") in cells]
+    methods = [m for m in [*ALL_NAMES, "gold"] if (m, "top1_first") in cells]
     ps = [p for p in range(1, positions + 1) if any((m, f"rank@{p}") in cells for m in methods)]
     head = ["top1=first", "top1=last"] + [f"rank doc{p}" for p in ps] + ["rank last"]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
@@ -209,7 +213,7 @@ def markdown_table(summary: pa.Table, level: str, metrics=HEADLINE, subset: str 
     cells = {
         (r["method"], r["metric"]): r for r in summary.to_pylist() if r["level"] == level and r["subset"] == subset
     }
-    methods = [m for m in METHOD_NAMES if any((m, x) in cells for x in metrics)]
+    methods = [m for m in ALL_NAMES if any((m, x) in cells for x in metrics)]
     lines = ["| method | " + " | ".join(_label(m) for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for method in methods:
         vals = []
@@ -260,8 +264,9 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
                 continue
             which = {"all": "", "correct": ", only examples answered correctly (EM 1)",
                      "wrong": ", only examples answered wrongly (EM 0)"}.get(subset, f", only {subset} questions")  # fmt: skip
+            cal = "; '/cal': minus the content-free pass's scores" if any(r["method"].endswith("/cal") for r in rows) else ""
             parts.append(
-                f"\n{level} level, {n} examples{which} (mean [95% bootstrap CI]; '/nosink' excludes the first token)"
+                f"\n{level} level, {n} examples{which} (mean [95% bootstrap CI]; '/nosink' excludes the first token{cal})"
             )
             parts.append(markdown_table(summary, level, metrics, subset))
     if any(r["subset"] == "position" for r in rows):
@@ -270,6 +275,7 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
             " (1 = best) of the document at each position; 'gold' is the same for the gold documents"
         )
         parts.append(position_table(summary))
+    parts += C.report_parts(summary, config)  # --calibrate / --shuffle-check: cost lines, the shuffle check
     return "\n".join(parts)
 
 
@@ -322,14 +328,16 @@ def plot(summary: pa.Table, path: Path) -> None:
 
 
 def write_report(
-    out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None, views: dict | None = None
+    out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None, views: dict | None = None,
+    shuffle: pa.Table | None = None,
 ) -> dict:
     """summary.parquet, summary.md, precision_recall.png, explorer.html in `out`; returns {"text", "summary"}.
 
-    `views`: `views.views_summary` facts, reported in the text (written count and size).
+    `views`: `views.views_summary` facts, reported in the text (written count and size);
+    `shuffle`: the permutation check's table (`calibrate.SHUFFLE_SCHEMA`), when the run made one.
     """
     out = Path(out)
-    summary = summarize(examples, attribution)
+    summary = summarize(examples, attribution, shuffle)
     with _io.atomic_path(out / "summary.parquet") as tmp:
         pq.write_table(summary, tmp)
     text = summary_text(summary, examples, config, views=views)
@@ -377,7 +385,9 @@ def write_explorer(out: Path, examples: pa.Table, attribution: pa.Table, views_f
                 "view": None if view is None else os.path.relpath(view, out).replace(os.sep, "/"),
             }
         )
-    data = json.dumps({"methods": list(METHOD_NAMES), "examples": items, "total": examples.num_rows})
+    present = set(attribution["method"].to_pylist())
+    methods = [m for m in ALL_NAMES if m in present] or list(METHOD_NAMES)
+    data = json.dumps({"methods": methods, "examples": items, "total": examples.num_rows})
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")  # safe inside <script>
     page = EXPLORER_HTML.replace("__DATA__", data).replace("__TITLE__", html.escape(f"attnflow evaluation: {out.name}"))
     _io.write_text(out / "explorer.html", page)

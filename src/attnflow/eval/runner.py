@@ -24,6 +24,7 @@ Out directory when done:
     parts/               committed batches (kept, so a finished run can be extended or audited)
     examples.parquet     one row per selected example: status ok | too_long | malformed, answer, EM/F1, gold
     attribution.parquet  one row per (ok example, level, method): span scores and every metric
+    shuffle.parquet      --shuffle-check K: one row per (shuffled example, method) (eval/calibrate.py)
     summary.parquet, summary.md, precision_recall.png, explorer.html, views/<index>/  (report.py)
 
     >>> config = RunConfig(task="demo", limit=2, seed=0)    # 2 examples keep this example to a few seconds
@@ -54,6 +55,7 @@ import sys
 from pathlib import Path
 
 from attnflow.eval.batch import run_batch, skipped_table
+from attnflow.eval.calibrate import collect_shuffle, mark_shuffle, write_shuffle
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem, QAExample
 from attnflow.eval.jobs import batches, part_name, prepare, select_examples
@@ -110,6 +112,7 @@ def evaluate(
     out = Path(out)
     prepare_out(out, config, resume)
     jobs = prepare(examples, tokenizer, config, config.max_context_tokens or max_positions(model))
+    mark_shuffle(jobs, config.shuffle_check)
     parts = out / "parts"
     done = committed(parts, jobs)
     todo = batches(jobs, config.batch_size, set(done))
@@ -124,13 +127,15 @@ def evaluate(
     bar.close()
     examples_t, attribution_t = collect(done, jobs, skipped_table(jobs, problems))
     write_tables(out, examples_t, attribution_t)
+    shuffle_t = collect_shuffle(done, jobs) if config.shuffle_check else None
+    write_shuffle(out, shuffle_t)
     if not report:
         return {}
     from attnflow.eval.report import write_report
 
     candidates = [j.example.index for j in jobs if j.status == "ok"]
     facts = views_summary(out, [out], candidates, views, views_bytes)
-    return write_report(out, examples_t, attribution_t, config.to_json(), views=facts)
+    return write_report(out, examples_t, attribution_t, config.to_json(), views=facts, shuffle=shuffle_t)
 
 
 def announce_views(todo, model, config: RunConfig, budget: ViewBudget, progress: bool) -> None:

@@ -47,7 +47,7 @@ from attnflow.errors import DataError
 from attnflow.eval import metrics as M
 from attnflow.eval.config import GROWABLE, RunConfig, parse_shard
 from attnflow.eval.jobs import Job, part_name
-from attnflow.eval.methods import METHOD_NAMES
+from attnflow.eval.calibrate import ALL_NAMES, COST_FIELDS, read_shuffle, write_shuffle
 
 LEVELS = ("sentence", "paragraph")
 
@@ -83,6 +83,7 @@ EXAMPLE_SCHEMA = pa.schema(
         ("answer_end", pa.int64()),
         ("answer_span", pa.string()),
     ]
+    + COST_FIELDS  # the side passes' cost (--calibrate, --shuffle-check; eval/calibrate.py), null without them
 )
 ATTRIBUTION_SCHEMA = pa.schema(
     [("index", pa.int64()), ("id", pa.string()), ("level", pa.string()), ("method", pa.string())]
@@ -202,7 +203,7 @@ def sort_examples(t: pa.Table) -> pa.Table:
 
 def sort_attribution(t: pa.Table) -> pa.Table:
     level = np.array([LEVELS.index(x) for x in t["level"].to_pylist()], dtype=np.int64)
-    method = np.array([METHOD_NAMES.index(x) for x in t["method"].to_pylist()], dtype=np.int64)
+    method = np.array([ALL_NAMES.index(x) for x in t["method"].to_pylist()], dtype=np.int64)
     order = np.lexsort((method, level, t["index"].to_numpy()))
     return t.take(pa.array(order)).combine_chunks()
 
@@ -268,10 +269,12 @@ def merge(shards: Shards, out: Path) -> dict:
     examples = sort_examples(pa.concat_tables(shards.examples))
     attribution = sort_attribution(pa.concat_tables(shards.attribution))
     write_tables(out, examples, attribution)
+    shuffle = read_shuffle(shards.dirs)
+    write_shuffle(out, shuffle)
     from attnflow.eval.views import views_summary
 
     views = views_summary(out, shards.dirs, [], None, None)
-    return write_report(out, examples, attribution, merged, views_from=shards.dirs, views=views)
+    return write_report(out, examples, attribution, merged, views_from=shards.dirs, views=views, shuffle=shuffle)
 
 
 def _unsharded(config: dict) -> dict:

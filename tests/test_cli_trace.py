@@ -124,7 +124,9 @@ def test_chat_documents_json_matches_generate_and_hand_rollout(hf, chat_dir, doc
         assert all(doc["start"] <= t["position"] < doc["end"] for t in doc["top_tokens"])
         assert sum(t["share"] for t in doc["top_tokens"]) <= doc["share"] + 1e-6
     saved = af.AttentionTrace.load(tmp_path / "tr")
-    assert [(s.name, s.kind, s.start, s.end) for s in saved.spans[0]] == [(d["name"], "document", d["start"], d["end"]) for d in sorted(ex["documents"], key=lambda d: d["start"])]
+    *docs, question = saved.spans[0]  # the documents, then the question (what a calibration replaces)
+    assert [(s.name, s.kind, s.start, s.end) for s in docs] == [(d["name"], "document", d["start"], d["end"]) for d in sorted(ex["documents"], key=lambda d: d["start"])]
+    assert question.kind == "question" and tok.decode(prompt_ids[question.start : question.end]) == QUESTION
     assert result["saved"] == str(tmp_path / "tr") and result["method"] == "rollout"
 
 

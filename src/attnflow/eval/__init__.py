@@ -12,6 +12,7 @@ Modules, in the order data flows:
     config.py     RunConfig (the settings that decide the results) and the i/N shard syntax
     jobs.py       selecting examples (limit, shard), prompts per example, the fixed batches
     batch.py      one batch: trace, answers, span scores and metrics -> table rows
+    calibrate.py  side passes: content-free calibration ("<method>/cal", --calibrate) and the shuffle check
     views.py      offline attention views of the first examples
     store.py      parts on disk, resume checks, the final tables, merging shard runs
     runner.py     `evaluate`: the resumable, shardable run over those (the command is `attnflow.cli.eval`)

@@ -386,6 +386,31 @@ def test_cli(case, ctx, capsys, monkeypatch):
     assert words.lower() in err.lower(), f"{case}: {err!r} does not name {words!r}"
 
 
+def test_flow_validation_passes_attention_and_has_an_escape_hatch(ctx):
+    """Left-padded fp16 attention passes; validate=False composes what validation refuses, and changes nothing else."""
+    tr = make_trace([5, 3], layers=(0, 1, 2, 3), dtype=torch.float16)  # pad rows of example 1 sum to 0
+    for method in ("rollout", "flow", "sum", "raw", "maxflow"):
+        checked = af.flow.compose(tr.patterns, method, rows=[-1], key_mask=tr.attention_mask)
+        plain = af.flow.compose(tr.patterns, method, rows=[-1], key_mask=tr.attention_mask, validate=False)
+        assert torch.equal(checked, plain), method
+    bad = bad_rows(ctx.A)
+    with pytest.raises(DataError, match=r"layer 1 sum to 5 \(at \[\*batch, head, query\] = \(0, \d, 2\)\)"):
+        af.flow.rollout(bad)
+    R = af.flow.rollout(bad, validate=False)  # composed as given: rollout renormalises each row
+    assert torch.isfinite(R).all() and torch.allclose(R.sum(-1), torch.ones(2, 5))
+    maxed = make_trace([5, 3], layers=(0, 1, 2, 3), reduced="max")  # max over heads: rows need not sum to 1
+    maxed.patterns *= 1.7
+    assert af.attribution.validate_trace(maxed) is False
+    assert af.attribute(maxed, method="rollout").num_rows > 0
+    sinks = make_trace([5, 3], layers=(0, 1, 2, 3))
+    sinks.patterns *= 0.6  # a sink logit took 40% of every row
+    sinks.model_info["attention_sinks"] = True
+    assert af.attribute(sinks, method="rollout").num_rows > 0
+    sinks.model_info["attention_sinks"] = False
+    with pytest.raises(DataError, match="sum to 0.6"):
+        af.attribute(sinks, method="rollout")
+
+
 def test_hub_id_fails_fast_offline(ctx, monkeypatch):
     """A hub id that is not cached fails in well under the ~50 s of retries, touching no network."""
     import socket
@@ -399,6 +424,26 @@ def test_hub_id_fails_fast_offline(ctx, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="not found locally"):
         af.load("nobody-org/no-such-model")
     assert time.perf_counter() - start < 2
+
+
+def test_a_cached_hub_id_loads_without_network(ctx, tmp_path, monkeypatch):
+    """A hub id in the local Hugging Face cache loads from its snapshot folder, with no network and no retries."""
+    import socket
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--some-org--tiny"
+    shutil.copytree(ctx.llama, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
+    model = af.load("some-org/tiny")
+    tr = af.trace(model, "the cat sat", heads="mean", progress=False)
+    assert tr.patterns.shape == (1, 2, 1, 3, 3) and tr.model_info["num_layers"] == 2  # 3 words, no BOS
+    with pytest.raises(ModelNotFoundError, match="'some-org/other' is not found locally"):
+        af.load("some-org/other")
 
 
 def test_no_raw_tracebacks():

@@ -315,8 +315,9 @@ def special_positions(trace: AttentionTrace) -> list[list[int]] | None:
 def excluded_positions(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -> list[list[int]]:
     """The unpadded key positions `exclude_keys` names in each example, sorted.
 
-    Ints are positions among the example's keys (negative ones from the end; out
-    of range ones name nothing); strings are span kinds (`SPAN_KINDS`) or
+    Ints are positions among the example's keys (negative ones from the end; past a
+    shorter example's end they name nothing there, past every example's end they are a
+    BadArgumentError); strings are span kinds (`SPAN_KINDS`) or
     `"sinks"`: position 0, special tokens and `sink_keys`.
 
     On a SmolLM2 chat prompt, `"sinks"` gives [[0, 19, 21, 1111, 1113]]: <|im_start|> <|im_end|>

@@ -97,7 +97,8 @@ Hugging Face cache); no network use: download it first (hf download nobody/nothi
 
     from attnflow._dtypes import storage_dtype
 
-    name = os.fspath(_checks.path("path_or_id", path_or_id))
+    _checks.path("path_or_id", path_or_id)
+    name = os.fspath(path_or_id)  # as given: Path() would drop the "./" that marks a local path
     if name.endswith(".gguf") or "gguf_file" in kwargs:
         from attnflow.gguf import load_gguf
 

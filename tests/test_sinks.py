@@ -59,7 +59,9 @@ def test_sink_detection_finds_the_planted_keys():
     assert at.special_positions(tr) == [[0], [0, 3]]  # id 1 at unpadded 0 (both) and 3 (example 1)
     assert at.excluded_positions(tr, "sinks") == [[0, 2], [0, 1, 3]]
     assert at.excluded_positions(tr, ("question", -1)) == [[5, 7], [4, 5]]
-    assert at.excluded_positions(tr, (0, 9)) == [[0], [0]]  # out of range names nothing
+    assert at.excluded_positions(tr, (0, 7)) == [[0, 7], [0]]  # past a shorter example's end: nothing there
+    with pytest.raises(BadArgumentError, match=r"exclude_keys \[9\] are out of range"):  # past every example's end
+        at.excluded_positions(tr, (0, 9))
     mask = at.exclusion_mask(tr, "sinks")
     assert mask.tolist() == [[True, False, True] + [False] * 5, [False, False, True, True, False, True, False, False]]
     no_record = planted_trace()

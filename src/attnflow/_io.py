@@ -48,7 +48,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from attnflow.errors import DataError
+from attnflow._checks import flag, path as checked_path
+from attnflow.errors import DataError, StorageError
 
 try:
     import fcntl
@@ -82,6 +83,39 @@ def _mkdir_parent(path: Path) -> None:
         raise DataError(f"cannot write {path}: a part of {path.parent} is a file; choose another output path") from None
 
 
+_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or write elsewhere",
+}
+
+
+@contextmanager
+def storage_errors(path: str | os.PathLike, doing: str = "write") -> Iterator[None]:
+    """Turn an OSError of the block (permission, read-only or full disk) into a one-line StorageError naming `path`.
+
+    Nothing was replaced when it fires inside `output_dir`: the old folder (if any) is still there.
+
+        >>> with storage_errors("out/table.parquet"):
+        ...     raise OSError(errno.ENOSPC, "No space left on device")
+        Traceback (most recent call last):
+        attnflow.errors.StorageError: cannot write out/table.parquet: No space left on device [ENOSPC]; the disk is full: free some space or write elsewhere
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as err:
+        code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+        reason = (err.strerror or str(err) or type(err).__name__) + (f" [{code}]" if code else "")
+        hint = _HINTS.get(err.errno, "choose another path")
+        storage = StorageError(f"cannot {doing} {path}: {reason}; {hint}")  # one argument: str() is the message alone
+        storage.errno = err.errno
+        raise storage from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
@@ -95,16 +129,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     (2, ['table.parquet'])
     """
     path = Path(path)
-    _mkdir_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
-    os.close(fd)
-    _public(Path(tmp), is_dir=False)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with storage_errors(path):
+        _mkdir_parent(path)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
+        os.close(fd)
+        _public(Path(tmp), is_dir=False)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -313,7 +348,7 @@ def check_output(path: str | os.PathLike, kind: str, overwrite: bool = False, in
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; one of {KINDS}")
-    path = Path(path)
+    path = checked_path("path", path)
     check_inputs(path, inputs)
     if os.path.lexists(path) and not path.is_dir():
         raise DataError(f"{path} is a file; attnflow writes a folder there and never replaces a file: choose another path")
@@ -346,7 +381,8 @@ def output_dir(
     ('trace', True)
     """
     inputs = list(inputs)
+    flag("overwrite", overwrite)
     check_output(path, kind, overwrite, inputs)
     target = Path(os.path.realpath(path))  # through a symlink: write where it points, keep the link
-    with atomic_dir(target, check=lambda: check_output(target, kind, overwrite, inputs)) as tmp:
+    with storage_errors(path), atomic_dir(target, check=lambda: check_output(target, kind, overwrite, inputs)) as tmp:
         yield tmp

@@ -39,7 +39,7 @@ from typing import Any
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from attnflow import _io, codec
+from attnflow import _checks, _io, codec
 from attnflow.errors import DataError, ShapeError
 
 SPAN_KINDS = ("document", "sentence", "question", "answer", "prompt", "completion", "custom")
@@ -176,7 +176,7 @@ class AttentionTrace:
         >>> tr.save("run/", overwrite=True)
         PosixPath('run')
         """
-        path = Path(path)
+        path = _checks.path("path", path)
         with _io.output_dir(path, "trace", overwrite=overwrite) as tmp:
             codec.write_trace(self, tmp)
         return path
@@ -184,7 +184,7 @@ class AttentionTrace:
     @classmethod
     def load(cls, path: str | Path) -> "AttentionTrace":
         """Read a trace written by `save` or `attnflow.exporters.to_parquet`, checked whole (DataError if damaged)."""
-        fields = codec.read_trace(Path(path))
+        fields = codec.read_trace(_checks.path("path", path))
         try:
             fields["spans"] = [[Span(**s) for s in spans] for spans in fields["spans"]]
         except DataError as err:

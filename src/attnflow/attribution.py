@@ -51,6 +51,7 @@ from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from attnflow import _checks
 from attnflow import flow as F
 from attnflow.errors import BadArgumentError
 from attnflow.attention_trace import SPAN_KINDS, AttentionTrace, Span
@@ -72,6 +73,7 @@ __all__ = [
     "target_flow",
     "target_positions",
     "text_spans",
+    "validate_trace",
     "token_ranges",
 ]
 
@@ -162,6 +164,10 @@ def target_positions(trace: AttentionTrace, targets: str | Sequence[int] = "comp
         >>> target_positions(tr, [-1, 5])
         [[26, 5]]
     """
+    if isinstance(targets, Tensor):
+        targets = targets.tolist()
+    if not isinstance(targets, str) and not (isinstance(targets, (list, tuple, range)) and all(_checks.is_int(t) for t in targets)):
+        raise BadArgumentError(f"targets={targets!r}; use 'completion', 'last' or a list of integer token positions")
     out = []
     for b, n in enumerate(trace.lengths):
         if isinstance(targets, str):
@@ -309,8 +315,9 @@ def special_positions(trace: AttentionTrace) -> list[list[int]] | None:
 def excluded_positions(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -> list[list[int]]:
     """The unpadded key positions `exclude_keys` names in each example, sorted.
 
-    Ints are positions among the example's keys (negative ones from the end; out
-    of range ones name nothing); strings are span kinds (`SPAN_KINDS`) or
+    Ints are positions among the example's keys (negative ones from the end; past a
+    shorter example's end they name nothing there, past every example's end they are a
+    BadArgumentError); strings are span kinds (`SPAN_KINDS`) or
     `"sinks"`: position 0, special tokens and `sink_keys`.
 
     On a SmolLM2 chat prompt, `"sinks"` gives [[0, 19, 21, 1111, 1113]]: <|im_start|> <|im_end|>
@@ -321,9 +328,10 @@ def excluded_positions(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -
         >>> excluded_positions(tr, (0, "document"))   # position 0 and the two documents' tokens
         [[0, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14]]
     """
-    items = [exclude_keys] if isinstance(exclude_keys, str) else list(exclude_keys)
+    items = _exclude_items(exclude_keys)
     out: list[set[int]] = [set() for _ in range(trace.batch_size)]
     lengths = trace.lengths
+    _check_key_range([k for k in items if not isinstance(k, str)], max(lengths))
     for item in items:
         if isinstance(item, str):
             if item == "sinks":
@@ -344,6 +352,24 @@ def excluded_positions(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -
     return [sorted(x) for x in out]
 
 
+def _exclude_items(exclude_keys: Exclude) -> list[int | str]:
+    """`exclude_keys` as a list of integer positions and names, else BadArgumentError."""
+    items = [exclude_keys] if isinstance(exclude_keys, str) else exclude_keys
+    if isinstance(items, (list, tuple, range)) and all(isinstance(k, str) or _checks.is_int(k) for k in items):
+        return list(items)
+    raise BadArgumentError(
+        f"exclude_keys={exclude_keys!r}; use integer key positions, 'sinks', span kinds ({', '.join(SPAN_KINDS)}) "
+        "or a bool key mask [batch, key]"
+    )
+
+
+def _check_key_range(keys: list[int], n: int) -> None:
+    """A position no example has (of the longest, `n` keys) names nothing: a BadArgumentError, not a silent no-op."""
+    bad = [k for k in keys if not -n <= k < n]
+    if bad:
+        raise BadArgumentError(f"exclude_keys {bad} are out of range: the longest example has {n} keys; use {-n}..{n - 1}")
+
+
 def exclusion_mask(trace: AttentionTrace, exclude_keys: Exclude = "sinks") -> Bool[Tensor, "batch key"]:
     """`excluded_positions` as a key mask `[batch, key]` in the trace's padded coordinates (True = excluded).
 
@@ -359,8 +385,9 @@ def _flow_exclusion(trace: AttentionTrace, exclude_keys: Exclude) -> tuple[int, 
     """What `attnflow.flow` takes: plain positions pass through, anything naming kinds or sinks becomes a mask."""
     if isinstance(exclude_keys, Tensor):
         return exclude_keys
-    items = [exclude_keys] if isinstance(exclude_keys, str) else list(exclude_keys)
+    items = _exclude_items(exclude_keys)
     if all(not isinstance(k, str) for k in items):
+        _check_key_range(items, max(trace.lengths))
         return tuple(int(k) for k in items)
     return exclusion_mask(trace, items).to(trace.patterns.device)
 
@@ -375,6 +402,7 @@ def flow_rows(
     alpha: float = 0.5,
     exclude_keys: Exclude = (),
     heads: F.Heads = "mean",
+    validate: bool = True,
 ) -> Float[Tensor, "batch query key"]:
     """The composed matrix of every recorded query row, in the trace's padded coordinates.
 
@@ -389,11 +417,13 @@ def flow_rows(
 
     Composed methods need a trace recorded with every query row and every layer;
     `method="raw"` (the last recorded layer) works on any trace.  `exclude_keys`
-    takes positions, span kinds or `"sinks"` (see the module docstring).
+    takes positions, span kinds or `"sinks"` (see the module docstring).  `validate` checks the
+    patterns as `attnflow.flow` does (`validate_trace` says when it applies).
     """
     _check_method(method)
+    _check_trace(trace)
     _check_composable(trace, method)
-    return F.compose(trace.patterns, method, **_flow_kwargs(trace, alpha, exclude_keys, heads))
+    return F.compose(trace.patterns, method, **_flow_kwargs(trace, alpha, exclude_keys, heads, validate))
 
 
 def target_flow(
@@ -404,6 +434,7 @@ def target_flow(
     alpha: float = 0.5,
     exclude_keys: Exclude = (),
     heads: F.Heads = "mean",
+    validate: bool = True,
 ) -> Float[Tensor, "batch target key"]:
     """Composed rows `rows[b]` (unpadded query rows) of each example: `[batch, max |rows|, key]`.
 
@@ -411,6 +442,7 @@ def target_flow(
     positions; example b's rows beyond `len(rows[b])` repeat its last row (ignore them).
     """
     _check_method(method)
+    _check_trace(trace)
     _check_composable(trace, method)
     B = trace.batch_size
     T = max((len(r) for r in rows), default=0)
@@ -420,7 +452,7 @@ def target_flow(
     idx = torch.tensor([[pads[b] + r[min(j, len(r) - 1)] for j in range(T)] if r else [0] * T for b, r in enumerate(rows)])
     if method == "raw":
         idx = _query_index(trace, idx)
-    kw = _flow_kwargs(trace, alpha, exclude_keys, heads)
+    kw = _flow_kwargs(trace, alpha, exclude_keys, heads, validate)
     return F.compose(trace.patterns, method, rows=idx.to(trace.patterns.device), **kw)
 
 
@@ -436,18 +468,38 @@ def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]
     return hit.long().argmax(-1)
 
 
-def _flow_kwargs(trace: AttentionTrace, alpha, exclude_keys, heads) -> dict:
+def _flow_kwargs(trace: AttentionTrace, alpha, exclude_keys, heads, validate: bool = True) -> dict:
     return {
         "heads": _trace_heads(trace, heads),
         "exclude_keys": _flow_exclusion(trace, exclude_keys),
         "key_mask": trace.attention_mask.to(trace.patterns.device),
-        "alpha": alpha,  # used by rollout only
+        "alpha": F.check_alpha(alpha),  # used by rollout only; checked for every method
+        "validate": _checks.flag("validate", validate) and validate_trace(trace),
     }
+
+
+def validate_trace(trace: AttentionTrace) -> bool:
+    """Whether a trace's rows should sum to 1 (or 0): not when heads were reduced with "max", nor with attention sinks.
+
+    A model with attention sinks (gpt-oss) gives part of each row to a sink logit that is no key, so
+    its recorded rows sum to less than 1; the tracer marks it in `model_info["attention_sinks"]`.
+
+        >>> validate_trace(tr)
+        True
+    """
+    return trace.heads != "max" and not trace.model_info.get("attention_sinks", False)
+
+
+def _check_trace(trace: AttentionTrace) -> None:
+    _checks.instance("trace", trace, AttentionTrace, "an attnflow.AttentionTrace (af.trace or AttentionTrace.load)")
 
 
 def _trace_heads(trace: AttentionTrace, heads: F.Heads) -> F.Heads:
     if isinstance(heads, str):
+        F._head_weights(heads, None, 1, trace.patterns)  # an unknown mode fails here, before anything is composed
         return heads
+    if not isinstance(heads, Tensor):
+        raise BadArgumentError(f"heads={heads!r}; use 'mean', 'max', 'norm' or a weight tensor [layer, head]")
     if trace.patterns.shape[2] == 1 and trace.heads != "all":
         raise BadArgumentError(f"the trace's heads were reduced when recorded (heads={trace.heads!r}); pass heads='mean'")
     if heads.ndim == 2 and heads.shape[0] != len(trace.layers) and heads.shape[0] > max(trace.layers):
@@ -491,6 +543,7 @@ def attribute(
     heads: F.Heads = "mean",
     span_kind: str | None = None,
     shares: bool = True,
+    validate: bool = True,
     *,
     calibrate: str | AttentionTrace | None = None,
     model=None,
@@ -525,7 +578,8 @@ def attribute(
     flow, flow_normalized, sum, raw; `alpha` applies to rollout; `heads` is passed
     to `attnflow.flow`.  `exclude_keys` takes positions, span kinds or `"sinks"`;
     the default `"auto"` is `"sinks"` for document attribution (`span_kind="document"`)
-    and no exclusion otherwise: pass `exclude_keys=()` for the plain method.
+    and no exclusion otherwise: pass `exclude_keys=()` for the plain method.  `validate` checks
+    the patterns once per call, as `attnflow.flow` does (`validate=False` skips it).
 
     Calibration (`attnflow.calibration`): `calibrate="content-free"` with `model=` records a
     second pass with each example's question span replaced by `content_free` ("N/A"), the same
@@ -545,9 +599,13 @@ def attribute(
         from attnflow.calibration import calibrated_attribution
 
         kw = dict(method=method, sources=sources, targets=targets, reduce=reduce, alpha=alpha, exclude_keys=exclude_keys,
-                  heads=heads, span_kind=span_kind, shares=shares)  # fmt: skip
+                  heads=heads, span_kind=span_kind, shares=shares, validate=validate)  # fmt: skip
         return calibrated_attribution(trace, calibrate, model=model, content_free=content_free, by=calibrate_by, **kw)
     _check_method(method)
+    _check_trace(trace)
+    F.check_alpha(alpha)
+    shares = _checks.flag("shares", shares)
+    _trace_heads(trace, heads)
     if sources not in SOURCE_COLUMNS:
         raise BadArgumentError(f"sources={sources!r}; use 'spans' or 'tokens'")
     if span_kind is not None and span_kind not in SPAN_KINDS:
@@ -563,11 +621,11 @@ def attribute(
 
     rows = [[producing_row(t) for t in ts] for ts in positions]
     excl = _flow_exclusion(trace, exclude_keys)
-    R = target_flow(trace, rows, method, alpha=alpha, exclude_keys=excl, heads=heads).detach().float().cpu()
+    R = target_flow(trace, rows, method, alpha=alpha, exclude_keys=excl, heads=heads, validate=validate).detach().float().cpu()
     drop = _drop_mask(trace, excl)  # [batch, key] padded, or None without exclusion
     plain = None
     if drop is not None and shares:  # what the method gives the excluded keys when it keeps them
-        plain = target_flow(trace, rows, method, alpha=alpha, exclude_keys=(), heads=heads).detach().float().cpu()
+        plain = target_flow(trace, rows, method, alpha=alpha, exclude_keys=(), heads=heads, validate=False).detach().float().cpu()
     table = {name: [] for name in attribution_schema(sources, shares).names}
     for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
         T = len(rows[b])

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from attnflow import _io
 from attnflow._version import __version__
-from attnflow.errors import DataError, ShapeError
+from attnflow.errors import BadArgumentError, DataError, ShapeError
 
 if TYPE_CHECKING:
     from attnflow.attention_trace import AttentionTrace
@@ -637,8 +637,12 @@ def flow_rows(trace: AttentionTrace, method: str, value) -> tuple[Float[Tensor, 
     tuple (Tensor [batch, rows, key], query positions [batch, rows]) with -1 for no row.
     """
     B, S = trace.input_ids.shape
-    F, qpos = value if isinstance(value, tuple) else (value, trace.query_positions)
-    if not isinstance(F, Tensor) or F.ndim != 3 or F.shape[0] != B or F.shape[2] != S:
+    F, qpos = value if isinstance(value, tuple) and len(value) == 2 else (value, trace.query_positions)
+    if not isinstance(F, Tensor):
+        raise BadArgumentError(
+            f"flow[{method!r}] is a {type(F).__name__}; pass a Tensor [batch, query, key] or (Tensor, query positions)"
+        )
+    if F.ndim != 3 or F.shape[0] != B or F.shape[2] != S:
         shape = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
         raise ShapeError(f"flow[{method!r}] has shape {shape}, expected (batch={B}, query, key={S}) in padded coordinates")
     qpos = torch.as_tensor(qpos).long().cpu()
@@ -662,6 +666,8 @@ def flow_rows(trace: AttentionTrace, method: str, value) -> tuple[Float[Tensor, 
 
 def flow_table(trace: AttentionTrace, flow: FlowArg) -> pa.Table:
     """One row per (method, example, recorded query row), weights over unpadded keys."""
+    if not isinstance(flow, dict) or not all(isinstance(m, str) for m in flow):
+        raise BadArgumentError(f"flow is a {type(flow).__name__}; pass a dict method name -> Tensor [batch, query, key]")
     parts = [_flow_part(trace, method, *flow_rows(trace, method, value)) for method, value in flow.items()]
     return pa.concat_tables(parts) if parts else FLOW_SCHEMA.empty_table()
 
@@ -720,7 +726,7 @@ def attribution_table(scores: Any) -> pa.Table:
         except ImportError:  # pragma: no cover - pandas is optional
             pd = None
         if pd is None or not isinstance(scores, pd.DataFrame):
-            raise DataError(
+            raise BadArgumentError(
                 f"attributions is a {type(scores).__name__}; pass the pyarrow Table or pandas DataFrame attnflow.attribute returned"
             )
         scores = pa.Table.from_pandas(scores, preserve_index=False)

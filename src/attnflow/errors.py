@@ -29,6 +29,10 @@ class DataError(AttnflowError, ValueError):
     """A data file or saved trace is missing, malformed, or of an unknown schema version."""
 
 
+class StorageError(AttnflowError, OSError):
+    """A file or folder cannot be written or read: no permission, a read-only or a full disk."""
+
+
 class ShapeError(AttnflowError, ValueError):
     """A tensor has the wrong shape; the message names the expected one."""
 

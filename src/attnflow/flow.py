@@ -55,10 +55,33 @@ Compute is float32 for float16 / bfloat16 / float32 input and float64 for float6
 input; nothing is ever composed in float16.  The layer loop never synchronises
 with the host: non-finite values are flagged on the device and raised
 (`NonFiniteError`, naming the layer) once the loop is done.
+
+Validation.  By default (`validate=True`) every function checks that its patterns
+are attention: each row of each head sums to 1 (a real query) or 0 (padding)
+within `ROW_TOL`, and no weight is negative; anything else is a `DataError` naming
+the layer, raised with the non-finite check after the loop.  It costs two
+reductions over each layer's patterns (a row sum and a minimum, on the device, no
+copy).  Pass `validate=False` to skip it, for speed on patterns known to be good
+or to compose rows that are not row-stochastic on purpose: heads reduced with
+"max", or a model with attention sinks (their rows sum to less than 1).  Argument
+types and ranges are always checked: `alpha` a number in [0, 1], `rows` and
+`exclude_keys` integers in range, `layer` an integer:
+
+    >>> B = A.clone(); B[1, 2, 0, 3] *= 5                 # example 1, layer 2, head 0, query 3: a row summing to 5
+    >>> rollout(B)
+    Traceback (most recent call last):
+    attnflow.errors.DataError: rows of layer 2 sum to 5 (at [*batch, head, query] = (1, 0, 3)), not 1 (or 0 for \
+padding); pass attention probabilities, or validate=False to compose them anyway
+    >>> rollout(B, validate=False).shape
+    torch.Size([2, 5, 5])
+    >>> rollout(A, rows=[0.5])
+    Traceback (most recent call last):
+    attnflow.errors.BadArgumentError: rows=[0.5]; use a list of integer query rows or an integer tensor [*batch, rows]
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,11 +89,15 @@ from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from attnflow.errors import BadArgumentError, NonFiniteError, ShapeError
+from attnflow import _checks
+from attnflow.errors import BadArgumentError, DataError, NonFiniteError, ShapeError
 
 __all__ = [
     "METHODS",
+    "ROW_TOL",
     "FlowAccumulator",
+    "check_alpha",
+    "check_attention",
     "compose",
     "max_flow",
     "normalize_head_weights",
@@ -85,6 +112,7 @@ __all__ = [
 
 METHODS = ("rollout", "flow", "flow_normalized", "sum", "raw", "rollout_measured", "maxflow")
 _COMPOSED = ("rollout", "flow", "flow_normalized", "sum")
+ROW_TOL = 0.02  # how far a row sum may be from 1 (or 0): float16 rounding over long rows stays far below
 
 Heads = str | Float[Tensor, "layer head"]
 Rows = Sequence[int] | Int[Tensor, "*batch rows"] | None
@@ -222,6 +250,8 @@ class FlowAccumulator:
     `add(A_l, value_norms=n_l)` gives the layer's `[*batch, head, key]` norms for
     `heads="norm"`; `add(A_l, alpha=w_l)` a rollout's measured mixing weights
     `[*batch, query]` for this layer (`mixing_weights`), in place of the fixed alpha.
+    With `validate=True` (the default) each added layer is checked as the module
+    docstring says; the error comes from `result()`.
     """
 
     def __init__(
@@ -234,19 +264,21 @@ class FlowAccumulator:
         exclude_keys: Exclude = (),
         key_mask: Int[Tensor, "*batch key"] | None = None,
         top_down: bool = False,
+        validate: bool = True,
     ):
         if method not in _COMPOSED:
             raise BadArgumentError(f"method={method!r} cannot be accumulated; use one of {', '.join(_COMPOSED)}")
-        if method == "rollout" and not 0.0 <= float(alpha) <= 1.0:
-            raise BadArgumentError(f"alpha={alpha}; use a value in [0, 1] (0.5 weighs attention and residual equally)")
+        alpha = check_alpha(alpha)
         if top_down and rows is None and method != "sum":
             raise BadArgumentError("top_down=True composes selected rows; pass rows=[...] (or use top_down=False)")
-        self.method, self.alpha, self.heads, self.top_down = method, float(alpha), heads, top_down
-        self.rows, self.exclude_keys, self.key_mask = rows, _exclusion(exclude_keys), key_mask
+        self.method, self.alpha, self.heads = method, alpha, heads
+        self.top_down, self.validate = _checks.flag("top_down", top_down), _checks.flag("validate", validate)
+        self.rows, self.exclude_keys, self.key_mask = _rows_form(rows), _exclusion(exclude_keys), key_mask
         self._has_excluded = _any_excluded(self.exclude_keys)
         self.state: Tensor | None = None
         self.count = 0
         self._finite: list[Tensor] = []
+        self._checked: list[tuple] = []  # per layer, with validate: what `_row_check` found, on the device
         self._layers: list[int] = []
         self._weights: Tensor | None = None
 
@@ -273,6 +305,8 @@ class FlowAccumulator:
             raise BadArgumentError("heads='norm' needs add(A_l, value_norms=...) for every layer, and only it takes them")
         if alpha is not None and self.method != "rollout":
             raise BadArgumentError(f"per-token mixing weights apply to rollout, not {self.method!r}")
+        if self.validate:
+            self._checked.append(_row_check(A_l))
         P = _reduce_layer(A_l, self.heads, w_l, value_norms)
         if self.method == "sum":
             self._add_sum(P)
@@ -286,6 +320,8 @@ class FlowAccumulator:
         if self.state is None:
             raise BadArgumentError("no layer was added; call add(A_l) once per layer first")
         _raise_non_finite(self._finite, self._layers)
+        if self._checked:
+            _raise_invalid(self._checked, self._layers)
         out = self.state
         if self.method == "sum":
             out = out * _safe_inv(out.sum(-1))[..., None]
@@ -378,6 +414,7 @@ def rollout(
     exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
     value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch query key"]:
     """Attention rollout (Abnar & Zuidema 2020): `R = Â_L ··· Â_1`, `Â_l = rownorm(alpha·Ā_l + (1-alpha)·I)`.
 
@@ -391,7 +428,7 @@ def rollout(
         >>> rollout(A, rows=[1], exclude_keys=(0,))                 # BOS column zeroed first
         tensor([[[0., 1.]]])
     """
-    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, alpha=alpha, value_norms=value_norms)
+    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, alpha=alpha, value_norms=value_norms, validate=validate)
 
 
 def residual_flow(
@@ -402,6 +439,7 @@ def residual_flow(
     exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
     value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch query key"]:
     """Residual-inclusive flow: `X_0 = I`, `X_l = Ā_l X_{l-1} + X_{l-1}`; rows sum to 2^L.
 
@@ -415,8 +453,8 @@ def residual_flow(
         tensor([[[1.0000, 0.0000],
                  [0.2500, 0.7500]]])
     """
-    method = "flow_normalized" if normalize else "flow"
-    return _compose(A, method, heads, rows, exclude_keys, key_mask, value_norms=value_norms)
+    method = "flow_normalized" if _checks.flag("normalize", normalize) else "flow"
+    return _compose(A, method, heads, rows, exclude_keys, key_mask, value_norms=value_norms, validate=validate)
 
 
 def total_attention(
@@ -426,6 +464,7 @@ def total_attention(
     exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
     value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch query key"]:
     """Total attention `Σ_l Ā_l`, rows renormalised to sum to 1.
 
@@ -434,7 +473,7 @@ def total_attention(
         tensor([[[1.0000, 0.0000],
                  [0.5000, 0.5000]]])
     """
-    return _compose(A, "sum", heads, rows, exclude_keys, key_mask, value_norms=value_norms)
+    return _compose(A, "sum", heads, rows, exclude_keys, key_mask, value_norms=value_norms, validate=validate)
 
 
 def raw(
@@ -445,6 +484,7 @@ def raw(
     exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
     value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch query key"]:
     """One layer's head-reduced patterns `Ā_layer` (the last by default).
 
@@ -462,25 +502,25 @@ def raw(
     """
     _check_patterns(A)
     L = A.shape[-4]
-    if not -L <= layer < L:
-        raise BadArgumentError(f"layer={layer} is out of range for patterns with {L} layers")
-    layer %= L
+    layer = _checks.integer("layer", layer, -L, L) % L
     w = _head_weights(heads, L, A.shape[-3], A)
     _check_value_norms(heads, value_norms, A)
+    exclude_keys, idx_rows = _exclusion(exclude_keys), _rows_form(rows)
     P = _reduce_layer(A[..., layer, :, :, :], heads, None if w is None else w[layer], _layer_norms(value_norms, layer))
     _raise_non_finite([torch.isfinite(P.sum(-1)).all()], [layer])
+    if _checks.flag("validate", validate):
+        _raise_invalid([_row_check(A[..., layer, :, :, :])], [layer])
     Q, N = P.shape[-2:]
     if Q == N:
         real = _real_positions(P.sum(-1), P, key_mask)
         P = P * real[..., :, None]
     else:
         real = _real_keys_from_columns(P, key_mask)
-    exclude_keys = _exclusion(exclude_keys)
     P = P * _excluded(real, exclude_keys)[0][..., None, :]
     if _any_excluded(exclude_keys):
         P = P * _safe_inv(P.sum(-1))[..., None]
-    if rows is not None:
-        P = _take_rows(P, _row_index(rows, P.shape[:-2], Q, P.device))
+    if idx_rows is not None:
+        P = _take_rows(P, _row_index(idx_rows, P.shape[:-2], Q, P.device))
     return P
 
 
@@ -497,6 +537,7 @@ def compose(
     value_norms: Float[Tensor, "*batch layer head key"] | None = None,
     attn_norms: Float[Tensor, "*batch layer query"] | None = None,
     residual_norms: Float[Tensor, "*batch layer query"] | None = None,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch query key"]:
     """Dispatch on a method name: rollout, flow, flow_normalized, sum, raw, rollout_measured, maxflow.
 
@@ -508,7 +549,8 @@ def compose(
         >>> compose(A, "flow_normalized", rows=[-1])      # == residual_flow(A, normalize=True, rows=[-1])
         tensor([[[0.2500, 0.7500]]])
     """
-    kw = {"heads": heads, "rows": rows, "exclude_keys": exclude_keys, "key_mask": key_mask, "value_norms": value_norms}
+    kw = {"heads": heads, "rows": rows, "exclude_keys": exclude_keys, "key_mask": key_mask, "value_norms": value_norms,
+          "validate": validate}
     if method == "rollout_measured":
         if attn_norms is None or residual_norms is None:
             raise BadArgumentError("method='rollout_measured' needs attn_norms= and residual_norms= [*batch, layer, query]")
@@ -524,7 +566,7 @@ def compose(
     if method == "maxflow":
         if value_norms is not None:
             raise BadArgumentError("method='maxflow' takes no value_norms=; reduce heads with heads='mean' or weights")
-        return max_flow(A, rows=rows, heads=heads, alpha=alpha, exclude_keys=exclude_keys, key_mask=key_mask)
+        return max_flow(A, rows=rows, heads=heads, alpha=alpha, exclude_keys=exclude_keys, key_mask=key_mask, validate=validate)
     raise BadArgumentError(f"method={method!r}; use one of {', '.join(METHODS)}")
 
 
@@ -548,14 +590,15 @@ def max_flow(A: Float[Tensor, "*batch layer head query key"], **kwargs) -> Float
 
 def _compose(
     A: Tensor, method: str, heads: Heads, rows: Rows, exclude_keys, key_mask, alpha: float = 0.5,
-    value_norms: Tensor | None = None, mixing: Tensor | None = None,
+    value_norms: Tensor | None = None, mixing: Tensor | None = None, validate: bool = True,
 ) -> Tensor:
     _check_patterns(A)
     _head_weights(heads, A.shape[-4], A.shape[-3], A)  # validate once, before the loop
     _check_value_norms(heads, value_norms, A)
     top_down = rows is not None and method != "sum"
     acc = FlowAccumulator(
-        method, alpha=alpha, heads=heads, rows=rows, exclude_keys=exclude_keys, key_mask=key_mask, top_down=top_down
+        method, alpha=alpha, heads=heads, rows=rows, exclude_keys=exclude_keys, key_mask=key_mask, top_down=top_down,
+        validate=validate,
     )
     L = A.shape[-4]
     for l in reversed(range(L)) if top_down else range(L):
@@ -595,6 +638,7 @@ def measured_rollout(
     exclude_keys: Exclude = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
     value_norms: Float[Tensor, "*batch layer head key"] | None = None,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch query key"]:
     """Rollout with measured residual mixing (Kobayashi et al. 2021): `Â_l = diag(w_l)·Ā_l + diag(1-w_l)·I`.
 
@@ -614,7 +658,7 @@ def measured_rollout(
         if tuple(t.shape) != expected:
             raise ShapeError(f"{name} have shape {tuple(t.shape)}, expected {expected} (*batch, layer, query)")
     w = mixing_weights(attn_norms, residual_norms).to(A.device)
-    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, value_norms=value_norms, mixing=w)
+    return _compose(A, "rollout", heads, rows, exclude_keys, key_mask, value_norms=value_norms, mixing=w, validate=validate)
 
 
 # ------------------------------------------------------------------------------------
@@ -674,7 +718,11 @@ def _exclusion(exclude_keys: Exclude) -> tuple[int, ...] | Tensor:
         if exclude_keys.dtype != torch.bool and exclude_keys.is_floating_point():
             raise BadArgumentError("exclude_keys as a tensor is a key mask [*batch, key]: bool (True = exclude) or 0/1 integers")
         return exclude_keys != 0
-    return tuple(int(k) for k in exclude_keys)
+    if isinstance(exclude_keys, (list, tuple, range)) and all(_checks.is_int(k) for k in exclude_keys):
+        return tuple(int(k) for k in exclude_keys)
+    raise BadArgumentError(
+        f"exclude_keys={exclude_keys!r}; use a tuple of integer key positions like (0,) or a bool key mask [*batch, key]"
+    )
 
 
 def _any_excluded(exclude_keys: tuple[int, ...] | Tensor) -> bool:
@@ -695,7 +743,10 @@ def _excluded(real: Float[Tensor, "*batch key"], exclude_keys: tuple[int, ...] |
             raise ShapeError(f"exclude_keys mask has shape {tuple(exclude_keys.shape)}, expected {tuple(real.shape)} (*batch, key)")
         empty = real.new_zeros((*real.shape[:-1], 0))
         return real * ~exclude_keys.to(real.device), empty.long(), empty
-    k = len(exclude_keys)
+    k, N = len(exclude_keys), real.shape[-1]
+    bad = [key for key in exclude_keys if not -N <= key < N]
+    if bad:
+        raise BadArgumentError(f"exclude_keys {bad} are out of range for {N} keys; use positions in {-N}..{N - 1}")
     if not k:
         return real, real.new_zeros((*real.shape[:-1], 0), dtype=torch.long), real.new_zeros((*real.shape[:-1], 0))
     rank = torch.cumsum(real, -1) - 1  # index of each real key among the example's real keys
@@ -718,13 +769,81 @@ def _row_index(rows, batch_shape: torch.Size, N: int, device) -> Int[Tensor, "*b
     A Python list is range-checked (on the host); so is a CPU tensor.  A GPU tensor is not,
     to keep the loop free of host synchronisation.
     """
-    idx = rows.long() if isinstance(rows, Tensor) else torch.as_tensor(list(rows), dtype=torch.long)
+    idx = _rows_form(rows)
     if idx.ndim == 0 or (idx.ndim > 1 and tuple(idx.shape[:-1]) != tuple(batch_shape)):
         raise ShapeError(f"rows has shape {tuple(idx.shape)}, expected (rows,) or {(*batch_shape, 'rows')}")
     if idx.numel() and idx.device.type == "cpu" and bool(((idx < -N) | (idx >= N)).any()):
         raise BadArgumentError(f"rows must lie in [-{N}, {N}) for {N} query rows")
     idx = idx.to(device)
     return idx % N
+
+
+def _rows_form(rows: Rows) -> Int[Tensor, "*batch rows"] | None:
+    """`rows` as a LongTensor (None stays None): a list of ints or an integer tensor, never floats or bools."""
+    if rows is None:
+        return None
+    if isinstance(rows, Tensor):
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise BadArgumentError(f"rows is a {rows.dtype} tensor; use integer query rows (a list or an integer tensor)")
+        return rows.long()
+    if isinstance(rows, (list, tuple, range)) and all(_checks.is_int(r) for r in rows):
+        return torch.as_tensor([int(r) for r in rows], dtype=torch.long)
+    raise BadArgumentError(f"rows={rows!r}; use a list of integer query rows or an integer tensor [*batch, rows]")
+
+
+def check_alpha(alpha: float) -> float:
+    """Rollout's mixing weight: a number in [0, 1], else BadArgumentError.
+
+        >>> check_alpha(2)
+        Traceback (most recent call last):
+        attnflow.errors.BadArgumentError: alpha=2; use a number in [0, 1] (0.5 weighs attention and residual equally)
+    """
+    return _checks.number("alpha", alpha, 0.0, 1.0, hint="0.5 weighs attention and residual equally")
+
+
+def _row_check(A_l: Float[Tensor, "*batch head query key"]) -> tuple[Tensor, Tensor, torch.Size]:
+    """((worst distance of a row sum from 1 or 0, that row's sum, the smallest weight), the row's flat index,
+    the rows' shape), on the device, no host synchronisation.
+
+    Two reductions over the layer (a row sum in the compute dtype, a minimum), neither copies it;
+    NaN or inf anywhere shows in the first.
+    """
+    sums = A_l.sum(-1, dtype=_compute_dtype(A_l))  # [*batch, head, query]
+    dist = torch.minimum((sums - 1).abs(), sums.abs()).flatten()
+    worst = dist.argmax()
+    return torch.stack([dist[worst], sums.flatten()[worst], A_l.amin().to(sums.dtype)]), worst, sums.shape
+
+
+def check_attention(A: Float[Tensor, "*batch layer head query key"]) -> None:
+    """The `validate=True` check of whole patterns: rows sum to 1 or 0 (within ROW_TOL), no negative weight, finite.
+
+        >>> check_attention(torch.tensor([[[[[1., 0.], [.5, .5]]]]]))
+        >>> check_attention(torch.tensor([[[[[1., 0.], [1.5, -.5]]]]]))
+        Traceback (most recent call last):
+        attnflow.errors.DataError: patterns of layer 0 hold a negative weight (-0.5); attention weights are probabilities >= 0 (validate=False composes them anyway)
+    """
+    _check_patterns(A)
+    L = A.shape[-4]
+    _raise_invalid([_row_check(A[..., l, :, :, :]) for l in range(L)], list(range(L)))
+
+
+def _raise_invalid(checks: list[tuple[Tensor, Tensor, torch.Size]], layers: list[int]) -> None:
+    """DataError (or NonFiniteError) naming the first layer whose check failed; one host synchronisation."""
+    values = torch.stack([c[0] for c in checks]).tolist()
+    for (dist, total, low), (_, worst, shape), layer in zip(values, checks, layers):
+        if not (math.isfinite(dist) and math.isfinite(low)):
+            raise NonFiniteError(f"patterns hold NaN or inf in layer {layer} (index into the layer dim); re-record them in float32")
+        if low < -ROW_TOL:
+            raise DataError(
+                f"patterns of layer {layer} hold a negative weight ({low:.4g}); attention weights are probabilities >= 0 "
+                "(validate=False composes them anyway)"
+            )
+        if dist > ROW_TOL:
+            at = tuple(int(i) for i in torch.unravel_index(worst.cpu(), shape))
+            raise DataError(
+                f"rows of layer {layer} sum to {total:.4g} (at [*batch, head, query] = {at}), not 1 (or 0 for padding); "
+                "pass attention probabilities, or validate=False to compose them anyway"
+            )
 
 
 def _take(x: Float[Tensor, "*batch n"], idx: Tensor) -> Tensor:

@@ -171,10 +171,9 @@ def _require(package: str) -> None:
 
 
 def _dtype(dtype: Any) -> torch.dtype:
-    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise BadArgumentError(f"dtype={dtype!r}; use e.g. 'float32', 'bfloat16' or a torch.dtype")
-    return torch_dtype
+    from attnflow._dtypes import storage_dtype
+
+    return storage_dtype(dtype)  # a floating dtype: weights are dequantised to it
 
 
 __all__ = ["load_gguf", "save_model", "gguf_path"]

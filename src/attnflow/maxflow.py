@@ -67,6 +67,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from attnflow import _checks
 from attnflow import flow as _flow
 from attnflow.errors import BadArgumentError, NonFiniteError, ShapeError
 
@@ -82,6 +83,7 @@ def layer_capacities(
     heads: _flow.Heads = "mean",
     exclude_keys: Sequence[int] = (),
     key_mask: Int[Tensor, "*batch key"] | None = None,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch layer query key"]:
     """Each layer's edge capacities `Â_l = rownorm(alpha·Ā_l·keep + (1-alpha)·I)`: rollout of that layer alone.
 
@@ -90,6 +92,9 @@ def layer_capacities(
         tensor([[[[1.0000, 0.0000],
                   [0.2500, 0.7500]]]])
     """
+    alpha = _flow.check_alpha(alpha)
+    if _checks.flag("validate", validate):
+        _flow.check_attention(A)  # rows of A sum to 1 or 0; the reduced P need not ("max")
     P = _flow.reduce_heads(A, heads)  # [*batch, layer, 1, query, key]; validates A and heads
     finite = torch.isfinite(P).flatten(-3).all(-1).reshape(-1, P.shape[-4]).all(0)  # [layer]
     if not bool(finite.all()):
@@ -102,7 +107,7 @@ def layer_capacities(
         key_mask = key_mask[..., None, :].expand(*P.shape[:-3], P.shape[-1])  # [*batch, layer, key]
     # each layer as a one-layer rollout (layer moved into the batch dims): the same identity,
     # exclusion and renormalisation conventions as every composed method
-    return _flow.rollout(P.unsqueeze(-4), alpha=alpha, exclude_keys=exclude_keys, key_mask=key_mask)
+    return _flow.rollout(P.unsqueeze(-4), alpha=alpha, exclude_keys=exclude_keys, key_mask=key_mask, validate=False)
 
 
 def max_flow(
@@ -117,6 +122,7 @@ def max_flow(
     method: str = "dinic",
     bits: int = 30,
     return_error: bool = False,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch query key"] | tuple[Tensor, Tensor]:
     """Attention flow (Abnar & Zuidema 2020): max flow from input `(0, s)` to output `(L, t)` for every row t, key s.
 
@@ -124,7 +130,7 @@ def max_flow(
     for float64 input), on A's device; pad rows and keys after `t` are 0.  With
     `return_error=True` also a bound of the same shape: the exact values lie within
     it of the result (rounding to `bits` bits, and `threshold`, only ever lower a
-    flow value).
+    flow value).  `validate` checks the patterns as `attnflow.flow` does (rows sum to 1 or 0).
 
         >>> A = torch.tensor([[[[[1., 0.], [.5, .5]]], [[[1., 0.], [.5, .5]]]]])   # 2 layers
         >>> max_flow(A, normalize=False)  # Â = [[1, 0], [.25, .75]]; t=1, s=0: .25 via (1, 0) + .25 via (1, 1)
@@ -138,11 +144,13 @@ def max_flow(
     """
     if method not in _METHODS:
         raise BadArgumentError(f"method={method!r}; use one of {', '.join(_METHODS)}")
-    if not 1 <= int(bits) <= 30:
-        raise BadArgumentError(f"bits={bits}; use 1..30 (scipy's max flow works in int32)")
-    if not 0.0 <= float(threshold) < 1.0:
+    if not _checks.is_int(bits) or not 1 <= bits <= 30:
+        raise BadArgumentError(f"bits={bits!r}; use an integer in 1..30 (scipy's max flow works in int32)")
+    threshold = _checks.number("threshold", threshold, 0.0, 1.0, hint="a capacity below 1; 0 solves exactly")
+    if threshold >= 1.0:
         raise BadArgumentError(f"threshold={threshold}; use a capacity in [0, 1) (0 solves exactly)")
-    C = layer_capacities(A, alpha=alpha, heads=heads, exclude_keys=exclude_keys, key_mask=key_mask)
+    normalize, return_error = _checks.flag("normalize", normalize), _checks.flag("return_error", return_error)
+    C = layer_capacities(A, alpha=alpha, heads=heads, exclude_keys=exclude_keys, key_mask=key_mask, validate=validate)
     batch, (L, Q, N) = C.shape[:-3], C.shape[-3:]
     if Q != N:
         raise ShapeError(f"max_flow needs square patterns (*batch, layer, head, {N}, {N}); got query={Q}: record every query row")
@@ -290,7 +298,7 @@ def _row_index(rows: Rows, batch: torch.Size, N: int) -> np.ndarray:
     """Target rows as non-negative indices, `[1, T]` (shared) or `[B, T]` (per example, batch flattened)."""
     if rows is None:
         return np.arange(N)[None, :]
-    idx = rows.detach().cpu().long().numpy() if isinstance(rows, Tensor) else np.asarray(list(rows), dtype=np.int64)
+    idx = _flow._rows_form(rows).cpu().numpy()  # integers only: rows=[0.5] is not row 0
     if idx.ndim == 0 or (idx.ndim > 1 and tuple(idx.shape[:-1]) != tuple(batch)):
         raise ShapeError(f"rows has shape {tuple(idx.shape)}, expected (rows,) or {(*batch, 'rows')}")
     if idx.size and ((idx < -N) | (idx >= N)).any():

@@ -1,11 +1,13 @@
 """`attnflow` command line: demo, trace, convert, render, eval, serve.
 
-Every command takes --help; bad input exits with code 2 and one line on stderr,
-Ctrl-C with 130.  Each command is a module with `add_parser(subparsers)` and
+Every command takes --help; bad input exits with code 2 and one line on stderr
+(argparse's own complaints too: an unknown flag, a value that is no integer), Ctrl-C with 130.  Each command is a module with `add_parser(subparsers)` and
 `run(args) -> int` that turns the arguments into library calls; the modules
 import torch only inside `run`, so `attnflow --help` and `--version` stay fast.
 
     >>> main(["demo", "--examples", "0"])     # stderr: attnflow: error: --examples 0; give at least 1
+    2
+    >>> main(["demo", "--examples", "x"])     # stderr: attnflow: error: argument --examples: invalid int value: 'x' ...
     2
 """
 
@@ -16,13 +18,23 @@ import sys
 
 from attnflow._version import __version__
 from attnflow.cli import convert, demo, eval, render, serve, trace  # noqa: A004  (the command, not the builtin)
-from attnflow.errors import AttnflowError
+from attnflow.errors import AttnflowError, BadArgumentError
 
 COMMANDS = (demo, trace, convert, render, eval, serve)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one BadArgumentError line (its own print is usage + message, two lines or more).
+
+    Subcommand parsers are of the same class (argparse makes them with `type(parent)`).
+    """
+
+    def error(self, message: str):
+        raise BadArgumentError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnflow", description="Record, compose and view attention flow.")
+    p = Parser(prog="attnflow", description="Record, compose and view attention flow.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
@@ -40,7 +52,11 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BadArgumentError as err:
+        print(f"attnflow: error: {err}", file=sys.stderr)
+        return 2
     if args.version:
         print(__version__)
         return 0

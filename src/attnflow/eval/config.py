@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from attnflow import _checks
 from attnflow.errors import BadArgumentError
 
 DEFAULT_NEW_TOKENS = {"demo": 3, "hotpotqa": 16}
@@ -37,6 +38,26 @@ class RunConfig:
     system: str | None = None  # system prompt (chat template only)
     calibrate: str | None = None  # a content-free question ("N/A"): add "<method>/cal" scores (eval/calibrate.py)
     shuffle_check: int = 0  # re-run the first K examples with their documents shuffled (eval/calibrate.py)
+
+    def __post_init__(self):
+        """Every field's type and range, checked once (the CLI's flags name them first, before this)."""
+        _checks.choice("task", self.task, tuple(DEFAULT_NEW_TOKENS))
+        _checks.choice("mode", self.mode, ("generate", "teacher"))
+        _checks.choice("dtype", self.dtype, _checks.FLOAT_DTYPES)
+        for name in ("model", "data", "device_map", "system"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise BadArgumentError(f"{name}={value!r}; use a string (or None)")
+        if not isinstance(self.prompt_template, str):
+            raise BadArgumentError(f"prompt_template={self.prompt_template!r}; use a template name or a file path")
+        if self.seed is not None and not _checks.is_int(self.seed):
+            raise BadArgumentError(f"seed={self.seed!r}; use an integer (or None)")
+        for name in ("limit", "max_context_tokens", "max_new_tokens"):
+            _checks.optional_count(name, getattr(self, name), minimum=1)
+        _checks.count("batch_size", self.batch_size, minimum=1)
+        _checks.flag("two_hop", self.two_hop)
+        _checks.flag("chat_template", self.chat_template)
+        parse_shard(self.shard)
 
     @property
     def shard_pair(self) -> tuple[int, int]:

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from attnflow import _checks
 from attnflow.errors import BadArgumentError, ModelNotFoundError
 
 __all__ = ["LOOPBACK", "model_loaders", "serve"]
@@ -59,7 +60,7 @@ def model_loaders(model: Any = None, models_dir: str | os.PathLike | None = None
         else:
             out[_unique(out, "model")] = (lambda m=m: m)
     if models_dir is not None:
-        root = Path(models_dir).expanduser()
+        root = _checks.path("models_dir", models_dir).expanduser()
         if not root.is_dir():
             raise ModelNotFoundError(f"--models-dir {str(root)!r} is no directory")
         for p in sorted(root.iterdir()):
@@ -124,6 +125,14 @@ def serve(
     from attnflow.explorer.app import create_app
     from attnflow.explorer.runs import Limits
 
+    if not isinstance(host, str) or not host:
+        raise BadArgumentError(f"host={host!r}; use an address like 127.0.0.1")
+    port = _checks.integer("port", port, 0, 65536)  # 0: a free port
+    allow_remote, open_browser = _checks.flag("allow_remote", allow_remote), _checks.flag("open_browser", open_browser)
+    if limits is not None:
+        _checks.instance("limits", limits, Limits, "an attnflow.explorer.runs.Limits (or None)")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise BadArgumentError(f"token={token!r}; use a non-empty string (or None: a random one)")
     if host not in LOOPBACK:
         if not allow_remote:
             raise BadArgumentError(f"--host {host} is not a loopback address; add --allow-remote to expose the explorer")

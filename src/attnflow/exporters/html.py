@@ -59,7 +59,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnflow import _io
+from attnflow import _checks, _io
 from attnflow._version import __version__
 from attnflow.attention_trace import AttentionTrace
 from attnflow.codec import FlowArg, attribution_table, dtype_name, flow_rows, is_causal, pack, row_widths
@@ -120,8 +120,10 @@ def to_html(
     Traceback (most recent call last):
     attnflow.errors.DataError: view already holds an attnflow html; pass overwrite=True (CLI: --overwrite) to replace it
     """
-    path = Path(path)
+    _checks.instance("trace", trace, AttentionTrace, "an attnflow.AttentionTrace (af.trace or AttentionTrace.load)")
+    path = _checks.path("path", path)
     _check(shard_bytes, precision)
+    progress = _checks.flag("progress", progress)
     meta, jobs = build(trace, shard_bytes, flow, attributions, precision, flow_info, gold, examples)
     thumbs = meta.pop("_thumb_jobs")
     with _io.output_dir(path, "html", overwrite=overwrite) as tmp:

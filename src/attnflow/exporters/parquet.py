@@ -36,7 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from attnflow import _io
+from attnflow import _checks, _io
 from attnflow.attention_trace import AttentionTrace
 from attnflow.codec import (  # noqa: F401  (flow_tensor stays importable from here)
     FlowArg,
@@ -73,7 +73,8 @@ def to_parquet(
     >>> to_parquet(tr, "run/", flow={"flow": af.flow.residual_flow(tr.patterns, normalize=True)})
     PosixPath('run')
     """
-    path = Path(path)
+    _checks.instance("trace", trace, AttentionTrace, "an attnflow.AttentionTrace (af.trace or AttentionTrace.load)")
+    path = _checks.path("path", path)
     flow_tab = flow_table(trace, flow) if flow else None
     attr_tab = attribution_table(attributions) if attributions is not None else None
     with _io.output_dir(path, "parquet", overwrite=overwrite) as tmp:

@@ -16,6 +16,7 @@ models and transformers PreTrainedModels, locally or on NDIF) and
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Any
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from attnflow.attention_trace import AttentionTrace, Span
-from attnflow.errors import BadArgumentError, ModelNotFoundError
+from attnflow import _checks
+from attnflow.errors import BadArgumentError, DataError, ModelNotFoundError, UnsupportedModelError
 from attnflow.tracers import driver
 from attnflow.tracers.heads import head_weights_from_o_proj
 from attnflow.tracers.options import TraceOptions
@@ -57,49 +59,135 @@ def trace(
         >>> tr.patterns.shape, tr.query_positions              # the demo model: 4 layers, BOS + 6 tokens
         (torch.Size([2, 4, 1, 1, 7]), tensor([[6], [6]]))
     """
+    names = [f.name for f in dataclasses.fields(TraceOptions)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise BadArgumentError(f"trace() got unknown keyword(s) {', '.join(unknown)}; its options are {', '.join(names)}")
     if options is None:
         options = TraceOptions(**fields)
+    elif not isinstance(options, TraceOptions):
+        raise BadArgumentError(f"options is a {type(options).__name__}; pass an attnflow.TraceOptions (or its fields as keywords)")
     elif fields:
         options = dataclasses.replace(options, **fields)
     return driver.run(model, prompts, options, tokenizer=tokenizer, completions=completions, spans=spans)
 
 
 def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any = None, **kwargs: Any):
-    """An HF causal LM and its tokenizer from a local directory or a hub id, as an nnsight TransformersModel.
+    """An HF causal LM and its tokenizer from a local directory or a cached hub id, as an nnsight TransformersModel.
 
     A `.gguf` file, or a folder plus `gguf_file=NAME`, loads dequantised through `attnflow.gguf`.
 
-    A string that is neither an existing path nor of the form `org/name` is a
-    missing local directory: ModelNotFoundError, without asking the hub.
+    attnflow never downloads: a hub id `org/name` that is not a local folder is looked up in the
+    local Hugging Face cache only (`huggingface_hub.snapshot_download(local_files_only=True)`, which
+    is immediate, whatever `HF_HUB_OFFLINE` says), so offline it fails at once, in one line:
+
+        >>> load("nobody/nothing-here")
+        Traceback (most recent call last):
+        attnflow.errors.ModelNotFoundError: 'nobody/nothing-here' is not found locally (no such folder, not in the \
+Hugging Face cache); no network use: download it first (hf download nobody/nothing-here) or pass a local folder
+
+    A folder that is not a model, has no tokenizer, holds truncated weights or a model type
+    transformers does not know is a one-line `attnflow.errors` exception naming what is wrong.
 
         >>> model = load(af.demo.MODEL_DIR)          # nnsight.TransformersModel
         >>> type(model).__name__, model._module.config._attn_implementation
         ('TransformersModel', 'sdpa')
     """
     import nnsight
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = os.fspath(path_or_id)
+    from attnflow._dtypes import storage_dtype
+
+    _checks.path("path_or_id", path_or_id)
+    name = os.fspath(path_or_id)  # as given: Path() would drop the "./" that marks a local path
     if name.endswith(".gguf") or "gguf_file" in kwargs:
         from attnflow.gguf import load_gguf
 
         hf, tok = load_gguf(name, kwargs.pop("gguf_file", None), dtype=dtype, device_map=device_map, **kwargs)
         return nnsight.TransformersModel(hf, tokenizer=tok)
-    if not os.path.exists(name):
-        if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
-            raise ModelNotFoundError(f"no model directory at {name!r}; pass an existing directory or a hub id like org/name")
-    elif not os.path.isdir(name):
-        raise ModelNotFoundError(f"{name!r} is a file; pass the model's directory")
-    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise BadArgumentError(f"dtype={dtype!r}; use e.g. 'float32', 'bfloat16' or a torch.dtype")
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map=device_map, **kwargs)
-    except OSError as err:
-        raise ModelNotFoundError(f"cannot load a model from {name!r}: {str(err).splitlines()[0]}") from err
+    torch_dtype = storage_dtype(dtype)  # float16 | bfloat16 | float32 | float64: int8 weights cannot run
+    folder = model_folder(name)
+    tok, hf = _from_folder(folder, name, torch_dtype, device_map, kwargs)
     hf.eval()
     return nnsight.TransformersModel(hf, tokenizer=tok)
 
 
-__all__ = ["TraceOptions", "head_weights_from_o_proj", "load", "trace"]
+def model_folder(name: str) -> str:
+    """The local folder of a model: `name` itself, or the cached snapshot of the hub id `name` (never downloaded).
+
+        >>> model_folder(str(af.demo.MODEL_DIR)) == str(af.demo.MODEL_DIR)
+        True
+    """
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ModelNotFoundError(
+                f"{name!r} holds no config.json: it is not a model folder; pass a folder written by save_pretrained"
+            )
+        return name
+    if os.path.exists(name):
+        raise ModelNotFoundError(f"{name!r} is a file; pass the model's directory (or a .gguf file)")
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"no model directory at {name!r}; pass an existing directory or a hub id like org/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return model_folder(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        raise ModelNotFoundError(
+            f"{name!r} is not found locally (no such folder, not in the Hugging Face cache); no network use: "
+            f"download it first (hf download {name}) or pass a local folder"
+        ) from None
+
+
+def _from_folder(folder: str, name: str, dtype: torch.dtype, device_map: Any, kwargs: dict) -> tuple[Any, Any]:
+    """(tokenizer, model) of a model folder, every failure an attnflow error naming the folder and the fault."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config_file = os.path.join(folder, "config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{config_file!r} is not a readable JSON object ({_first_line(err)}); save the model again") from None
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise UnsupportedModelError(
+            f"{name!r} has model type {model_type!r}, which this transformers cannot build ({_first_line(err)}); "
+            "update transformers or use a supported model"
+        ) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelNotFoundError(
+            f"no usable tokenizer in {name!r} ({_first_line(err)}); save one there (tokenizer.save_pretrained)"
+        ) from None
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=dtype, device_map=device_map, local_files_only=True, **kwargs
+        )
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise UnsupportedModelError(f"{name!r} ({model_type}) is not a causal language model ({_first_line(err)})") from None
+        raise _weights_error(folder, name, err) from None
+    except (OSError, RuntimeError) as err:
+        raise _weights_error(folder, name, err) from None
+    except Exception as err:  # safetensors' own error class (SafetensorError) derives from Exception only
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise _weights_error(folder, name, err) from None
+    return tok, hf
+
+
+def _weights_error(folder: str, name: str, err: BaseException) -> DataError:
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))) or ["no weight files"]
+    return DataError(
+        f"cannot read the weights of {name!r} ({', '.join(files)}: {type(err).__name__}: {_first_line(err)}); "
+        "the file may be truncated or damaged: download or save it again"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+__all__ = ["TraceOptions", "head_weights_from_o_proj", "load", "model_folder", "trace"]

@@ -142,6 +142,8 @@ def model_info(hf: torch.nn.Module, sites: list[Site], source: str = "nnsight") 
         "vocab_size": _config_get(text, "vocab_size"),
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
         "attention_module": sites[0].module_class,
+        # gpt-oss style sinks take part of each row: its rows sum to less than 1 (attribution.validate_trace)
+        "attention_sinks": any(isinstance(getattr(hf.get_submodule(s.path), "sinks", None), torch.Tensor) for s in sites),
         "source": source,
     }
 

@@ -31,7 +31,6 @@ each example's end).  `row_index` turns them into the padded, right-aligned
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -39,6 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from attnflow._checks import byte_count, count as check_count, is_int  # noqa: F401  (the tracers' checks)
 from attnflow.attention_trace import Span
 from attnflow.errors import BadArgumentError, PromptError
 from attnflow.flow import normalize_head_weights
@@ -353,46 +353,6 @@ def chunks(n: int, batch_size: int) -> list[range]:
     """
     batch_size = check_count("batch_size", batch_size, minimum=1)
     return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-def check_count(name: str, value: Any, minimum: int = 0) -> int:
-    """An int (not a bool) of at least `minimum`, else BadArgumentError naming `name`.
-
-        >>> check_count("max_new_tokens", -1)
-        Traceback (most recent call last):
-        attnflow.errors.BadArgumentError: max_new_tokens=-1; use a non-negative integer
-    """
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        what = "a non-negative integer" if minimum == 0 else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise BadArgumentError(f"{name}={value!r}; use {what}")
-    return value
-
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def byte_count(name: str, value: Any) -> int | None:
-    """None, a positive number of bytes, or a size like "512MiB", "1.5GB", "2g" -> bytes (powers of 1024).
-
-        >>> byte_count("memory_budget", "512MiB"), byte_count("memory_budget", 4096)
-        (536870912, 4096)
-        >>> byte_count("memory_budget", "lots")
-        Traceback (most recent call last):
-        attnflow.errors.BadArgumentError: memory_budget='lots'; use a number of bytes or a size like '512MiB' or '2GiB'
-    """
-    if value is None:
-        return None
-    bad = BadArgumentError(f"{name}={value!r}; use a number of bytes or a size like '512MiB' or '2GiB'")
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise bad
-        return value
-    if not isinstance(value, str):
-        raise bad
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
-    if m is None or float(m.group(1)) <= 0:
-        raise bad
-    return max(1, int(float(m.group(1)) * _UNITS[m.group(2)]))
 
 
 # --- token ids of a model ----------------------------------------------------------------

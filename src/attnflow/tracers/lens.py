@@ -205,6 +205,7 @@ def model_info(model: Any) -> dict:
         "vocab_size": getattr(cfg, "d_vocab", None),
         "attn_implementation": "eager",
         "attention_module": "blocks.{layer}.attn",
+        "attention_sinks": False,
         "class": type(model).__name__,
         "source": "transformer_lens",
     }

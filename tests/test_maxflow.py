@@ -9,7 +9,7 @@ import torch
 
 from attnflow import flow as F
 from attnflow.errors import BadArgumentError, ShapeError
-from attnflow.maxflow import layer_capacities, max_flow
+from attnflow.maxflow import layer_capacities, max_flow, span_max_flow
 
 
 def patterns(B: int, L: int, H: int, N: int, seed: int, sparsity: float = 0.0) -> torch.Tensor:
@@ -185,3 +185,120 @@ def test_threshold_that_empties_a_source_still_bounds_its_loss():
     exact = max_flow(A, normalize=False)
     f, err = max_flow(A, normalize=False, threshold=0.9, return_error=True)  # every attention edge goes
     assert torch.all(exact <= f + err + 1e-9) and float(err.max()) > 0.1
+
+
+# ------------------------------------------------------------------------------------
+# span_max_flow: a super-source on a span of keys
+# ------------------------------------------------------------------------------------
+def networkx_span_flows(C: np.ndarray, t: int, spans) -> np.ndarray:
+    """Max flow from a super-source joined to (0, s), s in each span, by edges without a capacity (infinite)."""
+    L, N = C.shape[0], C.shape[-1]
+    G = nx.DiGraph()
+    for l in range(1, L + 1):
+        for i in range(N):
+            for j in range(N):
+                if C[l - 1, i, j] > 0:
+                    G.add_edge((l - 1, j), (l, i), capacity=float(C[l - 1, i, j]))
+    out = np.zeros(len(spans))
+    for k, (a, z) in enumerate(spans):
+        H = G.copy()
+        H.add_edges_from(("S", (0, s)) for s in range(a, z) if (0, s) in G)  # no capacity attribute: infinite
+        if "S" in H and (L, t) in H and nx.has_path(H, "S", (L, t)):
+            out[k] = nx.maximum_flow_value(H, "S", (L, t))
+    return out
+
+
+SPAN_CASES = [  # (batch, layer, head, n, exclude, alpha, seed, spans)
+    (2, 3, 4, 12, (), 0.5, 20, [(0, 4), (4, 9), (2, 3), (0, 12), (9, 12), (5, 5)]),
+    (2, 4, 2, 16, (0,), 0.5, 21, [(0, 6), (6, 11), (3, 16), (0, 1)]),
+    (1, 5, 3, 32, (0, -1), 0.3, 22, [(0, 10), (10, 20), (20, 31), (12, 14)]),
+]
+
+
+@pytest.mark.parametrize("B,L,H,N,exclude,alpha,seed,spans", SPAN_CASES)
+def test_span_flow_matches_networkx_super_source(B, L, H, N, exclude, alpha, seed, spans):
+    A = patterns(B, L, H, N, seed, sparsity=0.3)
+    rows = [N - 1, N // 2]
+    got, err = span_max_flow(A, spans, rows=rows, heads="mean", alpha=alpha, exclude_keys=exclude, return_error=True)
+    assert got.shape == (B, 2, len(spans)) and float(err.max()) <= 1e-6
+    for b in range(B):
+        C = reference_capacities(A[b], alpha, exclude)
+        for r, t in enumerate(rows):
+            ref = networkx_span_flows(C, t, spans)
+            assert np.abs(got[b, r].numpy() - ref).max() <= 1e-6, (b, t)
+
+
+def test_span_of_one_key_is_its_flow_and_spans_lie_between_max_and_sum():
+    A = patterns(2, 4, 2, 14, seed=23)
+    tokens = max_flow(A, rows=[13, 9], normalize=False)  # [batch, 2, key]
+    single = span_max_flow(A, [(s, s + 1) for s in range(14)], rows=[13, 9])
+    assert torch.allclose(single, tokens, atol=1e-9)
+    spans = [(0, 5), (5, 10), (2, 14)]
+    f = span_max_flow(A, spans, rows=[13, 9])
+    for k, (a, z) in enumerate(spans):
+        assert torch.all(f[..., k] <= tokens[..., a:z].sum(-1) + 1e-9)  # sub-additive: the tokens' paths share edges
+        assert torch.all(f[..., k] >= tokens[..., a:z].amax(-1) - 1e-9)  # a flow of one token is a flow of the span
+        assert torch.all(f[..., k] <= 1 + 1e-9)
+    assert torch.any(f[..., 2] < tokens[..., 2:14].sum(-1) - 0.1)  # and strictly below the sum here
+
+
+def test_span_threshold_is_monotone_and_its_error_bound_holds():
+    A = patterns(2, 4, 3, 20, seed=24)
+    spans, rows = [(0, 7), (7, 14), (14, 19), (3, 4)], [19, 15]
+    for exclude in ((), (0,)):
+        exact = span_max_flow(A, spans, rows=rows, exclude_keys=exclude, return_error=True)[0]
+        prev = exact
+        for thr in (1e-3, 2e-2, 0.1, 0.3):
+            f, err = span_max_flow(A, spans, rows=rows, exclude_keys=exclude, threshold=thr, return_error=True)
+            assert torch.all(f <= prev + 1e-12) and torch.all(exact <= f + err + 1e-9)
+            prev = f
+        assert float((exact - prev).max()) > 1e-2  # the largest threshold cost something; the bound covered it
+
+
+def test_span_flow_with_padding_key_mask_and_per_example_spans():
+    A = patterns(1, 3, 2, 9, seed=25)
+    padded = torch.zeros(2, 3, 2, 11, 11, dtype=A.dtype)
+    padded[0, ..., 2:, 2:] = A[0]
+    padded[1, ..., :9, :9] = A[0]  # right-padded copy: rows after 8 are pad
+    padded[1, ..., 9:, 9:] = 0
+    ref = span_max_flow(A, [(0, 4), (4, 9)], rows=[8, 5], exclude_keys=(0,))
+    spans = torch.tensor([[[0, 6], [6, 11]], [[0, 4], [4, 9]]])  # [batch, span, 2]: example 0 starts after 2 pads
+    rows = torch.tensor([[10, 7], [8, 5]])
+    for kw in ({}, {"key_mask": (padded[:, 0, 0].sum(-1) > 0).long()}):
+        got = span_max_flow(padded, spans, rows=rows, exclude_keys=(0,), **kw)
+        assert torch.allclose(got, ref.expand(2, 2, 2), atol=1e-12)
+    excluded = span_max_flow(A, [(0, 1)], rows=[8], exclude_keys=(0,))
+    assert float(excluded.abs().max()) == 0.0  # an excluded key reaches only itself
+
+
+def test_span_bad_input_raises():
+    A = patterns(1, 2, 1, 5, seed=26)
+    with pytest.raises(BadArgumentError):
+        span_max_flow(A, [(0, 6)])
+    with pytest.raises(BadArgumentError):
+        span_max_flow(A, [(3, 2)])
+    with pytest.raises(ShapeError):
+        span_max_flow(A, [(0, 1, 2)])
+    with pytest.raises(ShapeError):
+        span_max_flow(A, torch.zeros(3, 2, 2, dtype=torch.long))
+
+
+def test_eval_span_scores_average_the_rows_and_skip_nothing_short():
+    from attnflow.attention_trace import AttentionTrace
+    from attnflow.eval.methods import span_scores
+
+    A = patterns(2, 3, 2, 10, seed=27).float()
+    A[1, ..., :2, :] = 0  # example 1 is left-padded by two
+    A[1, ..., :, :2] = 0
+    A[1] = A[1] / A[1].sum(-1, keepdim=True).clamp_min(1e-30)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :2] = 0
+    ids = torch.arange(2, 12).repeat(2, 1)
+    tr = AttentionTrace(A, ids, mask, torch.arange(10).repeat(2, 1), [["x"] * 10, ["x"] * 8], [9, 7], [0, 1, 2], heads="all")
+    starts, ends = torch.tensor([[0, 4], [2, 5]]), torch.tensor([[4, 8], [5, 5]])  # padded; example 1's second is empty
+    s = span_scores(tr, [[8, 9], [6]], starts, ends, threshold=0.0)
+    assert set(s) == {"maxflow", "maxflow/sinks"}
+    ref0 = span_max_flow(A[:1], [(0, 4), (4, 8)], rows=[8, 9]).double().mean(1)[0]
+    ref1 = span_max_flow(A[1:, ..., 2:, 2:], [(0, 3), (3, 3)], rows=[6])[0, 0].double()
+    assert torch.allclose(s["maxflow"][0], ref0) and torch.allclose(s["maxflow"][1], ref1)
+    assert float(s["maxflow"][1, 1]) == 0.0

@@ -31,7 +31,8 @@ Formulas (Ā_l is layer l after the head reduction, I the identity on real posit
                      (`attn_norms`, `residual_norms` [*batch, layer, query]); equal norms give alpha 0.5
     maxflow          Abnar & Zuidema's attention flow: for target row t and key s, the maximum flow from
                      node (0, s) to node (L, t) of the layered graph with capacities rownorm(alpha·Ā_l +
-                     (1-alpha)·I), shares per row (`max_flow`, exact, scipy's compiled Dinic)
+                     (1-alpha)·I), shares per row (`max_flow`, exact, scipy's compiled Dinic); from a span of
+                     keys as a whole (one super-source), `attnflow.maxflow.span_max_flow`
     heads="norm"     Ā_l = rownorm(Σ_h α^h_ij·‖W_O^h v^h_j‖)   (Kobayashi et al. 2020; `value_norms`
                      [*batch, layer, head, key]: each key's transformed-value norm per head)
 

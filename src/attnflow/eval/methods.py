@@ -3,7 +3,8 @@
 Each method turns a batch of recorded patterns into one score per key position
 from the rows that produce the answer tokens (the token at t+1 comes from query
 row t), composed by `attribution.target_flow` and averaged over those rows; a
-span's score is the sum over its tokens.
+span's score is the sum over its tokens, except for maxflow: a span's max flow is the
+flow from all its tokens at once (`span_scores`), at most the sum of its tokens' flows.
 
     name                         flow.py call                                  excluded keys
     random                       expected metrics of a uniformly random ranking  -
@@ -12,8 +13,8 @@ span's score is the sum over its tokens.
     rollout, ...                 rollout(A, alpha=0.5)
     flow, ...                    residual_flow(A)              (unnormalised)
     flow_normalized, ...         residual_flow(A, normalize=True)   (= rollout alpha 0.5 by construction)
-    maxflow, maxflow/sinks       maxflow.max_flow(A)   (Abnar & Zuidema's attention flow; prompts of at
-                                 most MAXFLOW_MAX_TOKENS tokens, else NaN scores and `skip_reason`)
+    maxflow, maxflow/sinks       maxflow.span_max_flow(A)   (Abnar & Zuidema's attention flow, from each
+                                 span as a whole: `span_scores`, not a sum over `key_scores`' tokens)
 
 "/nosink" methods pass `exclude_keys=(0,)`: the first real token's column is
 zeroed and rows renormalised before composing (flow.py).  "/sinks" methods
@@ -61,13 +62,16 @@ METHODS: tuple[tuple[str, str | None, tuple | str], ...] = (
     + (("maxflow", "maxflow", ()), ("maxflow/sinks", "maxflow", "sinks"))
 )
 METHOD_NAMES = tuple(name for name, _, _ in METHODS)
-MAXFLOW_MAX_TOKENS = 160  # exact max flow costs ~n^3 per target row (maxflow.py): 30 layers, n=512 is 35 s a row
+MAXFLOW_MAX_TOKENS = 160  # per-token max flow (`key_scores`) costs ~n^3 per row: 30 layers, n=512 is 35 s a row
+# span max flow (`span_scores`): one solve per (row, span), capacities below MAXFLOW_THRESHOLD dropped
+MAXFLOW_THRESHOLD = 1e-3  # SmolLM2, 2,043 tokens: 51 CPU s per example, flows within 5.4e-2 of exact (bench/maxflow.py)
+MAXFLOW_SPAN_MAX_TOKENS = 4096  # the capacities alone are 30 layers x n^2 float32: 2 GB at 4,096
 
 
 def skip_reason(name: str, n_tokens: int) -> str | None:
-    """Why method `name` has no scores (NaN) for an example of `n_tokens` tokens, or None when it has them."""
-    if name.startswith("maxflow") and n_tokens > MAXFLOW_MAX_TOKENS:
-        return f"maxflow skipped: {n_tokens} tokens > {MAXFLOW_MAX_TOKENS} (exact max flow is too slow)"
+    """Why method `name` has no span scores (NaN) for an example of `n_tokens` tokens, or None when it has them."""
+    if name.startswith("maxflow") and n_tokens > MAXFLOW_SPAN_MAX_TOKENS:
+        return f"maxflow skipped: {n_tokens} tokens > {MAXFLOW_SPAN_MAX_TOKENS} (the max-flow graph is too large)"
     return None
 
 
@@ -113,19 +117,59 @@ def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, 
 
 
 def _maxflow_rows(trace, rows: Sequence[Sequence[int]], excl) -> Float[Tensor, "batch target key"]:
-    """max_flow shares of each example's rows (padded like `target_flow`); NaN rows for examples it skips."""
+    """Per-token max_flow shares of each example's rows (padded like `target_flow`); NaN rows for examples of more
+    than MAXFLOW_MAX_TOKENS tokens.  (The evaluation's maxflow scores come from `span_scores`.)"""
     from attnflow.maxflow import max_flow
 
     T = max(len(r) for r in rows)
     out = torch.zeros(trace.batch_size, T, trace.input_ids.shape[1])
     for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
-        if skip_reason("maxflow", n) is not None:
+        if n > MAXFLOW_MAX_TOKENS:
             out[b] = float("nan")
             continue
         one = trace.patterns[b : b + 1, :, :, pad:, pad:]
         ex_b = excl[b : b + 1, pad:] if isinstance(excl, Tensor) else excl
         idx = [rows[b][min(j, len(rows[b]) - 1)] for j in range(T)]
         out[b, :, pad:] = max_flow(one, rows=idx, exclude_keys=ex_b, validate=False)[0].float().cpu()  # just recorded
+    return out
+
+
+SPAN_METHODS = tuple((name, ex) for name, method, ex in METHODS if method == "maxflow")
+
+
+def span_scores(
+    trace, rows: Sequence[Sequence[int]], starts: Int[Tensor, "batch span"], ends: Int[Tensor, "batch span"],
+    threshold: float = MAXFLOW_THRESHOLD,
+) -> dict[str, Float[Tensor, "batch span"]]:
+    """The span-level methods (maxflow, maxflow/sinks): {name: [batch, span]} float64, spans in padded coordinates.
+
+    Each span's score is its max flow as a whole (`maxflow.span_max_flow`: a
+    super-source on all its tokens) into each of the example's rows `rows[b]`
+    (unpadded, at least one), averaged over the rows like `key_scores`' rows; NaN for
+    an example `skip_reason` skips.  Per row, not one super-sink over the rows: the
+    average keeps each term the paper's quantity (flow from the document to one
+    output token, at most 1), so one answer row gives the same value either way and
+    answers of different lengths stay on one scale, while a joint sink's value
+    (up to the number of rows) mixes in how the rows' paths overlap.  Empty spans
+    (start == end) score 0, so a batch's span lists can be right-padded.
+
+        >>> s = span_scores(tr, [[25]], torch.tensor([[3, 10]]), torch.tensor([[8, 15]]))   # doc1, doc2
+        >>> s["maxflow"].round(decimals=3)                                  # the answer, paris, is in doc1
+        tensor([[0.951, 0.605]], dtype=torch.float64)
+    """
+    from attnflow.maxflow import span_max_flow
+
+    sinks = exclusion_mask(trace, "sinks")  # [batch, key], padded
+    out = {name: torch.full(starts.shape, float("nan"), dtype=torch.float64) for name, _ in SPAN_METHODS}
+    for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
+        if skip_reason("maxflow", n) is not None:
+            continue
+        one = trace.patterns[b : b + 1, :, :, pad:, pad:]  # [1, layer, head, n, n]: unpadded
+        bounds = (torch.stack([starts[b], ends[b]], -1) - pad).clamp(0, n)  # [span, 2], unpadded
+        for name, ex in SPAN_METHODS:
+            excl = sinks[b : b + 1, pad:] if ex == "sinks" else ex
+            f = span_max_flow(one, bounds, rows=list(rows[b]), exclude_keys=excl, threshold=threshold)  # [1, rows, span]
+            out[name][b] = f[0].double().mean(0).cpu()
     return out
 
 

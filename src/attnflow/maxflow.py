@@ -154,7 +154,8 @@ def max_flow(
         >>> max_flow(A, rows=[1], exclude_keys=(0,), normalize=False)   # BOS column zeroed first
         tensor([[[0., 1.]]])
     """
-    Cn, batch, idx, solver = _setup(A, rows, heads, alpha, exclude_keys, key_mask, threshold, method, bits, return_error)
+    normalize = _checks.flag("normalize", normalize)
+    Cn, batch, idx, solver = _setup(A, rows, heads, alpha, exclude_keys, key_mask, threshold, method, bits, return_error, validate)
     B, N = Cn.shape[0], Cn.shape[-1]
     out = np.zeros((B, idx.shape[1], N))
     err = np.zeros_like(out)
@@ -179,6 +180,7 @@ def span_max_flow(
     method: str = "dinic",
     bits: int = 30,
     return_error: bool = False,
+    validate: bool = True,
 ) -> Float[Tensor, "*batch rows span"] | tuple[Tensor, Tensor]:
     """Attention flow from a span of keys as a whole: max flow from a super-source joined to every `(0, s)`,
     s in `[start, end)`, with infinite capacity, to the output `(L, t)` of every target row t.
@@ -200,7 +202,7 @@ def span_max_flow(
         >>> span_max_flow(A, [(0, 1), (1, 2), (0, 2)], rows=[1])   # tokens 0 and 1: .5 and .75; together 1 (< 1.25)
         tensor([[[0.5000, 0.7500, 1.0000]]])
     """
-    Cn, batch, idx, solver = _setup(A, rows, heads, alpha, exclude_keys, key_mask, threshold, method, bits, return_error)
+    Cn, batch, idx, solver = _setup(A, rows, heads, alpha, exclude_keys, key_mask, threshold, method, bits, return_error, validate)
     B = Cn.shape[0]
     bounds = _span_bounds(spans, batch, B, Cn.shape[-1])  # [B, S, 2]
     out = np.zeros((B, idx.shape[1], bounds.shape[1]))
@@ -217,7 +219,7 @@ def span_max_flow(
 # ------------------------------------------------------------------------------------
 # shared set-up
 # ------------------------------------------------------------------------------------
-def _setup(A, rows, heads, alpha, exclude_keys, key_mask, threshold, method, bits, certify):
+def _setup(A, rows, heads, alpha, exclude_keys, key_mask, threshold, method, bits, certify, validate):
     """Validated arguments: capacities `[B, L, N, N]` (numpy, float32 or float64), batch dims, rows `[B, T]`, a solver."""
     if method not in _METHODS:
         raise BadArgumentError(f"method={method!r}; use one of {', '.join(_METHODS)}")
@@ -226,7 +228,7 @@ def _setup(A, rows, heads, alpha, exclude_keys, key_mask, threshold, method, bit
     threshold = _checks.number("threshold", threshold, 0.0, 1.0, hint="a capacity below 1; 0 solves exactly")
     if threshold >= 1.0:
         raise BadArgumentError(f"threshold={threshold}; use a capacity in [0, 1) (0 solves exactly)")
-    normalize, return_error = _checks.flag("normalize", normalize), _checks.flag("return_error", return_error)
+    certify = _checks.flag("return_error", certify)
     C = layer_capacities(A, alpha=alpha, heads=heads, exclude_keys=exclude_keys, key_mask=key_mask, validate=validate)
     batch, (L, Q, N) = C.shape[:-3], C.shape[-3:]
     if Q != N:

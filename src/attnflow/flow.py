@@ -62,7 +62,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -182,9 +181,10 @@ def _reduce_layer(
 ) -> Float[Tensor, "*batch query key"]:
     dtype = _compute_dtype(A_l)
     H, Q, K = A_l.shape[-3:]
-    if norms_l is not None:  # heads="norm": Σ_h α^h_ij·‖f_h(x_j)‖, rows renormalised
-        P = einsum(A_l.to(dtype), norms_l.to(device=A_l.device, dtype=dtype), "... h q k, ... h k -> ... q k")
-        return P * _safe_inv(P.sum(-1))[..., None]
+    if norms_l is not None:  # heads="norm": Σ_h α^h_ij·‖f_h(x_j)‖, rows renormalised (the tracer's own math)
+        from attnflow.tracers.reduce import norm_weighted  # here: attnflow.tracers imports this module
+
+        return norm_weighted(A_l.to(dtype), norms_l.to(device=A_l.device, dtype=dtype))
     if w_l is None and H == 1:
         return A_l[..., 0, :, :].to(dtype)
     if w_l is None and heads == "max":

@@ -204,3 +204,20 @@ def test_bad_norms_arguments(llama):
     with pytest.raises(af.errors.ShapeError, match="norms"):
         af.AttentionTrace(**{**tr.__dict__, "norms": {"value": tr.norms["value"]}})
     assert math.isfinite(float(tr.norms["value"].sum()))
+
+
+def test_cli_trace_heads_norm_with_norms(tmp_path):
+    from attnflow.cli import main as cli
+
+    tiny_model("llama", seed=3).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    args = ["trace", str(tmp_path / "m"), "--prompt", "the cat sat on the mat", "--heads", "norm", "--norms",
+            "--dtype", "float32", "--no-progress", "--out", str(tmp_path / "t")]
+    assert cli(args) == 0
+    tr = af.AttentionTrace.load(tmp_path / "t")
+    assert tr.heads == "norm" and tr.settings["norms"] is True
+    want = af.flow.reduce_heads(
+        af.trace(af.load(tmp_path / "m"), "the cat sat on the mat", dtype=torch.float32, progress=False).patterns,
+        "norm", value_norms=tr.norms["value"],
+    )
+    torch.testing.assert_close(tr.patterns, want.float(), rtol=1e-5, atol=1e-6)

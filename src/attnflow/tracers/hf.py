@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +187,6 @@ class HFBackend:
         self.pad_id = pad_id(self.tokenizer, self.hf)
         self.eos_ids = inputs.id_set(getattr(gen_cfg, "eos_token_id", None))
         self.settings = {"name": "nnsight"}
-        self._factors: dict[int, Tensor] = {}  # layer -> reduce.value_factors of its output projection
 
     def encode(self, prompts: Any, completions: Any) -> inputs.Encoded:
         return inputs.encode(prompts, self.tokenizer, completions)
@@ -305,9 +305,7 @@ class HFBackend:
             projs.append(found[0])
             conv1d.append(found[1])
             if local:
-                if layer not in self._factors:
-                    self._factors[layer] = reduce.value_factors(o_proj_blocks(module, self.hf)).to(self.device)
-                factors.append(self._factors[layer])
+                factors.append(cached_factors(module, self.hf, getattr(module, found[0]).weight))
             else:
                 factors.append(None)
         return blocks, projs, conv1d, factors
@@ -411,6 +409,25 @@ class HFBackend:
         patterns = assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=steps)
         return new, patterns, None if norms is None else assemble_norms(norms, new, sequences, self.eos_ids)
 
+
+
+_FACTORS: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(weight) -> (the weight, its version, factors)
+
+
+def cached_factors(module: torch.nn.Module, hf: torch.nn.Module, weight: Tensor) -> Tensor:
+    """`reduce.value_factors` of an attention module's output projection, computed once per weight tensor.
+
+    Keyed by the weight itself (a weak reference: an id reused by a new tensor
+    misses) and its in-place version counter, so a changed weight is never served
+    stale factors.
+    """
+    hit = _FACTORS.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    factors = reduce.value_factors(o_proj_blocks(module, hf)).to(weight.device)
+    key = id(weight)
+    _FACTORS[key] = (weakref.ref(weight, lambda _, key=key: _FACTORS.pop(key, None)), weight._version, factors)
+    return factors
 
 
 class StopAfterEOS(StoppingCriteria):

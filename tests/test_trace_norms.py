@@ -221,3 +221,35 @@ def test_cli_trace_heads_norm_with_norms(tmp_path):
         "norm", value_norms=tr.norms["value"],
     )
     torch.testing.assert_close(tr.patterns, want.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "phi3", "gpt_neox"])
+def test_other_families_residual_and_output_norms(family):
+    """The residual input is the layer's hidden-state input, the output the attention module's; and
+    ‖a_i‖ <= Σ_h Σ_j α^h_ij·‖W_O^h v^h_j‖ + ‖bias‖ (the triangle inequality on a_i = Σ α·W_O v + b)."""
+    import nnsight
+
+    from attnflow.tracers.hf import attention_sites
+
+    hf = tiny_model(family, seed=2).double()
+    ids = PROMPTS[1]
+    tr = af.trace(hf, [ids], norms=True, dtype=torch.float64, progress=False)
+    sites = attention_sites(nnsight.NNsight(hf), hf)
+    outs = {}
+    hooks = [hf.get_submodule(s.path).register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, o[0][0]))
+             for l, s in enumerate(sites)]
+    try:
+        with torch.no_grad():
+            res = hf(torch.tensor([ids]), output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    for l, s in enumerate(sites):
+        torch.testing.assert_close(tr.norms["residual"][0, l].double(), res.hidden_states[l][0].norm(dim=-1), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(tr.norms["attn"][0, l].double(), outs[l].norm(dim=-1), rtol=1e-5, atol=1e-7)
+        module = hf.get_submodule(s.path)
+        proj = next(getattr(module, n) for n in ("o_proj", "dense", "out_proj", "c_proj") if hasattr(module, n))
+        bias = 0.0 if proj.bias is None else float(proj.bias.detach().norm())
+        bound = torch.einsum("hqk,hk->q", tr.patterns[0, l].double(), tr.norms["value"][0, l].double()) + bias
+        assert (tr.norms["attn"][0, l].double() <= bound * (1 + 1e-5)).all()
+        assert (tr.norms["value"][0, l] > 0).all()

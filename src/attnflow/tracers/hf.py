@@ -25,6 +25,15 @@ float32 on real models; tests compare in float64).  The two-pass path
 process's tensors, so generation goes through `remote.generate`), for
 `one_pass=False`, and in the TransformerLens backend (no KV-cache generation).
 
+With `norms=True` (or `heads="norm"`) the same block also reads, per recorded
+layer and in the order the model runs them, the decoder layer's input (the
+residual stream), the call's `value` and the attention module's output, and
+keeps only their norms: `‖x_i‖`, `‖a_i‖` and `‖W_O^h v^h_j‖` (`reduce.value_norms`,
+through the QR factor of each head's block of the output projection, computed
+once per weight locally and inside the block remotely, where the weights are).
+"The attention output" is the module's own output: models with a norm after
+attention (Gemma 2's post_attention_layernorm) add a normed version of it.
+
 `HFBackend` is what `tracers/driver.py` drives: the checks, batching and
 assembly are the driver's.
 

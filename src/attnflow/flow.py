@@ -35,6 +35,10 @@ Formulas (Ā_l is layer l after the head reduction, I the identity on real posit
     heads="norm"     Ā_l = rownorm(Σ_h α^h_ij·‖W_O^h v^h_j‖)   (Kobayashi et al. 2020; `value_norms`
                      [*batch, layer, head, key]: each key's transformed-value norm per head)
 
+`af.trace(..., norms=True)` records all three norms in the same forward:
+`tr.norms["value"]` (value_norms), `tr.norms["attn"]` (attn_norms) and
+`tr.norms["residual"]` (residual_norms), padded like the trace's keys.
+
 Padding.  Pad query rows and pad key columns are zero.  Real positions come from
 `key_mask` (`[*batch, key]`, 1 = real) or, when it is None, from the row sums of
 the patterns (a real row sums to 1, a pad row to 0).  The identity is added on

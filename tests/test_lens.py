@@ -178,6 +178,9 @@ def test_same_errors_as_nnsight_tracer(native, pair):
         af.trace(native, "the cat", progress=False)
     with pytest.raises(BadArgumentError, match="records locally"):
         af.trace(native, PROMPTS, remote=True, progress=False)
+    for kw in (dict(norms=True), dict(heads="norm")):
+        with pytest.raises(BadArgumentError, match="TransformerLens model records patterns only"):
+            af.trace(native, PROMPTS, progress=False, **kw)
     _, _, bridge = pair
     with pytest.raises(PromptError, match="prompt 1 is empty"):
         af.trace(bridge, ["the cat", "  "], progress=False)

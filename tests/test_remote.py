@@ -139,6 +139,21 @@ def test_mock_ndif_generation_equals_local(model, ndif):
     same(af.trace(model, PROMPTS, one_pass=False, **kw), af.trace(model, PROMPTS, remote=True, **kw))
 
 
+def test_mock_ndif_records_norms_without_attnflow(model, ndif):
+    """norms=True and heads="norm" run where the weights are: the value factors come from the server's o_proj."""
+    before = len(ndif.stats())
+    for kw in (dict(heads="norm"), dict(heads="mean", rows="completion", max_new_tokens=3)):
+        kw.update(norms=True, dtype=torch.float32, progress=False)
+        local = af.trace(model, PROMPTS, **kw, **({"one_pass": False} if "max_new_tokens" in kw else {}))
+        got = af.trace(model, PROMPTS, remote=True, **kw)
+        torch.testing.assert_close(got.patterns, local.patterns, rtol=1e-6, atol=1e-7)
+        assert got.input_ids.tolist() == local.input_ids.tolist()
+        for k in local.norms:
+            torch.testing.assert_close(got.norms[k], local.norms[k], rtol=1e-6, atol=1e-7)
+            assert got.norms[k].abs().sum() > 0
+    assert not any(j["attnflow_imported"] for j in ndif.stats()[before:])
+
+
 def test_mock_rejects_request_without_registered_helpers(model, ndif, monkeypatch):
     """Control: unregistered, reduce.py is pickled by reference and the server cannot import it."""
     monkeypatch.setattr(remote, "register", lambda: None)

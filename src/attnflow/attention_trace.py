@@ -7,6 +7,10 @@ attention patterns recorded from them:
     input_ids       Int[Tensor, "batch seq"]                      left-padded
     attention_mask  Int[Tensor, "batch seq"]                      1 = real token
     query_positions Int[Tensor, "batch query"]                    padded position of each query row, -1 = none
+    norms           None, or (recorded with `norms=True`) float32 tensors padded like the keys:
+                    "value"    [batch, layer, head, key]   ‖W_O^h v^h_j‖, each key's transformed value per head
+                    "attn"     [batch, layer, query]       ‖attention output‖ at each position (query = seq)
+                    "residual" [batch, layer, query]       ‖residual input of the layer‖ at each position
 
 Query rows are right-aligned: with every row recorded, `query_positions[b]` is
 `arange(seq)` with -1 at pad positions; with `rows="last"` it is `[[seq - 1]]`
@@ -67,6 +71,30 @@ class Span:
             raise DataError(f"span {self.name!r} has start={self.start}, end={self.end}; need 0 <= start <= end")
 
 
+NORM_KEYS = ("value", "attn", "residual")
+
+
+def check_norms(norms: Any, batch: int, layers: int, seq: int) -> None:
+    """ShapeError unless `norms` maps exactly NORM_KEYS to value [batch, layer, head, seq] and [batch, layer, seq] tensors.
+
+        >>> check_norms({"value": torch.ones(1, 2, 4, 3), "attn": torch.ones(1, 2, 3), "residual": torch.ones(1, 2, 5)}, 1, 2, 3)
+        Traceback (most recent call last):
+        attnflow.errors.ShapeError: norms['residual'] has shape (1, 2, 5), expected (batch=1, layer=2, query=3)
+    """
+    if not isinstance(norms, dict) or sorted(norms) != sorted(NORM_KEYS):
+        keys = sorted(norms) if isinstance(norms, dict) else type(norms).__name__
+        raise ShapeError(f"norms holds {keys}; expected a dict of {', '.join(NORM_KEYS)} (or None)")
+    v = norms["value"]
+    if not isinstance(v, Tensor) or v.ndim != 4 or (v.shape[0], v.shape[1], v.shape[3]) != (batch, layers, seq):
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ShapeError(f"norms['value'] has shape {shape}, expected (batch={batch}, layer={layers}, head, key={seq})")
+    for name in ("attn", "residual"):
+        t = norms[name]
+        if not isinstance(t, Tensor) or tuple(t.shape) != (batch, layers, seq):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ShapeError(f"norms[{name!r}] has shape {shape}, expected (batch={batch}, layer={layers}, query={seq})")
+
+
 @dataclass
 class AttentionTrace:
     patterns: Float[Tensor, "batch layer head query key"]
@@ -81,6 +109,7 @@ class AttentionTrace:
     model_info: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     text: list[list[str]] | None = None  # display strings: exactly the text each token covers (attnflow.tokens)
+    norms: dict[str, Tensor] | None = None  # NORM_KEYS -> float32 tensors (see the module docstring)
 
     def __post_init__(self):
         B, S = self.input_ids.shape
@@ -102,6 +131,8 @@ class AttentionTrace:
             self.spans = [[] for _ in range(B)]
         if self.text is not None and [len(t) for t in self.text] != [len(t) for t in self.tokens]:
             raise ShapeError("text needs one display string per token of each example (as many as tokens)")
+        if self.norms is not None:
+            check_norms(self.norms, B, len(self.layers), S)
 
     def display(self, i: int) -> list[str]:
         """Example i's display strings: `text` when recorded, else the raw `tokens` (older traces)."""
@@ -154,6 +185,7 @@ class AttentionTrace:
             spans=[list(self.spans[i])],
             model_info=dict(self.model_info),
             settings=dict(self.settings),
+            norms=None if self.norms is None else {k: v[i : i + 1, ..., pad:].clone() for k, v in self.norms.items()},
         )
 
     def example_patterns(self, i: int) -> tuple[Tensor, Tensor]:

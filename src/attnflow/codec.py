@@ -80,6 +80,16 @@ FLOW_SCHEMA = pa.schema(
         ("weights", pa.list_(pa.field("element", pa.float32()))),
     ]
 )
+NORMS_SCHEMA = pa.schema(
+    [
+        ("example", pa.int32()),
+        ("layer", pa.int32()),
+        ("position", pa.int32()),
+        ("attn", pa.float32()),
+        ("residual", pa.float32()),
+        ("value", pa.list_(pa.field("element", pa.float32()))),  # one per head
+    ]
+)
 SOURCE_COLUMNS = {"spans": "source_span", "tokens": "source_token"}
 SHARE_COLUMNS = ("share", "excluded_share", "completion_share", "other_share")
 
@@ -201,7 +211,7 @@ def is_causal(rows: Float[Tensor, "batch *group query key"], query_positions: In
 # ------------------------------------------------------------------------------------
 # the trace: tokens, spans, attention, manifest
 # ------------------------------------------------------------------------------------
-HEAD_MODES = ("all", "mean", "max", "weighted")
+HEAD_MODES = ("all", "mean", "max", "weighted", "norm")
 WEIGHT_TOL = 0.02  # fp16 rounding over long rows stays far below; rows summing to 1.5 or 5 do not
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -251,6 +261,7 @@ def manifest(tr: AttentionTrace, causal: bool) -> dict:
         "causal": causal,
         "pad_token_id": int(tr.settings.get("pad_token_id", 0) or 0),
         "prompt_lengths": list(tr.prompt_lengths),
+        **({} if getattr(tr, "norms", None) is None else {"norm_heads": int(tr.norms["value"].shape[2])}),
     }
 
 
@@ -300,14 +311,39 @@ def attention_table(tr: AttentionTrace, layer_index: int, causal: bool) -> pa.Ta
     )
 
 
+def norms_table(tr: AttentionTrace) -> pa.Table:
+    """Rows (example, layer, position, attn, residual, value[head]) of every recorded layer and real position.
+
+    `layer` is the model's layer index (as in `layers`), `position` counts the example's real tokens.
+    """
+    B, L, H, S = tr.norms["value"].shape
+    real = tr.attention_mask.cpu().bool().unsqueeze(1).expand(B, L, S)  # [batch, layer, seq]
+    b, li, j = torch.nonzero(real, as_tuple=True)
+    pads = torch.tensor(tr.pad_offsets)[b]
+    value = tr.norms["value"].cpu().float().permute(0, 1, 3, 2)[real]  # [row, head]
+    return pa.table(
+        {
+            "example": pa.array(b.numpy(), pa.int32()),
+            "layer": pa.array(torch.tensor(tr.layers, dtype=torch.long)[li].numpy(), pa.int32()),
+            "position": pa.array((j - pads).numpy(), pa.int32()),
+            "attn": pa.array(tr.norms["attn"].cpu().float()[real].numpy(), pa.float32()),
+            "residual": pa.array(tr.norms["residual"].cpu().float()[real].numpy(), pa.float32()),
+            "value": list_array(value.flatten(), torch.full((len(b),), H, dtype=torch.long), pa.float32()),
+        },
+        schema=NORMS_SCHEMA,
+    )
+
+
 def write_trace(tr: AttentionTrace, out: Path) -> dict:
-    """Write tokens, spans, attention (hive-partitioned by layer) and manifest.json into `out`; the manifest.
+    """Write tokens, spans, attention (hive-partitioned by layer), norms (when recorded) and manifest.json into `out`.
 
     The manifest records the sha256 of every table file (`"sha256": {"tokens/part-0.parquet": hex, ...}`).
     """
     man = manifest(tr, is_causal(tr.patterns, tr.query_positions))
     write_table(tokens_table(tr), out / "tokens" / "part-0.parquet")
     write_table(spans_table(tr), out / "spans" / "part-0.parquet")
+    if getattr(tr, "norms", None) is not None:
+        write_table(norms_table(tr), out / "norms" / "part-0.parquet")
     for li, layer in enumerate(man["layers"]):
         write_table(attention_table(tr, li, man["causal"]), out / "attention" / f"layer={layer}" / "part-0.parquet")
     man["sha256"] = file_hashes(out)
@@ -365,6 +401,8 @@ def check_manifest(man: dict, file: Path) -> None:
         raise DataError(f"{file}: prompt_lengths has {len(man['prompt_lengths'])} entries for batch {man['batch']}")
     if man["heads"] != "all" and man["num_heads"] != 1:
         raise DataError(f"{file}: heads {man['heads']!r} keeps one head, but num_heads is {man['num_heads']}")
+    if "norm_heads" in man and not (_int(man["norm_heads"]) and man["norm_heads"] >= 1):
+        raise DataError(f"{file}: norm_heads is {_short(man['norm_heads'])}, expected a positive integer; the manifest is damaged")
     hashes = man.get("sha256")
     if hashes is not None and not (
         isinstance(hashes, dict) and all(isinstance(k, str) and isinstance(v, str) and _HEX64.match(v) for k, v in hashes.items())
@@ -413,8 +451,10 @@ def read_trace(path: Path) -> dict[str, Any]:
             )
         _check_weights(values, widths, man["heads"], path / "attention" / f"layer={layer}")
         patterns[ex, li, head, _row_index(query_positions, ex, query)] = unpack(values, pads[ex], widths, S).to(patterns.dtype)
-    verify_hashes(path, man, ("tokens", "spans", "attention"))
+    norms = _read_norms(path, man, lengths, S) if "norm_heads" in man else None
+    verify_hashes(path, man, ("tokens", "spans", "attention") + (() if norms is None else ("norms",)))
     return dict(
+        norms=norms,
         patterns=patterns.to(dtype),
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -428,6 +468,47 @@ def read_trace(path: Path) -> dict[str, Any]:
         model_info=man["model_info"],
         settings=man["settings"],
     )
+
+
+def _read_norms(path: Path, man: dict, lengths: list[int], S: int) -> dict[str, Tensor]:
+    """The norms table as `AttentionTrace.norms` (float32, padded), checked: every (example, layer, position) once,
+    `norm_heads` values per row, finite and non-negative."""
+    where = path / "norms"
+    t = read_table(path, "norms")
+    _check_columns(t, NORMS_SCHEMA, where)
+    B, layers, H = man["batch"], man["layers"], man["norm_heads"]
+    ex, layer, pos = _ints(t, "example", where), _ints(t, "layer", where), _ints(t, "position", where)
+    if (r := _out_of_range(ex, 0, B)) is not None:
+        raise DataError(f"{where} row {r} is of example {ex[r]}, outside the manifest's batch of {B}")
+    slot = {l: i for i, l in enumerate(layers)}
+    li = np.array([slot.get(int(l), -1) for l in layer], dtype=np.int64)
+    if (r := _out_of_range(li, 0, len(layers))) is not None:
+        raise DataError(f"{where} row {r} is of layer {layer[r]}, not one of the recorded layers {layers}")
+    if (r := _out_of_range(pos, 0, np.asarray(lengths)[ex])) is not None:
+        raise DataError(f"{where} row {r} has position {pos[r]}, outside example {ex[r]}'s {lengths[ex[r]]} tokens")
+    key = (ex * len(layers) + li) * S + pos
+    if len(np.unique(key)) != len(key) or len(key) != len(layers) * sum(lengths):
+        raise DataError(
+            f"{where} has {len(key)} rows ({len(np.unique(key))} distinct) for {len(layers)} layers x {sum(lengths)} "
+            "positions; a row is duplicated or missing: write the directory again"
+        )
+    values, widths = list_values(t["value"])
+    if not bool((widths == H).all()):
+        raise DataError(f"{where} holds value norms of {sorted(set(widths.tolist()))} heads per row; the manifest says {H}")
+    attn = torch.from_numpy(t["attn"].to_numpy(zero_copy_only=False).astype(np.float32))
+    residual = torch.from_numpy(t["residual"].to_numpy(zero_copy_only=False).astype(np.float32))
+    for name, v in (("value", values), ("attn", attn), ("residual", residual)):
+        if len(v) and not (torch.isfinite(v).all() and (v >= 0).all()):
+            raise DataError(f"{where} column {name!r} holds NaN, inf or negative norms; the file is damaged")
+    pads = torch.tensor([S - n for n in lengths])
+    e, l = torch.from_numpy(ex), torch.from_numpy(li)
+    col = torch.from_numpy(pos) + pads[e]
+    out = {"value": torch.zeros((B, len(layers), H, S)), "attn": torch.zeros((B, len(layers), S)),
+           "residual": torch.zeros((B, len(layers), S))}
+    out["value"].permute(0, 1, 3, 2)[e, l, col] = values.float().view(-1, H)
+    out["attn"][e, l, col] = attn
+    out["residual"][e, l, col] = residual
+    return out
 
 
 def _check_columns(t: pa.Table, schema: pa.Schema, where: Path) -> None:

@@ -36,6 +36,10 @@ Formulas (Ā_l is layer l after the head reduction, I the identity on real posit
     heads="norm"     Ā_l = rownorm(Σ_h α^h_ij·‖W_O^h v^h_j‖)   (Kobayashi et al. 2020; `value_norms`
                      [*batch, layer, head, key]: each key's transformed-value norm per head)
 
+`af.trace(..., norms=True)` records all three norms in the same forward:
+`tr.norms["value"]` (value_norms), `tr.norms["attn"]` (attn_norms) and
+`tr.norms["residual"]` (residual_norms), padded like the trace's keys.
+
 Padding.  Pad query rows and pad key columns are zero.  Real positions come from
 `key_mask` (`[*batch, key]`, 1 = real) or, when it is None, from the row sums of
 the patterns (a real row sums to 1, a pad row to 0).  The identity is added on
@@ -86,7 +90,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -211,9 +214,10 @@ def _reduce_layer(
 ) -> Float[Tensor, "*batch query key"]:
     dtype = _compute_dtype(A_l)
     H, Q, K = A_l.shape[-3:]
-    if norms_l is not None:  # heads="norm": Σ_h α^h_ij·‖f_h(x_j)‖, rows renormalised
-        P = einsum(A_l.to(dtype), norms_l.to(device=A_l.device, dtype=dtype), "... h q k, ... h k -> ... q k")
-        return P * _safe_inv(P.sum(-1))[..., None]
+    if norms_l is not None:  # heads="norm": Σ_h α^h_ij·‖f_h(x_j)‖, rows renormalised (the tracer's own math)
+        from attnflow.tracers.reduce import norm_weighted  # here: attnflow.tracers imports this module
+
+        return norm_weighted(A_l.to(dtype), norms_l.to(device=A_l.device, dtype=dtype))
     if w_l is None and H == 1:
         return A_l[..., 0, :, :].to(dtype)
     if w_l is None and heads == "max":

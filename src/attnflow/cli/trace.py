@@ -40,7 +40,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--system", default=None, help="system message of a --chat prompt")
     t.add_argument("--documents", default=None, help='JSON {name: text} or JSONL of {"name", "text"}: placed before the question')
     t.add_argument("--max-new-tokens", type=int, default=None, help="generate this many tokens greedily first")
-    t.add_argument("--heads", default="all", help="all | mean | max (default: all)")
+    t.add_argument("--heads", default="all", help="all | mean | max | norm (value-norm weighted) (default: all)")
+    t.add_argument("--norms", action="store_true",
+                   help="also record value, attention-output and residual norms (saved in a norms table)")
     t.add_argument("--rows", default=None, help="last | completion | comma-separated positions (default: all)")
     t.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     t.add_argument("--dtype", default="float16", help="storage dtype of the patterns: float16 | float32 | bfloat16")
@@ -101,6 +103,7 @@ def options_from_args(args):
         batch_size=args.batch_size,
         remote=bool(args.remote),
         progress=not args.no_progress,
+        norms=bool(args.norms),
     )
 
 

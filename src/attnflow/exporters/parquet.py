@@ -80,6 +80,8 @@ def to_parquet(
     with _io.output_dir(path, "parquet", overwrite=overwrite) as tmp:
         man = write_trace(trace, tmp)
         tables = {"tokens": "tokens", "spans": "spans", "attention": "attention"}
+        if trace.norms is not None:
+            tables["norms"] = "norms"
         for name, tab in (("flow", flow_tab), ("attributions", attr_tab)):
             if tab is not None:
                 write_table(tab, tmp / name / "part-0.parquet")

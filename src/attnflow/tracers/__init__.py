@@ -52,7 +52,7 @@ def trace(
     completions     strings or ids, one per prompt, appended and recorded (teacher forcing)
     spans           one list of attnflow.Span per prompt, stored with the trace
     options         a TraceOptions; or its fields as keywords: max_new_tokens, heads, layers, rows,
-                    dtype, batch_size, remote, progress, memory_budget, one_pass (see TraceOptions).  Keywords given with
+                    dtype, batch_size, remote, progress, memory_budget, one_pass, norms (see TraceOptions).  Keywords given with
                     `options` replace those fields of it.
 
         >>> tr = trace(model, ["the cat sat", "a dog ran to the park"], rows="last", heads="mean", progress=False)

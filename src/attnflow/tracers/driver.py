@@ -56,15 +56,16 @@ class Backend(Protocol):
 
     def record(
         self, sequences: list[list[int]], positions: list[list[int]], *, layers: list[int], heads: str | Tensor,
-        options: TraceOptions, out: Float[Tensor, "batch layer head row key"],
+        options: TraceOptions, out: Float[Tensor, "batch layer head row key"], norms: dict[str, Tensor] | None = None,
     ) -> None:
         """Write the patterns of one left-padded batch into `out` (rows of `positions` right-aligned, heads reduced).
 
         `out` is this batch's window of the trace's tensor, of the storage dtype:
         [batch, layer, head_out, max rows of the batch, longest sequence of the batch].
+        `norms` (with `options.norms`) are the batch's windows of `AttentionTrace.norms`, keys right-aligned.
         """
 
-    # optional: generate_record(sequences, max_new_tokens, *, layers, heads, options) -> (new tokens, patterns)
+    # optional: generate_record(sequences, max_new_tokens, *, layers, heads, options) -> (new tokens, patterns, norms)
     # (one generation that also records; `tracers/hf.py`), used when `one_pass_generation` is true
 
 
@@ -97,7 +98,7 @@ def run(
 
     with torch.no_grad(), tqdm(total=len(enc.sequences), desc="attnflow trace", unit="prompt", disable=not options.progress) as bar:
         if new_tokens and options.one_pass and getattr(backend, "one_pass_generation", False):
-            enc, patterns = generate_record(backend, enc, new_tokens, batches, layers=layers, heads=heads, options=options, bar=bar)
+            enc, patterns, norms = generate_record(backend, enc, new_tokens, batches, layers=layers, heads=heads, options=options, bar=bar)
             span_lists = inputs.check_spans(spans, enc.lengths)
         else:
             if new_tokens:
@@ -106,11 +107,14 @@ def run(
             span_lists = inputs.check_spans(spans, enc.lengths)  # before the forward: a bad span fails fast
             positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
             head_out = backend.num_heads if isinstance(heads, str) and heads == "all" else 1
-            patterns = record(backend, enc, positions, batches, layers=layers, heads=heads, head_out=head_out, options=options, bar=bar)
+            patterns, norms = record(
+                backend, enc, positions, batches, layers=layers, heads=heads, head_out=head_out, options=options, bar=bar
+            )
         positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
         input_ids, attention_mask = inputs.left_pad(enc.sequences, backend.pad_id)
         query_positions = inputs.row_index(positions, enc.lengths, input_ids.shape[1])
     check_finite(patterns, layers)
+    check_finite_norms(norms, layers)
     return AttentionTrace(
         patterns=patterns,
         input_ids=input_ids,
@@ -127,6 +131,7 @@ def run(
             layers=layers, heads=heads, teacher_forced=completions is not None, pad_token_id=backend.pad_id,
             backend=backend.settings,
         ),
+        norms=norms,
     )
 
 
@@ -147,51 +152,70 @@ def display_text(tokenizer: Any, enc: inputs.Encoded) -> list[list[str]] | None:
 def record(
     backend: Backend, enc: inputs.Encoded, positions: list[list[int]], batches: list[range], *, layers: list[int],
     heads: str | Tensor, head_out: int, options: TraceOptions, bar: Any,
-) -> Float[Tensor, "batch layer head row key"]:
-    """Every batch recorded by the backend straight into its window of one preallocated tensor.
+) -> tuple[Float[Tensor, "batch layer head row key"], dict[str, Tensor] | None]:
+    """Every batch recorded by the backend straight into its window of one preallocated tensor (and of the norms).
 
     The window of a batch is right-aligned in rows and keys (left padding stays
     zero), so no batch's patterns are ever held twice.
     """
     B, R, S = len(enc.sequences), max(len(p) for p in positions), max(enc.lengths)
     patterns = torch.zeros((B, len(layers), head_out, R, S), dtype=options.dtype)
+    norms = empty_norms(B, len(layers), backend.num_heads, S) if options.norms else None
     for chunk in batches:
         Rc = max(len(positions[i]) for i in chunk)
         Sc = max(enc.lengths[i] for i in chunk)
+        window = None if norms is None else {k: v[chunk.start : chunk.stop, ..., S - Sc :] for k, v in norms.items()}
         backend.record(
             [enc.sequences[i] for i in chunk], [positions[i] for i in chunk], layers=layers, heads=heads,
             options=options, out=patterns[chunk.start : chunk.stop, :, :, R - Rc :, S - Sc :],
+            **({} if window is None else {"norms": window}),
         )
         bar.update(len(chunk))
-    return patterns
+    return patterns, norms
+
+
+def empty_norms(batch: int, layers: int, heads: int, seq: int) -> dict[str, Tensor]:
+    """Zero float32 `AttentionTrace.norms`: value [batch, layer, head, seq], attn and residual [batch, layer, seq]."""
+    return {
+        "value": torch.zeros((batch, layers, heads, seq)),
+        "attn": torch.zeros((batch, layers, seq)),
+        "residual": torch.zeros((batch, layers, seq)),
+    }
 
 
 def generate_record(
     backend: Any, enc: inputs.Encoded, max_new_tokens: int, batches: list[range], *, layers: list[int],
     heads: str | Tensor, options: TraceOptions, bar: Any,
-) -> tuple[inputs.Encoded, Float[Tensor, "batch layer head row key"]]:
+) -> tuple[inputs.Encoded, Float[Tensor, "batch layer head row key"], dict[str, Tensor] | None]:
     """Each prompt with its greedy completion (cut after the first EOS) and its patterns, one generation per batch.
 
     The final lengths are known only once every batch has generated, so each
     batch's part is kept until then and placed into the trace's tensor (parts
     are freed as they are placed).
     """
-    seqs, parts = [], []
+    seqs, parts, norm_parts = [], [], []
     for chunk in batches:
         part_seqs = [enc.sequences[i] for i in chunk]
-        new, part = backend.generate_record(part_seqs, max_new_tokens, layers=layers, heads=heads, options=options)
+        new, part, part_norms = backend.generate_record(part_seqs, max_new_tokens, layers=layers, heads=heads, options=options)
         seqs += [list(s) + cut_at_eos(n, backend.eos_ids) for s, n in zip(part_seqs, new)]
         parts.append(part)
+        norm_parts.append(part_norms)
         bar.update(len(chunk))
     enc = inputs.Encoded(seqs, list(enc.prompt_lengths))
     positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
     B, R, S = len(seqs), max(len(p) for p in positions), max(enc.lengths)
+    norms = None
+    if options.norms:
+        norms = empty_norms(B, len(layers), backend.num_heads, S)
+        for chunk, part_norms in zip(batches, norm_parts):
+            for k, v in part_norms.items():
+                norms[k][chunk.start : chunk.stop, ..., S - v.shape[-1] :] = v  # keys right-aligned, as `place` does
     if len(parts) == 1 and parts[0].shape[-2:] == (R, S):
-        return enc, parts[0]
+        return enc, parts[0], norms
     patterns = torch.zeros((B, *parts[0].shape[1:3], R, S), dtype=parts[0].dtype)
     for chunk in batches:
         place(patterns, parts.pop(0), chunk)
-    return enc, patterns
+    return enc, patterns, norms
 
 
 def cut_at_eos(new: list[int], eos_ids: set[int]) -> list[int]:
@@ -234,6 +258,19 @@ def place(
     """
     R, S = part.shape[-2:]
     patterns[chunk.start : chunk.stop, ..., patterns.shape[-2] - R :, patterns.shape[-1] - S :] = part
+
+
+def check_finite_norms(norms: dict[str, Tensor] | None, layers: list[int]) -> None:
+    """NonFiniteError naming the first layer whose recorded norms hold NaN or inf (the model's activations overflowed)."""
+    if norms is None:
+        return
+    for name, t in norms.items():
+        bad = ~torch.isfinite(t.flatten(2).sum(-1)).all(0)  # [layer]
+        if bad.any():
+            raise NonFiniteError(
+                f"the {name} norms of layer {layers[int(bad.nonzero()[0])]} hold NaN or inf: the model's activations "
+                "overflowed; load it in float32 or bfloat16"
+            )
 
 
 def check_finite(patterns: Float[Tensor, "batch layer head row key"], layers: list[int]) -> None:

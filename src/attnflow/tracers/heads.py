@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from attnflow.errors import BadArgumentError, ShapeError
 from attnflow.flow import normalize_head_weights
+from attnflow.tracers.reduce import output_blocks
 
 PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense")
 
@@ -67,23 +68,39 @@ def o_proj_blocks(module: nn.Module, model: nn.Module) -> Float[Tensor, "head d 
     W_O = getattr(module, "W_O", None)
     if isinstance(W_O, Tensor) and W_O.ndim == 3:
         return W_O
+    found = output_projection(module)
+    if found is None:
+        return None
+    name, conv1d = found
+    weight = getattr(module, name).weight
+    heads = num_heads(module, model)
+    if weight.shape[0 if conv1d else 1] % heads:
+        raise ShapeError(
+            f"{type(module).__name__} output projection has {weight.shape[0 if conv1d else 1]} input features, "
+            f"not divisible by {heads} heads"
+        )
+    return output_blocks(weight, heads, conv1d)
+
+
+def output_projection(module: nn.Module) -> tuple[str, bool] | None:
+    """(attribute name, is GPT-2's Conv1D) of an HF attention module's output projection, or None if it has none.
+
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+        >>> output_projection(AutoModelForCausalLM.from_config(cfg).model.layers[0].self_attn)
+        ('o_proj', False)
+    """
     if "Attention" not in type(module).__name__ and not hasattr(module, "head_dim"):
         return None
-    proj = next((getattr(module, n) for n in PROJ_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    name = next((n for n in PROJ_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    proj = None if name is None else getattr(module, name)
     if proj is None or getattr(proj, "weight", None) is None:
         return None
-    heads = num_heads(module, model)
     if isinstance(proj, nn.Linear):
-        weight = proj.weight.T  # [heads·d, hidden]: input features first
-    elif type(proj).__name__ == "Conv1D":
-        weight = proj.weight  # already [heads·d (nx), hidden (nf)]
-    else:
-        return None
-    if weight.shape[0] % heads:
-        raise ShapeError(
-            f"{type(module).__name__} output projection has {weight.shape[0]} input features, not divisible by {heads} heads"
-        )
-    return weight.reshape(heads, weight.shape[0] // heads, weight.shape[1])
+        return name, False
+    if type(proj).__name__ == "Conv1D":
+        return name, True
+    return None
 
 
 def num_heads(module: nn.Module, model: nn.Module) -> int:

@@ -25,6 +25,15 @@ float32 on real models; tests compare in float64).  The two-pass path
 process's tensors, so generation goes through `remote.generate`), for
 `one_pass=False`, and in the TransformerLens backend (no KV-cache generation).
 
+With `norms=True` (or `heads="norm"`) the same block also reads, per recorded
+layer and in the order the model runs them, the decoder layer's input (the
+residual stream), the call's `value` and the attention module's output, and
+keeps only their norms: `‖x_i‖`, `‖a_i‖` and `‖W_O^h v^h_j‖` (`reduce.value_norms`,
+through the QR factor of each head's block of the output projection, computed
+once per weight locally and inside the block remotely, where the weights are).
+"The attention output" is the module's own output: models with a norm after
+attention (Gemma 2's post_attention_layernorm) add a normed version of it.
+
 `HFBackend` is what `tracers/driver.py` drives: the checks, batching and
 assembly are the driver's.
 
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +59,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from attnflow.errors import UnsupportedModelError
 from attnflow.tracers import inputs, reduce
 from attnflow.tracers import remote as ndif
+from attnflow.tracers.heads import PROJ_NAMES, o_proj_blocks, output_projection
 from attnflow.tracers.options import TraceOptions
 
 OP_PREFIX = "attention_interface_"
@@ -204,13 +215,16 @@ class HFBackend:
 
     def record(
         self, sequences: list[list[int]], positions: list[list[int]], *, layers: list[int], heads: str | Tensor,
-        options: TraceOptions, out: Float[Tensor, "batch layer head row key"],
+        options: TraceOptions, out: Float[Tensor, "batch layer head row key"], norms: dict[str, Tensor] | None = None,
     ) -> None:
         """Patterns of one left-padded batch from one `model.trace(...)`, rows right-aligned, written into `out`.
 
         Locally each layer's rows are written straight into `out` chunk by chunk
         (`reduce.interface_pattern`); a remote run builds the batch's tensor where
-        the model runs and copies what comes back.
+        the model runs and copies what comes back.  `norms` (windows of the
+        trace's `AttentionTrace.norms`, keys right-aligned) are filled in the same
+        forward: per layer, the residual input's norm (the decoder layer's input),
+        each key's value norm through the output projection, the attention output's norm.
         """
         ids, mask = inputs.left_pad(sequences, self.pad_id)
         pos = inputs.position_ids(mask)
@@ -223,6 +237,13 @@ class HFBackend:
         stop_early = layers[-1] < len(self.sites) - 1  # nothing to read past the last requested layer
         extra = ndif.trace_kwargs(self.nn_model, self.remote)  # {} locally; a checked RemoteBackend for NDIF
         local = out if not extra else None  # a remote block cannot write into a tensor of this process
+        want = norms is not None or (isinstance(heads, str) and heads == "norm")
+        # plain lists only in the block: a remote server has no attnflow (only reduce.py travels)
+        blocks, projs, conv1d, factors = self.norm_sources(layers, local=not extra) if want else ([], [], [], [])
+        layer_envoys = [self.nn_model.get(b) for b in blocks]
+        H, L, B, S = self.num_heads, len(layers), len(sequences), ids.shape[1]
+        key_mask = mask.to(self.device).float()  # [batch, seq]: pad positions get norm 0
+        local_norms = norms if not extra else None
         with ndif.translate_errors(extra):
             with self.nn_model.trace(
                 input_ids=ids.to(self.device),
@@ -232,21 +253,73 @@ class HFBackend:
                 **extra,
             ) as tracer:
                 patterns = local  # [batch, layer, head, row, key], filled layer by layer (no second copy from a stack)
+                found = local_norms
                 for i in range(len(envoys)):
+                    if want:
+                        x = layer_envoys[i].input  # [batch, seq, hidden]: the residual stream entering the layer
                     args, kwargs = getattr(envoys[i].source, ops[i]).inputs
                     if patterns is None:
-                        H = args[1].shape[1] if isinstance(heads, str) and heads == "all" else 1
-                        patterns = args[1].new_zeros((len(sequences), len(envoys), H, rows.shape[1], args[2].shape[2]), dtype=dtype)
+                        Ho = args[1].shape[1] if isinstance(heads, str) and heads == "all" else 1
+                        patterns = args[1].new_zeros((B, L, Ho, rows.shape[1], args[2].shape[2]), dtype=dtype)
+                    vn = None
+                    if want:
+                        R = factors[i]
+                        if R is None:  # remote: the projection's weights are where the block runs
+                            R = reduce.value_factors(reduce.output_blocks(getattr(envoys[i], projs[i]).weight, H, conv1d[i]))
+                        vn = reduce.value_norms(reduce.bind(args, kwargs)["value"], R) * key_mask[:, None, :]  # [b, head, key]
                     reduce.interface_pattern(
                         args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i],
-                        out=patterns[:, i], memory_budget=budget,
+                        out=patterns[:, i], memory_budget=budget, value_norms=vn,
                     )
+                    if norms is not None:
+                        if found is None:
+                            found = {
+                                "value": args[1].new_zeros((B, L, H, S), dtype=torch.float32),
+                                "attn": args[1].new_zeros((B, L, S), dtype=torch.float32),
+                                "residual": args[1].new_zeros((B, L, S), dtype=torch.float32),
+                            }
+                        a = envoys[i].output
+                        a = a[0] if isinstance(a, tuple) else a  # [batch, seq, hidden], before the residual add
+                        found["value"][:, i] = vn
+                        found["residual"][:, i] = reduce.position_norms(x) * key_mask
+                        found["attn"][:, i] = reduce.position_norms(a) * key_mask
                 if local is None:
                     patterns = patterns.save()
+                    if norms is not None:  # saved names come back; a dict of saved tensors would not
+                        value_n, attn_n, residual_n = found["value"].save(), found["attn"].save(), found["residual"].save()
                 if stop_early:
                     tracer.stop()
         if local is None:
             out.copy_(patterns.detach())
+            if norms is not None:
+                for k, t in (("value", value_n), ("attn", attn_n), ("residual", residual_n)):
+                    norms[k].copy_(t.detach())
+
+    def norm_sources(self, layers: list[int], local: bool) -> tuple[list[str], list[str], list[bool], list[Tensor | None]]:
+        """Per recorded layer: its decoder layer's path, its output projection's name, Conv1D or not, and (locally)
+        `reduce.value_factors` of the projection (computed once per backend; remotely the block computes them).
+
+        The decoder layer is the attention module's parent: its input is the
+        residual stream the layer's residual connection adds back.
+        """
+        blocks, projs, conv1d, factors = [], [], [], []
+        for layer in layers:
+            site = self.sites[layer]
+            module = self.hf.get_submodule(site.path)
+            found = output_projection(module)
+            if found is None or "." not in site.path:
+                raise UnsupportedModelError(
+                    f"norms=True / heads='norm' need the output projection (one of {', '.join(PROJ_NAMES)}, nn.Linear or "
+                    f"Conv1D) of {site.module_class} at {site.path} inside a decoder layer; this model has none"
+                )
+            blocks.append(site.path.rsplit(".", 1)[0])
+            projs.append(found[0])
+            conv1d.append(found[1])
+            if local:
+                factors.append(cached_factors(module, self.hf, getattr(module, found[0]).weight))
+            else:
+                factors.append(None)
+        return blocks, projs, conv1d, factors
 
     # --- one generation that records -----------------------------------------------------------
     @property
@@ -257,8 +330,9 @@ class HFBackend:
     def generate_record(
         self, sequences: list[list[int]], max_new_tokens: int, *, layers: list[int], heads: str | Tensor,
         options: TraceOptions,
-    ) -> tuple[list[list[int]], Float[Tensor, "batch layer head row key"]]:
-        """Greedy new tokens of one batch and its patterns, recorded inside the one `hf.generate` call.
+    ) -> tuple[list[list[int]], Float[Tensor, "batch layer head row key"], dict[str, Tensor] | None]:
+        """Greedy new tokens of one batch, its patterns and (`options.norms`) its norms, recorded inside the one
+        `hf.generate` call.
 
         Step 0 of the generation (prefill) gives the prompt's rows; decode step j
         gives the row of new token j, its keys the KV cache's (the last K
@@ -267,7 +341,9 @@ class HFBackend:
         computed too, with end-of-sequence stopping replaced by `StopAfterEOS`
         (stop once every example's EOS has been *fed*).  The returned patterns are
         laid out as `record` lays out the prompt + completion (cut at EOS): the
-        same [batch, layer, head_out, row, key] window, right-aligned.
+        same [batch, layer, head_out, row, key] window, right-aligned.  Norms: the
+        prompt's at prefill, each new token's (its value, residual input and
+        attention output) at the decode step that feeds it.
         """
         B, N = len(sequences), max_new_tokens
         ids, mask = inputs.left_pad(sequences, self.pad_id)
@@ -283,6 +359,14 @@ class HFBackend:
         ops = [self.sites[layer].op for layer in layers]
         causal = [self.sites[layer].is_causal for layer in layers]
         weights = [heads if isinstance(heads, str) else heads[i] for i in range(len(layers))]
+        want = options.norms or (isinstance(heads, str) and heads == "norm")
+        blocks, _, _, factors = self.norm_sources(layers, local=True) if want else ([], [], [], [])
+        layer_envoys = [self.nn_model.get(b) for b in blocks]
+        L, H = len(layers), self.num_heads
+        norms = None
+        if options.norms:  # generation columns, like gen's keys
+            norms = {"value": torch.zeros((B, L, H, P + N)), "attn": torch.zeros((B, L, P + N)), "residual": torch.zeros((B, L, P + N))}
+        prompt_mask = mask.to(self.device).float()  # [batch, P]
         stop = StopAfterEOS(self.eos_ids, P)
         decode_row = torch.zeros((B, 1), dtype=torch.long, device=self.device)
         pre_index = pre_index.to(self.device)
@@ -300,20 +384,61 @@ class HFBackend:
             ) as tracer:
                 for step in tracer.iter[:]:
                     for i in range(len(envoys)):
+                        if want:
+                            x = layer_envoys[i].input  # [batch, P or 1, hidden]
                         args, kwargs = getattr(envoys[i].source, ops[i]).inputs
+                        vn = None
+                        if want:  # every key's value norm: the prompt's at prefill, the cache's at a decode step
+                            vn = reduce.value_norms(reduce.bind(args, kwargs)["value"], factors[i])  # [batch, head, K]
+                            if step == 0:
+                                vn = vn * prompt_mask[:, None, :]
                         if step == 0:  # prefill: the prompt's rows
                             reduce.interface_pattern(
                                 args, kwargs, row_index=pre_index, heads=weights[i], dtype=dtype, is_causal=causal[i],
-                                out=gen[:, i, :, :R0, :P], memory_budget=budget,
+                                out=gen[:, i, :, :R0, :P], memory_budget=budget, value_norms=vn,
                             )
                         else:  # decode step: the newest token's row over the cached keys
                             p = reduce.interface_pattern(
-                                args, kwargs, row_index=decode_row, heads=weights[i], dtype=dtype, is_causal=causal[i]
+                                args, kwargs, row_index=decode_row, heads=weights[i], dtype=dtype, is_causal=causal[i],
+                                value_norms=vn,
                             )  # [batch, head_out, 1, K]
                             gen[:, i, :, R0 + step - 1, key_columns(p.shape[-1], P + step)] = p[:, :, 0]
+                        if norms is not None:
+                            a = envoys[i].output
+                            a = a[0] if isinstance(a, tuple) else a  # [batch, P or 1, hidden]
+                            if step == 0:
+                                norms["value"][:, i, :, :P] = vn
+                                norms["residual"][:, i, :P] = reduce.position_norms(x) * prompt_mask
+                                norms["attn"][:, i, :P] = reduce.position_norms(a) * prompt_mask
+                            else:  # the newest key is the last one the cache has filled
+                                col = P + step - 1
+                                norms["value"][:, i, :, col] = vn[:, :, min(vn.shape[-1], P + step) - 1]
+                                norms["residual"][:, i, col] = reduce.position_norms(x)[:, -1]
+                                norms["attn"][:, i, col] = reduce.position_norms(a)[:, -1]
         new = stop.ids[:, P : P + N].tolist()  # the token past N was only there to compute the last row
-        return new, assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=stop.ids.shape[1] - P - 1)
+        steps = stop.ids.shape[1] - P - 1
+        patterns = assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=steps)
+        return new, patterns, None if norms is None else assemble_norms(norms, new, sequences, self.eos_ids)
 
+
+
+_FACTORS: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(weight) -> (the weight, its version, factors)
+
+
+def cached_factors(module: torch.nn.Module, hf: torch.nn.Module, weight: Tensor) -> Tensor:
+    """`reduce.value_factors` of an attention module's output projection, computed once per weight tensor.
+
+    Keyed by the weight itself (a weak reference: an id reused by a new tensor
+    misses) and its in-place version counter, so a changed weight is never served
+    stale factors.
+    """
+    hit = _FACTORS.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    factors = reduce.value_factors(o_proj_blocks(module, hf)).to(weight.device)
+    key = id(weight)
+    _FACTORS[key] = (weakref.ref(weight, lambda _, key=key: _FACTORS.pop(key, None)), weight._version, factors)
+    return factors
 
 
 class StopAfterEOS(StoppingCriteria):
@@ -386,4 +511,31 @@ def assemble(
         src = torch.tensor([slot[t] if t < p else R0 + t - p for t in pos], dtype=torch.long)
         pad = P - p  # generation columns of example b start here
         out[b, :, :, R - len(pos) :, S - n :] = gen[b, :, :, src, pad : pad + n]
+    return out
+
+
+def assemble_norms(
+    gen: dict[str, Tensor], new: list[list[int]], prompts: list[list[int]], eos_ids: set[int]
+) -> dict[str, Tensor]:
+    """Norms in generation columns (prompts left-padded to the longest, then the new tokens) -> `record`'s layout of
+    prompt + completion (cut at EOS), right-aligned on the last dim like the patterns' keys.
+
+        >>> gen = {"attn": torch.tensor([[[0., 5., 7., 1.]], [[4., 6., 8., 9.]]])}   # batch layer (2 prompt + 2 new)
+        >>> assemble_norms(gen, [[2, 9], [9, 9]], [[3], [3, 4]], eos_ids={2})["attn"]   # example 0 ends at EOS 2
+        tensor([[[0., 0., 5., 7.]],
+        <BLANKLINE>
+                [[4., 6., 8., 9.]]])
+    """
+    from attnflow.tracers.driver import cut_at_eos
+
+    P = max(len(p) for p in prompts)
+    lengths = [len(p) + len(cut_at_eos(n, eos_ids)) for p, n in zip(prompts, new)]
+    S = max(lengths)
+    out = {}
+    for name, t in gen.items():
+        o = t.new_zeros((*t.shape[:-1], S))
+        for b, (p, n) in enumerate(zip(prompts, lengths)):
+            pad = P - len(p)
+            o[b, ..., S - n :] = t[b, ..., pad : pad + n]
+        out[name] = o
     return out

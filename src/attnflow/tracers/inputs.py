@@ -43,7 +43,7 @@ from attnflow.attention_trace import Span
 from attnflow.errors import BadArgumentError, PromptError
 from attnflow.flow import normalize_head_weights
 
-HEAD_MODES = ("all", "mean", "max")
+HEAD_MODES = ("all", "mean", "max", "norm")
 ROW_MODES = ("last", "completion")
 
 
@@ -222,7 +222,7 @@ def check_layers(layers: Any, num_layers: int) -> list[int]:
 
 
 def head_mode(heads: Any) -> str | Tensor:
-    """"all" | "mean" | "max", or a weight tensor (unchecked: its shape depends on the model), else BadArgumentError.
+    """"all" | "mean" | "max" | "norm", or a weight tensor (unchecked: its shape depends on the model), else BadArgumentError.
 
         >>> head_mode("mean")
         'mean'
@@ -232,7 +232,7 @@ def head_mode(heads: Any) -> str | Tensor:
             raise BadArgumentError(f"heads={heads!r}; use one of {', '.join(HEAD_MODES)} or a [layer, head] weight tensor")
         return heads
     if not isinstance(heads, Tensor):
-        raise BadArgumentError(f"heads of type {type(heads).__name__}; use 'all', 'mean', 'max' or a [layer, head] tensor")
+        raise BadArgumentError(f"heads of type {type(heads).__name__}; use 'all', 'mean', 'max', 'norm' or a [layer, head] tensor")
     return heads
 
 

@@ -80,6 +80,11 @@ class LensBackend:
                 "remote= runs HuggingFace models on NDIF through nnsight; a TransformerLens model records locally: "
                 "drop remote= or trace the HF model (or its hub id) instead"
             )
+        if options.norms or (isinstance(options.heads, str) and options.heads == "norm"):
+            raise BadArgumentError(
+                "norms=True and heads='norm' record value and residual norms through nnsight on HF models; "
+                "a TransformerLens model records patterns only: trace the HF model instead, or drop norms= / heads='norm'"
+            )
         self.model, cfg = model, model.cfg
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.num_layers, self.num_heads = int(cfg.n_layers), int(cfg.n_heads)

@@ -33,7 +33,9 @@ class TraceOptions:
     """How to record: every `attnflow.trace` keyword but the model, the prompts and their data.
 
     max_new_tokens  generate this many tokens greedily and record prompt + completion
-    heads           "all" | "mean" | "max" | Tensor[layer, head] of non-negative weights (normalised per layer)
+    heads           "all" | "mean" | "max" | "norm" | Tensor[layer, head] of non-negative weights (normalised
+                    per layer).  "norm" sums the heads weighted by each key's value norm,
+                    rownorm(Σ_h α^h_ij·‖W_O^h v^h_j‖) (Kobayashi et al. 2020; HF models only)
     layers          None (all), an index or a list of them, negatives from the end; stored sorted
     rows            None (every query row) | "last" | "completion" (rows prompt_length-1 .. length-2,
                     which produce the completion tokens) | list of positions (negatives from each end)
@@ -47,6 +49,11 @@ class TraceOptions:
                     at prefill and each new token's row at its decode step, inside the one generation.  False,
                     or a remote or TransformerLens model: generate, then one forward over prompt + completion.
                     Both give the same patterns (the KV cache holds the same keys)
+    norms           also record, in the same forward, `AttentionTrace.norms` (float32, HF models, locally or
+                    remote, with generation and any rows=): "value" [batch, layer, head, key] = ‖W_O^h v^h_j‖,
+                    "attn" [batch, layer, query] = ‖attention output‖ and "residual" [batch, layer, query] =
+                    ‖residual input of the layer‖ at every position; for heads="norm" and
+                    `attnflow.flow.measured_rollout`
 
     Lists come back as tuples and `dtype` as a torch dtype; a head-weight tensor
     is copied, so changing the caller's tensor later changes nothing here.
@@ -65,6 +72,7 @@ class TraceOptions:
     progress: bool = True
     memory_budget: int | str | None = "256MiB"
     one_pass: bool = True
+    norms: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens is not None:
@@ -81,7 +89,7 @@ class TraceOptions:
             remote=check_remote(self.remote),
             memory_budget=inputs.byte_count("memory_budget", self.memory_budget),
         )
-        for name in ("progress", "one_pass"):
+        for name in ("progress", "one_pass", "norms"):
             if not isinstance(getattr(self, name), bool):
                 raise BadArgumentError(f"{name}={getattr(self, name)!r}; use True or False")
 
@@ -101,7 +109,8 @@ class TraceOptions:
             >>> TraceOptions(heads="mean", rows=-1).to_settings(
             ...     layers=[0, 1], heads="mean", teacher_forced=False, pad_token_id=0, backend={"name": "nnsight"})
             {'heads': 'mean', 'head_weights': None, 'rows': [-1], 'layers': [0, 1], 'dtype': 'float16', \
-'max_new_tokens': None, 'teacher_forced': False, 'pad_token_id': 0, 'remote': False, 'backend': {'name': 'nnsight'}}
+'max_new_tokens': None, 'teacher_forced': False, 'pad_token_id': 0, 'remote': False, 'norms': False, \
+'backend': {'name': 'nnsight'}}
         """
         return {
             "heads": inputs.head_label(heads),
@@ -113,5 +122,6 @@ class TraceOptions:
             "teacher_forced": teacher_forced,
             "pad_token_id": pad_token_id,
             "remote": self.remote,
+            "norms": self.norms,
             "backend": backend,
         }

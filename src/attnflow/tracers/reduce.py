@@ -149,12 +149,14 @@ def _allowed_keys(
 
 
 def reduce_heads(
-    P: Float[Tensor, "batch head row key"], heads: str | Float[Tensor, "head"]
+    P: Float[Tensor, "batch head row key"], heads: str | Float[Tensor, "head"],
+    value_norms: Float[Tensor, "batch head key"] | None = None,
 ) -> Float[Tensor, "batch head_out row key"]:
-    """Reduce the head dim: "all" keeps it, "mean"/"max" make it 1, a [head] weight vector averages with it.
+    """Reduce the head dim: "all" keeps it, "mean"/"max"/"norm" make it 1, a [head] weight vector averages with it.
 
     Weights are used as given (the tracer normalises them to sum to 1 per layer),
-    so rows of a weighted result still sum to 1.
+    so rows of a weighted result still sum to 1.  "norm" weighs each head by each
+    key's `value_norms` (`norm_weighted`).
 
         >>> reduce_heads(torch.ones(2, 4, 3, 5), "mean").shape
         torch.Size([2, 1, 3, 5])
@@ -167,7 +169,79 @@ def reduce_heads(
         return P.mean(dim=1, keepdim=True)
     if heads == "max":
         return P.amax(dim=1, keepdim=True)
-    raise ValueError(f"heads={heads!r}; use 'all', 'mean', 'max' or a tensor of weights")
+    if heads == "norm":
+        if value_norms is None:
+            raise ValueError("heads='norm' needs value_norms [batch, head, key]")
+        return norm_weighted(P, value_norms, inplace=True).unsqueeze(1)
+    raise ValueError(f"heads={heads!r}; use 'all', 'mean', 'max', 'norm' or a tensor of weights")
+
+
+def norm_weighted(
+    P: Float[Tensor, "*batch head query key"], value_norms: Float[Tensor, "*batch head key"], inplace: bool = False
+) -> Float[Tensor, "*batch query key"]:
+    """`Σ_h P^h_ij·‖W_O^h v^h_j‖`, rows renormalised (zero rows stay zero): Kobayashi et al. 2020's head sum.
+
+    The one implementation of heads="norm", used in the trace and by `attnflow.flow`.
+    `inplace=True` scales P itself (the tracer's own float32 chunk: no second buffer).
+
+        >>> P = torch.tensor([[[1., 0.], [.5, .5]], [[1., 0.], [.1, .9]]])   # head query key
+        >>> norm_weighted(P, torch.tensor([[1., 3.], [1., 1.]]))            # row 1: (.5 + .1, 1.5 + .9) / 3
+        tensor([[1.0000, 0.0000],
+                [0.2000, 0.8000]])
+    """
+    n = value_norms.to(P).unsqueeze(-2)  # [*batch, head, 1, key]
+    W = P.mul_(n).sum(-3) if inplace else torch.einsum("...hqk,...hk->...qk", P, n.squeeze(-2))
+    total = W.sum(-1, keepdim=True)
+    return W / torch.where(total != 0, total, torch.ones_like(total))
+
+
+# --- norms (Kobayashi et al. 2020, 2021) --------------------------------------------------------------
+def output_blocks(weight: Tensor, heads: int, conv1d: bool = False) -> Float[Tensor, "head d hidden"]:
+    """Head h's block of an output projection's weight, `[head, d, hidden]` (input features first).
+
+    An `nn.Linear` o_proj has weight `[hidden, heads·d]` (head h = columns h·d:(h+1)·d);
+    GPT-2's `Conv1D` c_proj has `[heads·d, hidden]` (head h = rows h·d:(h+1)·d).
+
+        >>> output_blocks(torch.arange(12.).view(2, 6), 3).shape     # hidden 2, 3 heads of d 2
+        torch.Size([3, 2, 2])
+    """
+    W = weight if conv1d else weight.T  # [heads·d, hidden]
+    return W.reshape(heads, W.shape[0] // heads, W.shape[1])
+
+
+def value_factors(blocks: Float[Tensor, "head d hidden"]) -> Float[Tensor, "head d d"]:
+    """`R_h` with `‖v·W_O^h‖ = ‖v·R_hᵀ‖` for every v: the R of the QR of each block `W_O^hᵀ = Q_h R_h`.
+
+    Q_h has orthonormal columns, so it keeps the norm, and a value's norm costs
+    d² instead of d·hidden per key and head (computed in float64, returned in float32).
+
+        >>> blocks = torch.randn(2, 4, 16); v = torch.randn(2, 5, 4)        # head d hidden; head key d
+        >>> R = value_factors(blocks)
+        >>> bool(torch.allclose((v @ blocks).norm(dim=-1), (v @ R.transpose(-1, -2)).norm(dim=-1), atol=1e-5))
+        True
+    """
+    return torch.linalg.qr(blocks.detach().transpose(-1, -2).double(), mode="r").R.float()
+
+
+def value_norms(
+    value: Float[Tensor, "batch kv_head key d"], factors: Float[Tensor, "head d d"]
+) -> Float[Tensor, "batch head key"]:
+    """`‖W_O^h v^h_j‖` for every query head h and key j, in float32 (query head h reads kv head h // (head / kv_head)).
+
+        >>> v = torch.randn(1, 2, 5, 4); blocks = torch.randn(4, 4, 16)     # GQA: 4 query heads over 2 kv heads
+        >>> n = value_norms(v, value_factors(blocks))
+        >>> n.shape, bool(torch.allclose(n[0, 3], (v[0, 1] @ blocks[3]).norm(dim=-1), atol=1e-5))
+        (torch.Size([1, 4, 5]), True)
+    """
+    B, Hkv, K, d = value.shape
+    R = einops.rearrange(factors.to(device=value.device, dtype=torch.float32), "(h g) e d -> h g e d", h=Hkv)
+    fv = torch.einsum("bhkd,hged->bhgke", value.float(), R)  # [batch, kv_head, group, key, d]
+    return torch.linalg.vector_norm(fv, dim=-1).reshape(B, -1, K)
+
+
+def position_norms(x: Float[Tensor, "batch pos hidden"]) -> Float[Tensor, "batch pos"]:
+    """The float32 L2 norm of each position's vector (a residual input or an attention output)."""
+    return torch.linalg.vector_norm(x.float(), dim=-1)
 
 
 def to_storage(P: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -185,6 +259,7 @@ def interface_pattern(
     is_causal: bool,
     out: Tensor | None = None,
     memory_budget: int | None = None,
+    value_norms: Float[Tensor, "batch head key"] | None = None,
 ) -> Float[Tensor, "batch head_out row key"]:
     """The stored pattern of one layer from the `(args, kwargs)` of its `attention_interface(...)` call.
 
@@ -196,7 +271,8 @@ def interface_pattern(
     heads reduced at once, so the float32 transient is O(chunk x key x head) and
     never the whole `[batch, head, row, key]`; each chunk is written into `out`
     ([batch, head_out, row, key], any dtype: the copy casts) or into a new
-    tensor of `dtype` (float32 when None).
+    tensor of `dtype` (float32 when None).  heads="norm" weighs the heads by
+    `value_norms` [batch, head, key] (`value_norms(...)` of the same call's value).
 
         >>> q = torch.randn(1, 4, 6, 8); k = torch.randn(1, 2, 6, 8)
         >>> args = (None, q, k, None, None); rows = torch.arange(6)[None]
@@ -206,9 +282,7 @@ def interface_pattern(
         >>> whole.shape, bool((whole - chunked).abs().max() < 1e-6)   # the same up to float32 rounding
         (torch.Size([1, 1, 6, 6]), True)
     """
-    names = ("module", "query", "key", "value", "attention_mask")
-    bound = dict(zip(names, args))
-    bound.update({n: kwargs[n] for n in names if n in kwargs})
+    bound = bind(args, kwargs)
     causal = kwargs.get("is_causal")
     query, key, mask = bound["query"], bound["key"], bound.get("attention_mask")
     sinks = _first(kwargs.get("s_aux"), kwargs.get("sinks"))
@@ -239,11 +313,20 @@ def interface_pattern(
             row_index=rows,
             key_end=end,
         )
-        out[:, :, r0 : r0 + step, :end] = reduce_heads(P, heads)  # the copy casts to the storage dtype
+        n = None if value_norms is None else value_norms[..., :end]
+        out[:, :, r0 : r0 + step, :end] = reduce_heads(P, heads, n)  # the copy casts to the storage dtype
         if end < K:
             out[:, :, r0 : r0 + step, end:] = 0
         del P
     return out
+
+
+def bind(args: tuple, kwargs: dict) -> dict:
+    """{module, query, key, value, attention_mask} of an `attention_interface(...)` call, positional or keyword."""
+    names = ("module", "query", "key", "value", "attention_mask")
+    bound = dict(zip(names, args))
+    bound.update({n: kwargs[n] for n in names if n in kwargs})
+    return bound
 
 
 def chunk_rows(

@@ -7,7 +7,7 @@
  * the same triples in meta.inline instead. Each shard holds, for its heads and its
  * query rows r0..r1, the row prefixes (keys 0..width-1) one after another, as uint8
  * codes (or float16) of weight / row max, plus one float32 scale (the row max) per
- * head and row. thumbs/<id>.js hold the layer x head thumbnails (uint8 [layer, head,
+ * head and row, both as base85 text (b85bytes). thumbs/<id>.js hold the layer x head thumbnails (uint8 [layer, head,
  * tq, tk]) of one example.
  *
  * One token pane shows one of three rows for the focused token, said in words above it:
@@ -57,12 +57,29 @@
   const loaded = new Map(); // shard id -> promise
   let storedBytes = 0;
 
-  function b64bytes(s) {
-    if (typeof Uint8Array.fromBase64 === "function") return Uint8Array.fromBase64(s);
-    const bin = atob(s);
-    const out = new Uint8Array(bin.length);
-    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-    return out;
+  // base85 text (html.py's b85: RFC 1924 digits with &<>` swapped for .,:]) -> bytes
+  const B85 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%.()*+-;,=:?@^_]{|}~";
+  const DIGIT = new Uint8Array(128);
+  for (let i = 0; i < 85; i++) DIGIT[B85.charCodeAt(i)] = i;
+  function b85bytes(s) {
+    const n = s.length;
+    const full = n - (n % 5);
+    const out = new Uint8Array(Math.ceil(n / 5) * 4);
+    const put = (o, v) => {
+      out[o] = v >>> 24;
+      out[o + 1] = v >>> 16;
+      out[o + 2] = v >>> 8;
+      out[o + 3] = v;
+    };
+    const d = (i) => DIGIT[s.charCodeAt(i)];
+    let o = 0;
+    for (let i = 0; i < full; i += 5, o += 4) put(o, (((d(i) * 85 + d(i + 1)) * 85 + d(i + 2)) * 85 + d(i + 3)) * 85 + d(i + 4));
+    if (n > full) {
+      let v = 0;
+      for (let i = full; i < full + 5; i++) v = v * 85 + (i < n ? d(i) : 84); // the last group: padded with the top digit
+      put(o, v);
+    }
+    return out.subarray(0, (full / 5) * 4 + (n > full ? n - full - 1 : 0));
   }
 
   function widthsOf(kind, example, what) {
@@ -76,7 +93,7 @@
   function register(header, data, scales) {
     if (header.kind === "thumb") {
       if (!thumbs.has(header.example)) thumbs.set(header.example, []);
-      thumbs.get(header.example).push({ l0: header.l0, l1: header.l1, tq: header.tq, tk: header.tk, bytes: b64bytes(data) });
+      thumbs.get(header.example).push({ l0: header.l0, l1: header.l1, tq: header.tq, tk: header.tk, bytes: b85bytes(data) });
       return;
     }
     const what = header.kind === "flow" ? header.method : header.layer;
@@ -84,9 +101,9 @@
     const starts = new Int32Array(widths.length + 1);
     for (let i = 0; i < widths.length; i++) starts[i + 1] = starts[i] + widths[i];
     const per = starts[widths.length];
-    const bytes = b64bytes(data);
+    const bytes = b85bytes(data);
     const codes = header.enc === "float16" ? new Uint16Array(bytes.buffer, 0, bytes.length / 2) : bytes;
-    const sc = b64bytes(scales);
+    const sc = b85bytes(scales);
     const rowScales = new Float32Array(sc.buffer, 0, sc.length / 4);
     const R = header.r1 - header.r0;
     header.heads.forEach((h, i) => {

@@ -273,6 +273,27 @@ def test_flow_view_bars_and_example_picker(driver, story):
     check_row(tokens(driver, "flow"), [F[1, 5 + 4, 5:10]])
 
 
+def test_maxflow_in_the_method_selector(driver, tmp_path):
+    from attnflow.flow import max_flow
+
+    tr = make_trace([12, 9], layers=(0, 1, 2, 3), heads=2, seed=5)  # every layer of the model; completion: 2 tokens
+    out = to_html(tr, tmp_path / "view", flow=["rollout", "maxflow"])
+    open_page(driver, out / "index.html")
+    method = Select(driver.find_element(By.ID, "method"))
+    assert [o.text for o in method.options] == ["rollout", "maxflow"]
+    assert "Abnar" in method.options[1].get_attribute("title")
+    method.select_by_value("maxflow")
+    wait_ready(driver)
+    for b, n in enumerate([12, 9]):
+        if b:
+            Select(driver.find_element(By.ID, "example")).select_by_index(1)
+            wait_ready(driver)
+        P, _ = tr.example_patterns(b)
+        hover(driver, "flow", n - 1)  # the last token, produced by row n - 2
+        check_row(tokens(driver, "flow"), [max_flow(P[None].double(), rows=[n - 2])[0, 0, : n - 1]])  # keys 0..n-2
+        assert f"maxflow row {n - 2}" in driver.find_element(By.ID, "caption").text
+
+
 def test_attributions_without_flow(driver, tmp_path):
     tr, _ = story_trace()
     scores = pa.table(

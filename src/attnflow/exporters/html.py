@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from functools import partial
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -77,6 +78,9 @@ INLINE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-
 SINK_SHARE = 0.3  # a key is a sink when it takes more than this share of most rows
 THUMB = 48  # thumbnail side (query x key cells) in the layer x head grid
 INLINE_FLOW_ROWS = 64  # `inline_html` composes rollout for at most this many completion rows
+COMPLETION_ROWS = 64  # rows per example that `flow=[method, ...]` composes (the last completion tokens')
+MAXFLOW_ROWS = 16  # the same for maxflow, whose rows cost ~n^3 each
+MAXFLOW_TOKENS = 256  # longest example `flow=["maxflow"]` accepts: ~4.4 s per row on 30 layers (bench/maxflow.py)
 SPECIAL = re.compile(r"^(<\|[^|]*\|>|</?s>|<unk>|<pad>|\[[A-Z]+\])$")  # the viewer's isSpecial
 PATHLIKE = re.compile(r"^([A-Za-z]:[\\/]|[\\/]|~|\.{1,2}[\\/])")
 # RFC 1924's base85 digits with & < > ` swapped for . , : ] so that the text needs no escaping
@@ -92,7 +96,7 @@ def to_html(
     trace: AttentionTrace,
     path: str | Path,
     shard_bytes: int = 8 * 2**20,
-    flow: FlowArg | None = None,
+    flow: FlowArg | Sequence[str] | None = None,
     attributions: Any = None,
     precision: str = "uint8",
     progress: bool = False,
@@ -109,8 +113,11 @@ def to_html(
 
     `flow` and `attributions` follow `to_parquet`: a dict method -> Tensor [batch, query, key]
     (or (Tensor [batch, rows, key], query positions [batch, rows])), and the table
-    `attnflow.attribute` returns.  Every shard file is at most `shard_bytes` long; index.html
-    grows with the number of tokens only.  `progress=True` shows a progress bar over the shards.
+    `attnflow.attribute` returns.  `flow` may instead name methods (`flow=["rollout", "maxflow"]`):
+    `completion_flow` composes them here for the rows that produced each example's completion
+    tokens, and the viewer's flow selector offers each.  Every shard file is at most `shard_bytes`
+    long; index.html grows with the number of tokens only.  `progress=True` shows a progress bar
+    over the shards.
 
     `flow_info` records how each flow was made (e.g. `{"rollout": {"alpha": 0.5, "exclude_keys": [0]}}`);
     the page shows it in its settings block.  `gold` marks supporting spans per example, by span
@@ -120,12 +127,15 @@ def to_html(
 
     >>> to_html(tr, "view/", shard_bytes=2**20, gold={0: ["doc2"]})
     PosixPath('view')
+    >>> to_html(tr, "maxflow-view/", flow=["rollout", "maxflow"])   # Abnar & Zuidema's attention flow too
+    PosixPath('maxflow-view')
     >>> to_html(tr, "view/")
     Traceback (most recent call last):
     attnflow.errors.DataError: view already holds an attnflow html; pass overwrite=True (CLI: --overwrite) to replace it
     """
     path = Path(path)
     _check(shard_bytes, precision)
+    flow, flow_info = _named_flow(trace, flow, flow_info)
     meta, jobs = build(trace, shard_bytes, flow, attributions, precision, flow_info, gold, examples)
     thumbs = meta.pop("_thumb_jobs")
     with _io.output_dir(path, "html", overwrite=overwrite) as tmp:
@@ -143,7 +153,7 @@ def to_html(
 
 def inline_html(
     trace: AttentionTrace,
-    flow: FlowArg | str | None = "auto",
+    flow: FlowArg | Sequence[str] | str | None = "auto",
     attributions: Any = None,
     *,
     flow_info: dict[str, dict] | None = None,
@@ -154,8 +164,8 @@ def inline_html(
 
     `flow="auto"` (what `trace._repr_html_` uses) composes rollout (alpha 0.5, heads averaged,
     no keys excluded) for the rows that produced the completion tokens, at most INLINE_FLOW_ROWS
-    of them, when every row was recorded; `flow=None` leaves the Flow view out; a dict is used
-    as given (see `to_html`).  Traces whose encoded weights exceed INLINE_LIMIT bytes get a
+    of them, when every row was recorded; `flow=None` leaves the Flow view out; a dict or a list
+    of method names is used as in `to_html`.  Traces whose encoded weights exceed INLINE_LIMIT bytes get a
     message pointing to `to_html`.  A saved notebook opened untrusted shows a line of text in
     place of the view, saying how to render it again.
 
@@ -178,6 +188,7 @@ def inline_html(
             raise BadArgumentError(f"flow={flow!r}; use 'auto', None or a dict method -> Tensor")
         flow, auto_info = default_flow(trace)
         flow_info = {**auto_info, **(flow_info or {})}
+    flow, flow_info = _named_flow(trace, flow, flow_info)
     meta, jobs = build(trace, 2**62, flow, attributions, "uint8", flow_info, gold, examples)
     meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in (job() for job in jobs)}
     meta["inline_thumbs"] = {s.header["id"]: [s.header, s.data, s.scales] for s in (job() for job in meta.pop("_thumb_jobs"))}
@@ -348,6 +359,66 @@ def default_flow(trace: AttentionTrace) -> tuple[dict, dict]:
     info = {"rollout": {"alpha": 0.5, "heads": "mean", "exclude_keys": [], "rows": f"the {k} rows that produced the last {k} tokens",
                         "made_by": "inline_html (default)"}}
     return {"rollout": (R, qpos)}, info
+
+
+def completion_flow(trace: AttentionTrace, methods: Sequence[str]) -> tuple[dict, dict]:
+    """(flow, flow_info) for `to_html`: each method composed (heads averaged, alpha 0.5, no keys excluded)
+    for the rows that produced each example's completion tokens, the last COMPLETION_ROWS of them
+    (MAXFLOW_ROWS for maxflow, whose examples may hold at most MAXFLOW_TOKENS tokens).
+
+    The methods are `attnflow.flow.METHODS`: "flow" is the residual recurrence, "maxflow" the
+    maximum flow through the attention graph (Abnar & Zuidema 2020).  They need a trace with every
+    query row and layer recorded (`attnflow.attribution.target_flow` says so otherwise).
+
+    >>> flow, info = completion_flow(tr, ["maxflow"])
+    >>> R, q = flow["maxflow"]; R.shape, q.tolist()              # [batch, rows, key]: row 25 produced token 26, the answer
+    (torch.Size([1, 1, 27]), [[25]])
+    >>> R.sum(-1), info["maxflow"]["rows"]                        # shares: each row sums to 1
+    (tensor([[1.0000]]), 'the rows that produced the last 16 completion tokens (or all of them)')
+    """
+    from attnflow.attribution import target_flow
+
+    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        raise BadArgumentError(f"flow={methods!r}; name methods in a list, e.g. flow=['rollout', 'maxflow']")
+    flow, info = {}, {}
+    for m in dict.fromkeys(methods):
+        k = MAXFLOW_ROWS if m == "maxflow" else COMPLETION_ROWS
+        # token p is produced by row p - 1: the rows behind the last k completion tokens
+        rows = [list(range(max(p, n - k, 1) - 1, n - 1)) for n, p in zip(trace.lengths, trace.prompt_lengths)]
+        if not any(rows):
+            raise BadArgumentError(f"flow=[{m!r}] composes the rows that produced the completion, and this trace has no "
+                                   "completion tokens; pass flow={method: Tensor} with the rows you want instead")
+        long = [b for b, r in enumerate(rows) if r and trace.lengths[b] > MAXFLOW_TOKENS]
+        if m == "maxflow" and long:
+            b = long[0]
+            raise BadArgumentError(
+                f"flow=['maxflow'] solves up to {MAXFLOW_TOKENS} tokens per example, and example {b} has {trace.lengths[b]} "
+                f"(max flow costs ~n^3 per row: 4.4 s at 256 tokens, 35 s at 512 on 30 layers); compute the rows you need with "
+                "af.attribution.target_flow(trace, rows, 'maxflow') and pass flow={'maxflow': (R, padded query positions)}"
+            )
+        R = target_flow(trace, [r or [trace.lengths[b] - 1] for b, r in enumerate(rows)], m)  # [batch, rows, key]
+        q = torch.full(R.shape[:2], -1, dtype=torch.long)  # padded query positions; -1: a repeat, no row
+        for b, r in enumerate(rows):
+            q[b, : len(r)] = torch.tensor(r, dtype=torch.long) + trace.pad_offsets[b]
+        flow[m] = (R, q)
+        info[m] = {"alpha": 0.5, "heads": "mean", "exclude_keys": [],
+                   "rows": f"the rows that produced the last {k} completion tokens (or all of them)",
+                   "made_by": "to_html(flow=[...])"}
+        if m == "maxflow":
+            info[m]["what"] = "maximum flow through the layered attention graph (Abnar & Zuidema 2020), shares of each row"
+        elif m == "flow":
+            info[m]["what"] = "the residual recurrence X_l = A_l X_(l-1) + X_(l-1) (2^L x rollout on stochastic rows), not maxflow"
+    return flow, info
+
+
+def _named_flow(trace: AttentionTrace, flow, flow_info: dict | None) -> tuple[Any, dict | None]:
+    """`flow` as a dict: a list of method names composed by `completion_flow`, its info under the caller's."""
+    if flow is None or isinstance(flow, Mapping):
+        return flow, flow_info
+    flow, info = completion_flow(trace, flow)
+    if flow_info is not None and not isinstance(flow_info, dict):
+        return flow, flow_info  # _annotate says what is wrong
+    return flow, {**info, **(flow_info or {})}
 
 
 def summarise(trace: AttentionTrace, b: int) -> tuple[Tensor, list[int]]:

@@ -506,7 +506,8 @@
     bar.appendChild(sl);
     if (METHODS.length) {
       const m = el("select", { id: "method", "aria-label": "flow method" });
-      METHODS.forEach((name) => m.appendChild(el("option", { value: name }, name)));
+      // flow_info's "what" says, e.g., that maxflow is Abnar & Zuidema's attention flow and flow the residual recurrence
+      METHODS.forEach((name) => m.appendChild(el("option", { value: name, title: ((meta.flow_info || {})[name] || {}).what || name }, name)));
       m.addEventListener("change", () => {
         state.method = m.value;
         fillTokens();

@@ -294,7 +294,6 @@
   }
 
   function tokenLabel(p) {
-    const ex = ex0();
     return p + " \u2018" + short(shown[p] || "", 24) + "\u2019";
   }
 
@@ -491,7 +490,7 @@
     const norm = el("input", { type: "checkbox", id: "normalize", checked: "" });
     norm.addEventListener("change", () => {
       state.normalize = norm.checked;
-      paintAll();
+      paint();
     });
     bar.appendChild(label("scale to max", norm));
     const sinks = el("input", { type: "checkbox", id: "sinks" });
@@ -499,7 +498,7 @@
     sinks.addEventListener("change", () => {
       state.dropSinks = sinks.checked;
       matrixKey = "";
-      paintAll();
+      paint();
     });
     const sl = label("leave sinks out of the scale", sinks);
     sl.title = "sink keys (see the settings block) are coloured at most full strength and do not set the maximum";
@@ -545,7 +544,7 @@
       set(+input.value);
       out.textContent = input.value;
       matrixKey = "";
-      paintAll();
+      paint();
     });
     const wrap = label(name, input);
     wrap.appendChild(out);
@@ -814,7 +813,7 @@
           state.frozen[m] = false;
           ui.tabs[m].dataset.frozen = "false";
         }
-        paintAll();
+        paint();
       },
     }[ev.key];
     if (act) {
@@ -851,7 +850,7 @@
         app.dataset.state = "ready";
         ui.status.textContent = "";
         matrixKey = "";
-        paintAll();
+        paint();
         drawGrid();
         if (firstReady) {
           firstReady = false;
@@ -866,10 +865,6 @@
         console.error(err.message);
       }
     );
-  }
-
-  function paintAll() {
-    paint();
   }
 
   // the weights the pane shows for the focused token: one array per series, NaN where nothing

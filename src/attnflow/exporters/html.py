@@ -175,8 +175,8 @@ def inline_html(
     '<iframe class="attnflow-inline"'
     """
     values = _stored_values(trace)
-    if values > INLINE_LIMIT * 3 // 4:
-        mb = values * 4 / 3 / 2**20
+    if _b85_len(values) > INLINE_LIMIT:
+        mb = _b85_len(values) / 2**20
         return (
             '<div class="attnflow-too-large" style="font-family:sans-serif;padding:4px">'
             f"attnflow: this trace is too large to show inline ({mb:.1f} MiB of attention, limit "

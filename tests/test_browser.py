@@ -273,6 +273,27 @@ def test_flow_view_bars_and_example_picker(driver, story):
     check_row(tokens(driver, "flow"), [F[1, 5 + 4, 5:10]])
 
 
+def test_maxflow_in_the_method_selector(driver, tmp_path):
+    from attnflow.flow import max_flow
+
+    tr = make_trace([12, 9], layers=(0, 1, 2, 3), heads=2, seed=5)  # every layer of the model; completion: 2 tokens
+    out = to_html(tr, tmp_path / "view", flow=["rollout", "maxflow"])
+    open_page(driver, out / "index.html")
+    method = Select(driver.find_element(By.ID, "method"))
+    assert [o.text for o in method.options] == ["rollout", "maxflow"]
+    assert "Abnar" in method.options[1].get_attribute("title")
+    method.select_by_value("maxflow")
+    wait_ready(driver)
+    for b, n in enumerate([12, 9]):
+        if b:
+            Select(driver.find_element(By.ID, "example")).select_by_index(1)
+            wait_ready(driver)
+        P, _ = tr.example_patterns(b)
+        hover(driver, "flow", n - 1)  # the last token, produced by row n - 2
+        check_row(tokens(driver, "flow"), [max_flow(P[None].double(), rows=[n - 2])[0, 0, : n - 1]])  # keys 0..n-2
+        assert f"maxflow row {n - 2}" in driver.find_element(By.ID, "caption").text
+
+
 def test_attributions_without_flow(driver, tmp_path):
     tr, _ = story_trace()
     scores = pa.table(
@@ -455,27 +476,35 @@ return [W, document.documentElement.scrollWidth, worst];
 """
 
 
+PAGE_CLOCK = """
+const at = (n) => { const e = performance.getEntriesByName(n); return e.length ? e[0] : null; };
+const r = at('attnflow:ready'), t = at('attnflow:thumbs'), h = at('attnflow:hover');
+return [r && r.startTime, t && t.startTime, h && h.duration];
+"""
+GOALS = (1000, 2000, 1000)  # ms by the page clock: first paint, head grid drawn, first hover painted
+
+
 @pytest.mark.slow
 def test_real_length_timings_and_width(driver, big_view):
-    """2,048 tokens, 30 layers x 9 heads: first paint, first hover < 1 s and the head grid < 2 s by the page clock."""
+    """2,048 tokens, 30 layers x 9 heads, best of 3 page loads: first paint and first hover < 1 s,
+    the head grid < 2 s, by the page clock (a loaded CI machine can stall one load, not every one)."""
     driver.set_window_size(1400, 1000)
-    runs = []
-    for _ in range(3):  # best of 3, as bench/export.py: the CI machine is shared
+    runs = []  # per page load: [ms from navigation to the first weights painted, to the grid drawn, first hover's paint]
+    for _ in range(3):
         driver.get("about:blank")
         open_page(driver, big_view / "index.html")
-        WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.getElementById('headgrid').dataset.drawn") == "true")
-        runs.append(driver.execute_script(
-            "return ['attnflow:ready', 'attnflow:thumbs'].map(n => performance.getEntriesByName(n)[0].startTime)"))
-        if runs[-1][0] < 1000 and runs[-1][1] < 2000:
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.getElementById('headgrid').dataset.drawn") == "true")
+        hover(driver, "observer", 2047)
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script(PAGE_CLOCK)[2] is not None)
+        runs.append(driver.execute_script(PAGE_CLOCK))
+        assert len(tokens(driver, "observer")[2047][0]) == 1  # the hover painted row 2047 of one head
+        if all(v < goal for v, goal in zip(runs[-1], GOALS)):
             break
-    ready, thumbs = min(runs)
-    assert ready < 1000, runs
-    assert thumbs < 2000, runs
+    best = [min(run[i] for run in runs) for i in range(3)]
+    assert all(v > 0 for run in runs for v in run), runs  # every mark was taken on the page's own clock
+    assert best[0] < GOALS[0] and best[1] < GOALS[1] and best[2] < GOALS[2], runs
+    print(f"\n2048 x 30 x 9, page clock (ms), per load [ready, thumbs, first hover]: {runs}")
     assert driver.title == "attnflow: random-30x9"  # the path inside site-packages, not the absolute one
-    hover(driver, "observer", 2047)
-    WebDriverWait(driver, 5).until(lambda d: d.execute_script("return performance.getEntriesByName('attnflow:hover').length") > 0)
-    first = driver.execute_script("return performance.getEntriesByName('attnflow:hover')[0].duration")
-    assert first < 1000, first
     shown = tokens(driver, "observer")
     assert shown.excluded == {0} and shown[2047][0] is not None and shown[0][1] is not None
     assert "sink" in driver.find_element(By.ID, "scale-note").text

@@ -21,7 +21,13 @@ from attnflow.attention_trace import Span
 
 from test_parquet import attribution_rows, make_trace
 
-SHARD = re.compile(r'^attnflowShard\((\{.*?\}),"([A-Za-z0-9+/=]*)","([A-Za-z0-9+/=]*)"\);\n$', re.S)
+B85_CHARS = r"[0-9A-Za-z!#$%.()*+\-;,=:?@^_\]{|}~]*"  # html.B85: no quote, backslash, <, > or &
+SHARD = re.compile(rf'^attnflowShard\((\{{.*?\}}),"({B85_CHARS})","({B85_CHARS})"\);\n$', re.S)
+
+
+def b85decode(text: str) -> bytes:
+    """The shards' base85, decoded by the standard library's RFC 1924 decoder (html.B85 swaps 4 of its digits)."""
+    return base64.b85decode(text.translate(str.maketrans(".,:]", "&<>`")))
 
 
 def page_data(out: Path) -> dict:
@@ -42,9 +48,9 @@ def decode(out: Path, meta: dict) -> dict:
         info = ex["flow"][what] if header["kind"] == "flow" else {"rows": ex["rows"], "causal": meta["causal"]}
         rows = info["rows"][header["r0"] : header["r1"]]
         widths = [q + 1 if info["causal"] else ex["length"] for q in rows]
-        raw = base64.b64decode(m.group(2))
+        raw = b85decode(m.group(2))
         codes = np.frombuffer(raw, "<f2").astype(np.float64) if header["enc"] == "float16" else np.frombuffer(raw, np.uint8) / 255
-        scales = np.frombuffer(base64.b64decode(m.group(3)), "<f4").reshape(len(header["heads"]), len(rows))
+        scales = np.frombuffer(b85decode(m.group(3)), "<f4").reshape(len(header["heads"]), len(rows))
         codes = codes.reshape(len(header["heads"]), sum(widths))
         for i, h in enumerate(header["heads"]):
             start = 0
@@ -187,3 +193,36 @@ def test_inline_html_small_and_refused(monkeypatch):
     monkeypatch.setattr(h, "INLINE_LIMIT", 100)
     msg = inline_html(tr)
     assert "too large to show inline" in msg and "to_html" in msg and "<iframe" not in msg
+
+
+def test_named_flow_methods_include_maxflow(tmp_path, monkeypatch):
+    """flow=["rollout", "maxflow"]: the rows behind each example's completion, composed in Python, in the selector."""
+    from attnflow.flow import max_flow, rollout
+
+    tr = make_trace([12, 9], layers=(0, 1, 2, 3), heads=2, seed=5)  # left-padded; completion: the last 2 tokens
+    out = to_html(tr, tmp_path / "view", flow=["rollout", "maxflow"])
+    meta = page_data(out)
+    assert meta["flow_methods"] == ["rollout", "maxflow"]
+    assert "Abnar" in meta["flow_info"]["maxflow"]["what"] and meta["flow_info"]["rollout"]["alpha"] == 0.5
+    got = decode(out, meta)
+    for b, n in enumerate([12, 9]):
+        P, _ = tr.example_patterns(b)  # [layer, head, query, key], unpadded
+        assert meta["examples"][b]["flow"]["maxflow"]["rows"] == [n - 3, n - 2]  # rows that produced tokens n-2, n-1
+        for name, ref in (("maxflow", max_flow(P[None].double(), rows=[n - 3, n - 2])[0]),  # [rows, key]
+                          ("rollout", rollout(P[None].double(), rows=[n - 3, n - 2])[0])):
+            for j, q in enumerate([n - 3, n - 2]):
+                row = got[("flow", b, name, 0)][q]
+                assert len(row) == q + 1 and np.abs(row - ref[j, : q + 1].numpy()).max() <= float(ref[j].max()) / 510 + 1e-7
+                assert abs(row.sum() - 1) < 0.02  # shares
+    with pytest.raises(BadArgumentError, match="target_flow"):
+        import attnflow.exporters.html as h
+
+        monkeypatch.setattr(h, "MAXFLOW_TOKENS", 10)
+        to_html(tr, tmp_path / "v2", flow=["maxflow"])  # example 0 has 12 tokens
+    assert not (tmp_path / "v2").exists()
+    with pytest.raises(BadArgumentError, match="every layer"):
+        to_html(make_trace([6], layers=(0, 1)), tmp_path / "v3", flow=["maxflow"])  # 2 of the model's 4 layers
+    with pytest.raises(BadArgumentError, match="method='nope'"):
+        to_html(tr, tmp_path / "v4", flow=["nope"])
+    with pytest.raises(BadArgumentError, match="in a list"):
+        to_html(tr, tmp_path / "v5", flow="maxflow")

@@ -1,8 +1,8 @@
 """Offline attention views of evaluated examples: `views/<index>/index.html`, with the answer rows' rollout,
 within a count and a byte budget.
 
-A view stores every layer's (head-averaged) causal pattern as uint8 in base64: about
-`layers x n(n+1)/2 x 4/3` bytes for n tokens, 45 MB for SmolLM2's 30 layers at 1,500
+A view stores every layer's (head-averaged) causal pattern as uint8 in base85: about
+`layers x n(n+1)/2 x 5/4` bytes for n tokens, 42 MB for SmolLM2's 30 layers at 1,500
 tokens.  `estimate_bytes` gives that size before anything is written; `ViewBudget`
 writes views for examples with index < `count` while the bytes already under `views/`
 plus the next view's estimate stay within `max_bytes` (default 200 MB), and skips the rest.
@@ -16,7 +16,7 @@ plus the next view's estimate stay within `max_bytes` (default 200 MB), and skip
     ([1, 0, 2], [27, 48, 48])
     >>> targets = [[len(j.prompt) - 1] for j in batch]          # the rows producing the first answer token
     >>> round(estimate_bytes(48, n_layers=4) / 1e6, 2)          # MB of one 48-token view of the 4-layer demo model
-    0.10
+    0.1
     >>> budget = ViewBudget(Path("runs/demo"), count=50, max_bytes=150_000)
     >>> write_views(tr, batch, targets, Path("runs/demo"), budget)
     >>> budget.written, budget.skipped                          # the second view would pass 150 kB
@@ -51,16 +51,20 @@ SHARD_BYTES = 8 * 2**20  # to_html's default shard size; each shard has a ~400 b
 def estimate_bytes(n_tokens: int, n_layers: int, n_heads: int = 1, flow_rows: int = 1, n_flows: int = len(VIEW_METHODS)) -> int:
     """Bytes of one view of `n_tokens` tokens (every row recorded, causal, uint8), before writing it.
 
-    >>> round(estimate_bytes(1159, 30, flow_rows=3) / 1e6, 2)      # SmolLM2, HotPotQA dev row 14 (about 27.3 MB written)
-    27.28
+    >>> round(estimate_bytes(1159, 30, flow_rows=3) / 1e6, 2)      # SmolLM2, HotPotQA dev row 14 (27.3 MB in base64)
+    25.58
     """
     values = n_layers * n_heads * n_tokens * (n_tokens + 1) // 2
-    attention = 4 * math.ceil(values / 3) + 4 * math.ceil(n_layers * n_heads * n_tokens * 4 / 3)
-    flows = n_flows * (4 * math.ceil(flow_rows * n_tokens / 3) + 4 * math.ceil(flow_rows * 4 / 3))
+    attention = _b85(values) + _b85(n_layers * n_heads * n_tokens * 4)
+    flows = n_flows * (_b85(flow_rows * n_tokens) + _b85(flow_rows * 4))
     side = min(THUMB, n_tokens)
-    thumbs = 4 * math.ceil(n_layers * n_heads * side * side / 3)
+    thumbs = _b85(n_layers * n_heads * side * side)
     headers = 400 * (math.ceil((attention + flows + thumbs) / SHARD_BYTES) + n_layers + n_flows + 1)
     return attention + flows + thumbs + headers + static_bytes() + PAGE_BYTES + TOKEN_BYTES * n_tokens
+
+
+def _b85(n: int) -> int:
+    return n + math.ceil(n / 4)  # exporters.html.b85: 5 characters per 4 bytes
 
 
 @functools.cache

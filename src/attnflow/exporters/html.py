@@ -15,7 +15,7 @@ a shard the first time a view needs it.  Only the causal prefix of each recorded
 row over real positions is stored: row q of an example holds keys 0..q.  Values
 are quantised per row: uint8 codes `round(w / max(row) * 255)` (or float16 of
 `w / max(row)` with precision="float16") plus one float32 scale per row, all
-base64-encoded, so a uint8 value costs 4/3 bytes.
+base85-encoded (`b85`: 5 characters per 4 bytes), so a uint8 value costs 5/4 bytes.
 
     >>> to_html(tr, "view/")                          # then open view/index.html
     PosixPath('view')
@@ -42,7 +42,6 @@ special token.  When there are any, the viewer leaves them out of the colour sca
 
 from __future__ import annotations
 
-import base64
 import html as _html
 import json
 import math
@@ -52,8 +51,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from functools import partial
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -77,8 +78,15 @@ INLINE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-
 SINK_SHARE = 0.3  # a key is a sink when it takes more than this share of most rows
 THUMB = 48  # thumbnail side (query x key cells) in the layer x head grid
 INLINE_FLOW_ROWS = 64  # `inline_html` composes rollout for at most this many completion rows
+COMPLETION_ROWS = 64  # rows per example that `flow=[method, ...]` composes (the last completion tokens')
+MAXFLOW_ROWS = 16  # the same for maxflow, whose rows cost ~n^3 each
+MAXFLOW_TOKENS = 256  # longest example `flow=["maxflow"]` accepts: ~4.4 s per row on 30 layers (bench/maxflow.py)
 SPECIAL = re.compile(r"^(<\|[^|]*\|>|</?s>|<unk>|<pad>|\[[A-Z]+\])$")  # the viewer's isSpecial
 PATHLIKE = re.compile(r"^([A-Za-z]:[\\/]|[\\/]|~|\.{1,2}[\\/])")
+# RFC 1924's base85 digits with & < > ` swapped for . , : ] so that the text needs no escaping
+# in a JS string, in HTML or in _json (viewer.js has the same string)
+B85 = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%.()*+-;,=:?@^_]{|}~"
+_B85_TABLE = B85 + bytes(256 - len(B85))  # digit value -> its character, for bytes.translate
 
 
 # ------------------------------------------------------------------------------------
@@ -88,7 +96,7 @@ def to_html(
     trace: AttentionTrace,
     path: str | Path,
     shard_bytes: int = 8 * 2**20,
-    flow: FlowArg | None = None,
+    flow: FlowArg | Sequence[str] | None = None,
     attributions: Any = None,
     precision: str = "uint8",
     progress: bool = False,
@@ -105,8 +113,11 @@ def to_html(
 
     `flow` and `attributions` follow `to_parquet`: a dict method -> Tensor [batch, query, key]
     (or (Tensor [batch, rows, key], query positions [batch, rows])), and the table
-    `attnflow.attribute` returns.  Every shard file is at most `shard_bytes` long; index.html
-    grows with the number of tokens only.  `progress=True` shows a progress bar over the shards.
+    `attnflow.attribute` returns.  `flow` may instead name methods (`flow=["rollout", "maxflow"]`):
+    `completion_flow` composes them here for the rows that produced each example's completion
+    tokens, and the viewer's flow selector offers each.  Every shard file is at most `shard_bytes`
+    long; index.html grows with the number of tokens only.  `progress=True` shows a progress bar
+    over the shards.
 
     `flow_info` records how each flow was made (e.g. `{"rollout": {"alpha": 0.5, "exclude_keys": [0]}}`);
     the page shows it in its settings block.  `gold` marks supporting spans per example, by span
@@ -116,6 +127,8 @@ def to_html(
 
     >>> to_html(tr, "view/", shard_bytes=2**20, gold={0: ["doc2"]})
     PosixPath('view')
+    >>> to_html(tr, "maxflow-view/", flow=["rollout", "maxflow"])   # Abnar & Zuidema's attention flow too
+    PosixPath('maxflow-view')
     >>> to_html(tr, "view/")
     Traceback (most recent call last):
     attnflow.errors.DataError: view already holds an attnflow html; pass overwrite=True (CLI: --overwrite) to replace it
@@ -124,6 +137,7 @@ def to_html(
     path = _checks.path("path", path)
     _check(shard_bytes, precision)
     progress = _checks.flag("progress", progress)
+    flow, flow_info = _named_flow(trace, flow, flow_info)
     meta, jobs = build(trace, shard_bytes, flow, attributions, precision, flow_info, gold, examples)
     thumbs = meta.pop("_thumb_jobs")
     with _io.output_dir(path, "html", overwrite=overwrite) as tmp:
@@ -141,7 +155,7 @@ def to_html(
 
 def inline_html(
     trace: AttentionTrace,
-    flow: FlowArg | str | None = "auto",
+    flow: FlowArg | Sequence[str] | str | None = "auto",
     attributions: Any = None,
     *,
     flow_info: dict[str, dict] | None = None,
@@ -152,8 +166,8 @@ def inline_html(
 
     `flow="auto"` (what `trace._repr_html_` uses) composes rollout (alpha 0.5, heads averaged,
     no keys excluded) for the rows that produced the completion tokens, at most INLINE_FLOW_ROWS
-    of them, when every row was recorded; `flow=None` leaves the Flow view out; a dict is used
-    as given (see `to_html`).  Traces whose encoded weights exceed INLINE_LIMIT bytes get a
+    of them, when every row was recorded; `flow=None` leaves the Flow view out; a dict or a list
+    of method names is used as in `to_html`.  Traces whose encoded weights exceed INLINE_LIMIT bytes get a
     message pointing to `to_html`.  A saved notebook opened untrusted shows a line of text in
     place of the view, saying how to render it again.
 
@@ -163,8 +177,8 @@ def inline_html(
     '<iframe class="attnflow-inline"'
     """
     values = _stored_values(trace)
-    if values > INLINE_LIMIT * 3 // 4:
-        mb = values * 4 / 3 / 2**20
+    if _b85_len(values) > INLINE_LIMIT:
+        mb = _b85_len(values) / 2**20
         return (
             '<div class="attnflow-too-large" style="font-family:sans-serif;padding:4px">'
             f"attnflow: this trace is too large to show inline ({mb:.1f} MiB of attention, limit "
@@ -176,6 +190,7 @@ def inline_html(
             raise BadArgumentError(f"flow={flow!r}; use 'auto', None or a dict method -> Tensor")
         flow, auto_info = default_flow(trace)
         flow_info = {**auto_info, **(flow_info or {})}
+    flow, flow_info = _named_flow(trace, flow, flow_info)
     meta, jobs = build(trace, 2**62, flow, attributions, "uint8", flow_info, gold, examples)
     meta["inline"] = {s.header["id"]: [s.header, s.data, s.scales] for s in (job() for job in jobs)}
     meta["inline_thumbs"] = {s.header["id"]: [s.header, s.data, s.scales] for s in (job() for job in meta.pop("_thumb_jobs"))}
@@ -198,8 +213,8 @@ def inline_html(
 @dataclass
 class Shard:
     header: dict
-    data: str  # base64 of the values
-    scales: str  # base64 of float32 row scales
+    data: str  # b85 of the values
+    scales: str  # b85 of float32 row scales
 
     @property
     def file(self) -> str:
@@ -223,12 +238,12 @@ def plan(
     [(0, 2, 0, 4)]
     >>> plan([1, 2, 3, 4], n_heads=2, shard_bytes=HEADER_BYTES + 40, value_bytes=1)  # one head each
     [(0, 1, 0, 4), (1, 2, 0, 4)]
-    >>> plan([1, 2, 3, 4], n_heads=1, shard_bytes=HEADER_BYTES + 20, value_bytes=1)  # then row chunks
+    >>> plan([1, 2, 3, 4], n_heads=1, shard_bytes=HEADER_BYTES + 16, value_bytes=1)  # then row chunks
     [(0, 1, 0, 2), (0, 1, 2, 3), (0, 1, 3, 4)]
     """
 
     def size(g: int, values: int, rows: int) -> int:
-        return header_bytes + _b64_len(g * values * value_bytes) + _b64_len(g * rows * 4)
+        return header_bytes + _b85_len(g * values * value_bytes) + _b85_len(g * rows * 4)
 
     g = min(MAX_GROUP, n_heads)
     while g > 1 and size(g, sum(widths), len(widths)) > shard_bytes:
@@ -348,6 +363,66 @@ def default_flow(trace: AttentionTrace) -> tuple[dict, dict]:
     return {"rollout": (R, qpos)}, info
 
 
+def completion_flow(trace: AttentionTrace, methods: Sequence[str]) -> tuple[dict, dict]:
+    """(flow, flow_info) for `to_html`: each method composed (heads averaged, alpha 0.5, no keys excluded)
+    for the rows that produced each example's completion tokens, the last COMPLETION_ROWS of them
+    (MAXFLOW_ROWS for maxflow, whose examples may hold at most MAXFLOW_TOKENS tokens).
+
+    The methods are `attnflow.flow.METHODS`: "flow" is the residual recurrence, "maxflow" the
+    maximum flow through the attention graph (Abnar & Zuidema 2020).  They need a trace with every
+    query row and layer recorded (`attnflow.attribution.target_flow` says so otherwise).
+
+    >>> flow, info = completion_flow(tr, ["maxflow"])
+    >>> R, q = flow["maxflow"]; R.shape, q.tolist()              # [batch, rows, key]: row 25 produced token 26, the answer
+    (torch.Size([1, 1, 27]), [[25]])
+    >>> R.sum(-1), info["maxflow"]["rows"]                        # shares: each row sums to 1
+    (tensor([[1.0000]]), 'the rows that produced the last 16 completion tokens (or all of them)')
+    """
+    from attnflow.attribution import target_flow
+
+    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        raise BadArgumentError(f"flow={methods!r}; name methods in a list, e.g. flow=['rollout', 'maxflow']")
+    flow, info = {}, {}
+    for m in dict.fromkeys(methods):
+        k = MAXFLOW_ROWS if m == "maxflow" else COMPLETION_ROWS
+        # token p is produced by row p - 1: the rows behind the last k completion tokens
+        rows = [list(range(max(p, n - k, 1) - 1, n - 1)) for n, p in zip(trace.lengths, trace.prompt_lengths)]
+        if not any(rows):
+            raise BadArgumentError(f"flow=[{m!r}] composes the rows that produced the completion, and this trace has no "
+                                   "completion tokens; pass flow={method: Tensor} with the rows you want instead")
+        long = [b for b, r in enumerate(rows) if r and trace.lengths[b] > MAXFLOW_TOKENS]
+        if m == "maxflow" and long:
+            b = long[0]
+            raise BadArgumentError(
+                f"flow=['maxflow'] solves up to {MAXFLOW_TOKENS} tokens per example, and example {b} has {trace.lengths[b]} "
+                f"(max flow costs ~n^3 per row: 4.4 s at 256 tokens, 35 s at 512 on 30 layers); compute the rows you need with "
+                "af.attribution.target_flow(trace, rows, 'maxflow') and pass flow={'maxflow': (R, padded query positions)}"
+            )
+        R = target_flow(trace, [r or [trace.lengths[b] - 1] for b, r in enumerate(rows)], m)  # [batch, rows, key]
+        q = torch.full(R.shape[:2], -1, dtype=torch.long)  # padded query positions; -1: a repeat, no row
+        for b, r in enumerate(rows):
+            q[b, : len(r)] = torch.tensor(r, dtype=torch.long) + trace.pad_offsets[b]
+        flow[m] = (R, q)
+        info[m] = {"alpha": 0.5, "heads": "mean", "exclude_keys": [],
+                   "rows": f"the rows that produced the last {k} completion tokens (or all of them)",
+                   "made_by": "to_html(flow=[...])"}
+        if m == "maxflow":
+            info[m]["what"] = "maximum flow through the layered attention graph (Abnar & Zuidema 2020), shares of each row"
+        elif m == "flow":
+            info[m]["what"] = "the residual recurrence X_l = A_l X_(l-1) + X_(l-1) (2^L x rollout on stochastic rows), not maxflow"
+    return flow, info
+
+
+def _named_flow(trace: AttentionTrace, flow, flow_info: dict | None) -> tuple[Any, dict | None]:
+    """`flow` as a dict: a list of method names composed by `completion_flow`, its info under the caller's."""
+    if flow is None or isinstance(flow, Mapping):
+        return flow, flow_info
+    flow, info = completion_flow(trace, flow)
+    if flow_info is not None and not isinstance(flow_info, dict):
+        return flow, flow_info  # _annotate says what is wrong
+    return flow, {**info, **(flow_info or {})}
+
+
 def summarise(trace: AttentionTrace, b: int) -> tuple[Tensor, list[int]]:
     """Example b's thumbnails (uint8 [layer, head, tq, tk]) and its sink keys, in one pass over the layers.
 
@@ -381,17 +456,17 @@ def summarise(trace: AttentionTrace, b: int) -> tuple[Tensor, list[int]]:
 def thumb_shards(b: int, grid: Tensor, shard_bytes: int) -> list[Callable[[], Shard]]:
     """Deferred encoders of example b's thumbnails, in layer chunks that fit `shard_bytes`."""
     L, H, tq, tk = grid.shape
-    while tq * tk > 1 and HEADER_BYTES + _b64_len(H * tq * tk) > shard_bytes:  # even one layer is too big
+    while tq * tk > 1 and HEADER_BYTES + _b85_len(H * tq * tk) > shard_bytes:  # even one layer is too big
         tq, tk = max(1, tq * 3 // 4), max(1, tk * 3 // 4)
         grid = _shrink(grid, tq, tk)
-    per = max(1, (shard_bytes - HEADER_BYTES) * 3 // 4 // (H * tq * tk))
+    per = max(1, (shard_bytes - HEADER_BYTES) * 4 // 5 // (H * tq * tk))
     out = []
     for l0 in range(0, L, per):
         l1 = min(L, l0 + per)
         header = {"id": f"e{b}-thumbs-l{l0}-{l1}", "kind": "thumb", "example": b, "l0": l0, "l1": l1,
                   "heads": H, "tq": tq, "tk": tk}
         data = grid[l0:l1].contiguous().numpy().tobytes()
-        out.append(partial(Shard, header, base64.b64encode(data).decode("ascii"), ""))
+        out.append(partial(Shard, header, b85(data), ""))
     return out
 
 
@@ -499,7 +574,7 @@ def _shard(header: dict, source: Tensor, block: tuple, widths: Tensor, precision
     """Encode `source[block]` ([head, row, key]) as one shard."""
     values, scales = encode(source[block].cpu(), widths, precision)
     header = {**_shard_entry(header, tag), "enc": precision}
-    return Shard(header, base64.b64encode(values).decode("ascii"), base64.b64encode(scales).decode("ascii"))
+    return Shard(header, b85(values), b85(scales))
 
 
 def _shard_entry(header: dict, tag: str) -> dict:
@@ -522,8 +597,30 @@ def _le_bytes(t: Tensor) -> bytes:
     return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def _b64_len(n: int) -> int:
-    return 4 * math.ceil(n / 3)
+def b85(data: bytes) -> str:
+    """Base85 text of `data` (RFC 1924 digits, with & < > and backtick swapped for . , : ], see B85): each 4 bytes,
+    read as a big-endian integer, become 5 digits; a last group of k < 4 bytes is zero-padded and
+    keeps k + 1 digits, as `base64.b85encode` (pure Python, ~50x slower) does.
+
+    >>> b85(b"attnflow"), b85(b"\\x00\\xff")
+    ('VRUqEW^8YF', '0RI')
+    >>> import base64
+    >>> base64.b85decode(b85(bytes(range(256))).translate(str.maketrans(".,:]", "&<>`"))) == bytes(range(256))
+    True
+    """
+    pad = -len(data) % 4
+    q = np.frombuffer(data + bytes(pad), ">u4").astype(np.uint32)  # [group]
+    digits = np.empty((len(q), 5), np.uint8)  # [group, digit], most significant first
+    rest = np.empty_like(q)
+    for j in range(4, -1, -1):
+        np.floor_divide(q, np.uint32(85), out=rest)
+        digits[:, j] = q - rest * np.uint32(85)  # q % 85, ~7x faster than numpy's % on uint32
+        q, rest = rest, q
+    return digits.tobytes()[: digits.size - pad].translate(_B85_TABLE).decode("ascii")
+
+
+def _b85_len(n: int) -> int:
+    return n + math.ceil(n / 4)
 
 
 # ------------------------------------------------------------------------------------

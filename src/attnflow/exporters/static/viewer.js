@@ -7,7 +7,7 @@
  * the same triples in meta.inline instead. Each shard holds, for its heads and its
  * query rows r0..r1, the row prefixes (keys 0..width-1) one after another, as uint8
  * codes (or float16) of weight / row max, plus one float32 scale (the row max) per
- * head and row. thumbs/<id>.js hold the layer x head thumbnails (uint8 [layer, head,
+ * head and row, both as base85 text (b85bytes). thumbs/<id>.js hold the layer x head thumbnails (uint8 [layer, head,
  * tq, tk]) of one example.
  *
  * One token pane shows one of three rows for the focused token, said in words above it:
@@ -57,12 +57,29 @@
   const loaded = new Map(); // shard id -> promise
   let storedBytes = 0;
 
-  function b64bytes(s) {
-    if (typeof Uint8Array.fromBase64 === "function") return Uint8Array.fromBase64(s);
-    const bin = atob(s);
-    const out = new Uint8Array(bin.length);
-    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-    return out;
+  // base85 text (html.py's b85: RFC 1924 digits with &<>` swapped for .,:]) -> bytes
+  const B85 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%.()*+-;,=:?@^_]{|}~";
+  const DIGIT = new Uint8Array(128);
+  for (let i = 0; i < 85; i++) DIGIT[B85.charCodeAt(i)] = i;
+  function b85bytes(s) {
+    const n = s.length;
+    const full = n - (n % 5);
+    const out = new Uint8Array(Math.ceil(n / 5) * 4);
+    const put = (o, v) => {
+      out[o] = v >>> 24;
+      out[o + 1] = v >>> 16;
+      out[o + 2] = v >>> 8;
+      out[o + 3] = v;
+    };
+    const d = (i) => DIGIT[s.charCodeAt(i)];
+    let o = 0;
+    for (let i = 0; i < full; i += 5, o += 4) put(o, (((d(i) * 85 + d(i + 1)) * 85 + d(i + 2)) * 85 + d(i + 3)) * 85 + d(i + 4));
+    if (n > full) {
+      let v = 0;
+      for (let i = full; i < full + 5; i++) v = v * 85 + (i < n ? d(i) : 84); // the last group: padded with the top digit
+      put(o, v);
+    }
+    return out.subarray(0, (full / 5) * 4 + (n > full ? n - full - 1 : 0));
   }
 
   function widthsOf(kind, example, what) {
@@ -76,7 +93,7 @@
   function register(header, data, scales) {
     if (header.kind === "thumb") {
       if (!thumbs.has(header.example)) thumbs.set(header.example, []);
-      thumbs.get(header.example).push({ l0: header.l0, l1: header.l1, tq: header.tq, tk: header.tk, bytes: b64bytes(data) });
+      thumbs.get(header.example).push({ l0: header.l0, l1: header.l1, tq: header.tq, tk: header.tk, bytes: b85bytes(data) });
       return;
     }
     const what = header.kind === "flow" ? header.method : header.layer;
@@ -84,9 +101,9 @@
     const starts = new Int32Array(widths.length + 1);
     for (let i = 0; i < widths.length; i++) starts[i + 1] = starts[i] + widths[i];
     const per = starts[widths.length];
-    const bytes = b64bytes(data);
+    const bytes = b85bytes(data);
     const codes = header.enc === "float16" ? new Uint16Array(bytes.buffer, 0, bytes.length / 2) : bytes;
-    const sc = b64bytes(scales);
+    const sc = b85bytes(scales);
     const rowScales = new Float32Array(sc.buffer, 0, sc.length / 4);
     const R = header.r1 - header.r0;
     header.heads.forEach((h, i) => {
@@ -277,7 +294,6 @@
   }
 
   function tokenLabel(p) {
-    const ex = ex0();
     return p + " \u2018" + short(shown[p] || "", 24) + "\u2019";
   }
 
@@ -474,7 +490,7 @@
     const norm = el("input", { type: "checkbox", id: "normalize", checked: "" });
     norm.addEventListener("change", () => {
       state.normalize = norm.checked;
-      paintAll();
+      paint();
     });
     bar.appendChild(label("scale to max", norm));
     const sinks = el("input", { type: "checkbox", id: "sinks" });
@@ -482,14 +498,15 @@
     sinks.addEventListener("change", () => {
       state.dropSinks = sinks.checked;
       matrixKey = "";
-      paintAll();
+      paint();
     });
     const sl = label("leave sinks out of the scale", sinks);
     sl.title = "sink keys (see the settings block) are coloured at most full strength and do not set the maximum";
     bar.appendChild(sl);
     if (METHODS.length) {
       const m = el("select", { id: "method", "aria-label": "flow method" });
-      METHODS.forEach((name) => m.appendChild(el("option", { value: name }, name)));
+      // flow_info's "what" says, e.g., that maxflow is Abnar & Zuidema's attention flow and flow the residual recurrence
+      METHODS.forEach((name) => m.appendChild(el("option", { value: name, title: ((meta.flow_info || {})[name] || {}).what || name }, name)));
       m.addEventListener("change", () => {
         state.method = m.value;
         fillTokens();
@@ -527,7 +544,7 @@
       set(+input.value);
       out.textContent = input.value;
       matrixKey = "";
-      paintAll();
+      paint();
     });
     const wrap = label(name, input);
     wrap.appendChild(out);
@@ -796,7 +813,7 @@
           state.frozen[m] = false;
           ui.tabs[m].dataset.frozen = "false";
         }
-        paintAll();
+        paint();
       },
     }[ev.key];
     if (act) {
@@ -833,7 +850,7 @@
         app.dataset.state = "ready";
         ui.status.textContent = "";
         matrixKey = "";
-        paintAll();
+        paint();
         drawGrid();
         if (firstReady) {
           firstReady = false;
@@ -848,10 +865,6 @@
         console.error(err.message);
       }
     );
-  }
-
-  function paintAll() {
-    paint();
   }
 
   // the weights the pane shows for the focused token: one array per series, NaN where nothing

@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from attnflow.errors import DataError, ShapeError
+from attnflow.errors import BadArgumentError, DataError, ShapeError
 from attnflow.exporters import flow_tensor, read_attributions, read_flow, to_parquet
 from attnflow.attention_trace import AttentionTrace, Span
 
@@ -242,7 +242,7 @@ def test_bad_attributions_leave_existing_output(tmp_path):
     del rows["rank"]
     with pytest.raises(DataError, match="lacks column.*rank"):
         to_parquet(tr, tmp_path / "run", attributions=pa.table(rows))
-    with pytest.raises(DataError, match="pyarrow Table or pandas DataFrame"):
+    with pytest.raises(BadArgumentError, match="pyarrow Table or pandas DataFrame"):
         to_parquet(tr, tmp_path / "run", attributions=[1, 2])
     rows = attribution_rows()
     rows["score"] = ["high", "low", "mid"]

@@ -38,7 +38,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import nnsight
 import torch
@@ -202,13 +202,17 @@ class HFBackend:
 
     def record(
         self, sequences: list[list[int]], positions: list[list[int]], *, layers: list[int], heads: str | Tensor,
-        options: TraceOptions, out: Float[Tensor, "batch layer head row key"],
+        options: TraceOptions, out: Float[Tensor, "batch layer head row key"] | None,
+        sink: Callable[[int, Tensor], None] | None = None,
     ) -> None:
         """Patterns of one left-padded batch from one `model.trace(...)`, rows right-aligned, written into `out`.
 
         Locally each layer's rows are written straight into `out` chunk by chunk
         (`reduce.interface_pattern`); a remote run builds the batch's tensor where
-        the model runs and copies what comes back.
+        the model runs and copies what comes back.  With `sink` (locally only: `streams`)
+        and `out=None`, each layer is computed into one reused [batch, head, row, key]
+        buffer and handed to `sink(layer_index, buffer)` while the forward runs, so one
+        layer is held at a time (`trace(..., out=DIR)` writes it to disk there).
         """
         ids, mask = inputs.left_pad(sequences, self.pad_id)
         pos = inputs.position_ids(mask)
@@ -221,6 +225,11 @@ class HFBackend:
         stop_early = layers[-1] < len(self.sites) - 1  # nothing to read past the last requested layer
         extra = ndif.trace_kwargs(self.nn_model, self.remote)  # {} locally; a checked RemoteBackend for NDIF
         local = out if not extra else None  # a remote block cannot write into a tensor of this process
+        if sink is not None:
+            if extra:
+                raise ValueError("a remote recording cannot stream its layers; this is an attnflow bug")
+            head_out = self.num_heads if isinstance(heads, str) and heads == "all" else 1
+            layer_buf = torch.zeros((len(sequences), head_out, rows.shape[1], ids.shape[1]), dtype=dtype, device=self.device)
         with ndif.translate_errors(extra):
             with self.nn_model.trace(
                 input_ids=ids.to(self.device),
@@ -232,6 +241,13 @@ class HFBackend:
                 patterns = local  # [batch, layer, head, row, key], filled layer by layer (no second copy from a stack)
                 for i in range(len(envoys)):
                     args, kwargs = getattr(envoys[i].source, ops[i]).inputs
+                    if sink is not None:  # streamed: one layer at a time, handed on while the forward runs
+                        reduce.interface_pattern(
+                            args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i],
+                            out=layer_buf, memory_budget=budget,
+                        )
+                        sink(i, layer_buf)
+                        continue
                     if patterns is None:
                         H = args[1].shape[1] if isinstance(heads, str) and heads == "all" else 1
                         patterns = args[1].new_zeros((len(sequences), len(envoys), H, rows.shape[1], args[2].shape[2]), dtype=dtype)
@@ -239,12 +255,21 @@ class HFBackend:
                         args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i],
                         out=patterns[:, i], memory_budget=budget,
                     )
-                if local is None:
+                if local is None and sink is None:
                     patterns = patterns.save()
                 if stop_early:
                     tracer.stop()
-        if local is None:
+        if local is None and sink is None:
             out.copy_(patterns.detach())
+
+    @property
+    def streams(self) -> bool:
+        """Whether `record` can hand each layer to a `sink` during the forward: locally only."""
+        return not self.remote
+
+    def causal(self, layers: list[int]) -> bool:
+        """Whether every one of `layers` is a causal attention module (its `is_causal` flag)."""
+        return all(self.sites[layer].is_causal for layer in layers)
 
     # --- one generation that records -----------------------------------------------------------
     @property

@@ -279,7 +279,7 @@ def spans_table(tr: AttentionTrace) -> pa.Table:
     return pa.table(rows, schema=SPANS_SCHEMA)
 
 
-ROW_GROUP_BYTES = 64 * 2**20  # packed weights gathered before a row group is written
+ROW_GROUP_BYTES = 32 * 2**20  # packed weights gathered before a row group is written
 
 
 class AttentionWriter:
@@ -289,9 +289,14 @@ class AttentionWriter:
     window's own left padding: P [example, head, query, key], its query rows' padded positions
     [example, query] (-1 = none) and the examples' lengths; windows come in example order.  Rows
     are stored in (example, head, query) order, as `AttentionTrace.save` stores them, a head at a
-    time into row groups of about ROW_GROUP_BYTES, so the transient beyond P is one head's rows.
+    time into row groups of about ROW_GROUP_BYTES, so the transient beyond P is one head's rows
+    (and the index of one example's stored keys).  Each call writes its own file, closed at once
+    (an open Parquet writer keeps buffers the size of its row groups); `close()` renames a layer's
+    only file to `part-0.parquet`, or copies several into it one row group at a time.
+
     With `causal=True` each row stores keys 0..query, and (unless `check_causal=False`: the
-    caller verified it) a weight on a later key is refused (DataError: dropping it would lose data).  `close()` returns the files written, relative to `out`.
+    caller verified it) a weight on a later key is refused (DataError: dropping it would lose data).
+    `close()` returns the files written, relative to `out`.
 
         >>> w = AttentionWriter(Path("t/"), layers=[0, 1], dtype=torch.float16, heads="all", causal=True)
         >>> for li in range(2):
@@ -305,35 +310,40 @@ class AttentionWriter:
         self.check_causal = causal and check_causal
         self.schema = attention_schema(dtype)
         self.examples = [0] * len(self.layers)  # examples written so far, per layer
-        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.files: list[list[Path]] = [[] for _ in self.layers]  # the files of each layer, one per `write`
 
     def write(
         self, li: int, P: Float[Tensor, "example head query key"], query_positions: Int[Tensor, "example query"], lengths: list[int]
     ) -> None:
         E, H, _, S = P.shape
-        qpos, keys = query_positions.cpu(), torch.arange(S)
-        parts, size = [], 0
-        for e in range(E):
-            real = qpos[e] >= 0
-            pad = S - int(lengths[e])
-            q = qpos[e][real] - pad  # unpadded query of each row
-            widths = row_widths(q, int(lengths[e]), self.causal)
-            starts = torch.full_like(q, pad)
-            later = keys > qpos[e][real].unsqueeze(-1) if self.check_causal else None  # [row, key]
-            for h in range(H):
-                rows = P[e, h].cpu()[real]  # [row, key]
-                if later is not None and bool(rows.masked_select(later).any()):
-                    raise DataError(
-                        f"layer {self.layers[li]} attends to keys after the query (not causal); a streamed trace "
-                        "stores causal rows: record without out= and save() the trace"
-                    )
-                values = pack(rows.to(STORAGE[self.dtype]), starts, widths)
-                parts.append(self._table(self.examples[li] + e, h, q, values, widths))
-                size += values.numel() * values.element_size()
-                if size >= ROW_GROUP_BYTES:
-                    self._flush(li, parts)
-                    parts, size = [], 0
-        self._flush(li, parts)
+        qpos = query_positions.cpu()
+        file = self._dir(li) / f"_batch-{len(self.files[li])}.parquet"  # '_': not a table file until `close`
+        self.files[li].append(file)
+        with pq.ParquetWriter(file, self.schema) as sink:
+            parts, size = [], 0
+            for e in range(E):
+                real = qpos[e] >= 0
+                pad = S - int(lengths[e])
+                q = qpos[e][real] - pad  # unpadded query of each row
+                widths = row_widths(q, int(lengths[e]), self.causal)
+                take = torch.nonzero(key_mask(torch.full_like(q, pad), widths, S).flatten()).squeeze(1)  # once per example
+                for h in range(H):
+                    rows = P[e, h].cpu()
+                    rows = rows if bool(real.all()) else rows[real]  # [row, key]
+                    values = rows.reshape(-1).index_select(0, take)
+                    if self.check_causal and _nonzero(rows) != _nonzero(values):  # a dropped key held weight
+                        raise DataError(
+                            f"layer {self.layers[li]} attends to keys after the query (not causal); a streamed "
+                            "trace stores causal rows: record without out= and save() the trace"
+                        )
+                    values = values.to(STORAGE[self.dtype])
+                    parts.append(self._table(self.examples[li] + e, h, q, values, widths))
+                    size += values.numel() * values.element_size()
+                    if size >= ROW_GROUP_BYTES:
+                        sink.write_table(pa.concat_tables(parts))
+                        parts, size = [], 0
+            if parts or not E:
+                sink.write_table(pa.concat_tables(parts) if parts else self.schema.empty_table())
         self.examples[li] += E
 
     def _table(self, example: int, head: int, q: Tensor, values: Tensor, widths: Tensor) -> pa.Table:
@@ -348,26 +358,33 @@ class AttentionWriter:
             schema=self.schema,
         )
 
-    def _path(self, layer: int) -> Path:
-        path = self.out / "attention" / f"layer={layer}" / "part-0.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def _flush(self, li: int, parts: list[pa.Table]) -> None:
-        if parts:
-            layer = self.layers[li]
-            if layer not in self.writers:
-                self.writers[layer] = pq.ParquetWriter(self._path(layer), self.schema)
-            self.writers[layer].write_table(pa.concat_tables(parts))
+    def _dir(self, li: int) -> Path:
+        folder = self.out / "attention" / f"layer={self.layers[li]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def close(self) -> list[str]:
-        """Finish every layer's file (a layer without rows gets an empty table, as `save` writes it)."""
-        while self.writers:
-            self.writers.popitem()[1].close()
-        for layer in self.layers:
-            if not self._path(layer).exists():
-                pq.write_table(self.schema.empty_table(), self._path(layer))
+        """Each layer's files as its one `part-0.parquet` (a layer without rows: an empty table, as `save` writes it)."""
+        for li, files in enumerate(self.files):
+            target = self._dir(li) / "part-0.parquet"
+            if len(files) == 1:
+                files[0].replace(target)
+            elif not files:
+                pq.write_table(self.schema.empty_table(), target)
+            else:
+                with pq.ParquetWriter(target, self.schema) as sink:
+                    for file in files:
+                        part = pq.ParquetFile(file)
+                        for g in range(part.num_row_groups):
+                            sink.write_table(part.read_row_group(g))
+                        file.unlink()
+            self.files[li] = []
         return [f"attention/layer={layer}/part-0.parquet" for layer in self.layers]
+
+
+def _nonzero(x: Tensor) -> int:
+    """How many entries of `x` are not +0.0 (counted on the bits: 3x faster than on float16; softmax never gives -0.0)."""
+    return int(torch.count_nonzero(x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])))
 
 
 def write_trace(tr: AttentionTrace, out: Path) -> dict:
@@ -377,11 +394,9 @@ def write_trace(tr: AttentionTrace, out: Path) -> dict:
     """
     causal = is_causal(tr.patterns, tr.query_positions)
     writer = AttentionWriter(out, tr.layers, tr.patterns.dtype, tr.heads, causal, check_causal=False)
-    try:
-        for li in range(len(tr.layers)):
-            writer.write(li, tr.patterns[:, li], tr.query_positions, tr.lengths)
-    finally:
-        writer.close()
+    for li in range(len(tr.layers)):
+        writer.write(li, tr.patterns[:, li], tr.query_positions, tr.lengths)
+    writer.close()
     return write_rest(tr, out, causal)
 
 

@@ -177,28 +177,26 @@ def stream(
         span_lists = inputs.check_spans(spans, enc.lengths)
         positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
         writer = codec.AttentionWriter(tmp, layers, options.dtype, inputs.head_label(heads), causal)
-        try:
-            for chunk in batches:
-                seqs, pos = [enc.sequences[i] for i in chunk], [positions[i] for i in chunk]
-                lengths = [len(s) for s in seqs]
-                qpos = inputs.row_index(pos, lengths, max(lengths))  # [chunk, row] in the batch's own padding
+        for chunk in batches:
+            seqs, pos = [enc.sequences[i] for i in chunk], [positions[i] for i in chunk]
+            lengths = [len(s) for s in seqs]
+            qpos = inputs.row_index(pos, lengths, max(lengths))  # [chunk, row] in the batch's own padding
 
-                def sink(li: int, P: Tensor, qpos=qpos, lengths=lengths) -> None:
-                    check_finite(P.unsqueeze(1), [layers[li]])
-                    writer.write(li, P, qpos, lengths)
+            def sink(li: int, P: Tensor, qpos=qpos, lengths=lengths) -> None:
+                check_finite(P.unsqueeze(1), [layers[li]])
+                writer.write(li, P, qpos, lengths)
 
-                kw = dict(layers=layers, heads=heads, options=options)
-                if getattr(backend, "streams", False):
-                    backend.record(seqs, pos, **kw, out=None, sink=sink)
-                else:
-                    part = torch.zeros((len(chunk), len(layers), head_out, qpos.shape[1], max(lengths)), dtype=options.dtype)
-                    backend.record(seqs, pos, **kw, out=part)
-                    for li in range(len(layers)):
-                        sink(li, part[:, li])
-                    del part
-                bar.update(len(chunk))
-        finally:
-            writer.close()
+            kw = dict(layers=layers, heads=heads, options=options)
+            if getattr(backend, "streams", False):
+                backend.record(seqs, pos, **kw, out=None, sink=sink)
+            else:
+                part = torch.zeros((len(chunk), len(layers), head_out, qpos.shape[1], max(lengths)), dtype=options.dtype)
+                backend.record(seqs, pos, **kw, out=part)
+                for li in range(len(layers)):
+                    sink(li, part[:, li])
+                del part
+            bar.update(len(chunk))
+        writer.close()
         input_ids, attention_mask = inputs.left_pad(enc.sequences, backend.pad_id)
         query_positions = inputs.row_index(positions, enc.lengths, input_ids.shape[1])
         B, R, S = len(enc.sequences), query_positions.shape[1], input_ids.shape[1]

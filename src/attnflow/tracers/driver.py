@@ -10,8 +10,9 @@ batch's patterns.  Everything around that lives here, once, for every backend:
 
 With `max_new_tokens`, a backend that can (`generate_record`: HF models run
 locally) records while it generates, one generation per batch; otherwise
-(`one_pass=False`, `remote=`, TransformerLens) the driver generates every
-batch first and records prompt + completion in a second forward.
+(`one_pass=False`, `remote=`, TransformerLens, `out=`) the driver generates every
+batch first and records prompt + completion in a second forward.  With `out=DIR`
+(`stream`) each layer goes to disk as it is recorded instead of into the tensor.
 
     >>> tr = run(model, ["the cat sat", "a dog"], TraceOptions(heads="mean", rows="last", progress=False))
     >>> tr.patterns.shape                      # batch layer head query key (the 4-layer demo model, BOS + 3 words)

@@ -23,7 +23,9 @@ float32 on real models; tests compare in float64).  The two-pass path
 (`generate`, then `record` over prompt + completion) remains for remote runs
 (NDIF and `remote="local"`: the block runs elsewhere and cannot fill this
 process's tensors, so generation goes through `remote.generate`), for
-`one_pass=False`, and in the TransformerLens backend (no KV-cache generation).
+`one_pass=False`, for `trace(..., out=DIR)` (which hands each layer to the
+driver's writer while the forward runs: `record(..., sink=)`), and in the
+TransformerLens backend (no KV-cache generation).
 
 `HFBackend` is what `tracers/driver.py` drives: the checks, batching and
 assembly are the driver's.

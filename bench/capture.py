@@ -36,6 +36,18 @@ the tracers before issue 15: "before"), against `result + plain` (the stored
 patterns plus a plain forward; goal <= 1.3x for mean-all) and against the result
 alone (goal <= 1.5x for all-all).  A "before" run whose estimate exceeds the free
 memory is skipped and says so.
+
+    python bench/capture.py --stream            # 4,096 tokens, heads="all", every row: in memory vs out=DIR
+    python bench/capture.py --stream --quick    # 1,024 tokens
+
+`--stream` measures on the same 30-layer model, each in a fresh process,
+
+    all-all     attnflow.trace(model, ids, heads="all")                     the trace held in memory
+    stream-all  attnflow.trace(model, ids, heads="all", out=DIR)            each layer written as it is recorded
+
+with two peaks: torch's CPU allocator (as above) and the process's resident memory
+(max RSS during the call minus RSS before it), which also counts what pyarrow allocates
+while writing Parquet; both against one layer's result (9 heads x seq^2 float16).
 """
 
 from __future__ import annotations
@@ -153,20 +165,49 @@ def measure_child(method: str, seq: int) -> None:
     model = build_long(seq)
     wrapped = nnsight.NNsight(model)
     ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(seq))
-    heads = {"mean-all": "mean", "all-all": "all"}.get(method)
+    heads = {"mean-all": "mean", "all-all": "all", "stream-all": "all"}.get(method)
+    folder = tempfile.mkdtemp(prefix="attnflow-bench-") if method == "stream-all" else None
     af.trace(wrapped, ids[:, :16], heads=heads or "mean", progress=False)  # warm-up: nnsight's source instrumentation
+    if folder:
+        af.trace(wrapped, ids[:, :16], heads=heads, progress=False, out=f"{folder}/warm")
     result = {}
 
     def run():
         if heads is None:
             with torch.no_grad():
                 return model(input_ids=ids, use_cache=False).logits
+        if folder:
+            saved = af.trace(wrapped, ids, heads=heads, progress=False, out=f"{folder}/trace")
+            result["bytes"] = 30 * 9 * seq * seq * 2  # what the in-memory trace holds
+            result["disk"] = sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file())
+            return saved
         tr = af.trace(wrapped, ids, heads=heads, progress=False)
         result["bytes"] = tr.patterns.numel() * tr.patterns.element_size()
         return tr
 
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
     peak = peak_bytes(run, "cpu")
-    print(json.dumps({"peak": peak, "result": result.get("bytes", 0)}))
+    wall = time.perf_counter() - t0
+    rss = max_rss_bytes() - rss0
+    if folder:
+        import shutil
+
+        shutil.rmtree(folder)
+    print(json.dumps({"peak": peak, "rss": rss, "wall": wall, "result": result.get("bytes", 0), "disk": result.get("disk", 0)}))
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def max_rss_bytes() -> int:
+    """This process's resident-memory high-water mark so far (ru_maxrss, KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def source_of(rev: str) -> str:
@@ -237,10 +278,39 @@ def memory_table(args) -> int:
     return 0
 
 
+def stream_table(args) -> int:
+    import os
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    seq = 1024 if args.quick else 4096
+    layer = 9 * seq * seq * 2
+    print(
+        f"Llama 30 layers, 9 heads (3 kv), hidden 144, sdpa; batch 1; seq {seq}; heads='all', every row, float16; "
+        f"one layer's result = {layer / 2**20:.0f} MB; wall time under the memory profiler"
+    )
+    header = (f"{'method':<11} {'torch peak MB':>13} {'x layer':>8} {'RSS peak MB':>12} {'x layer':>8} "
+              f"{'result MB':>10} {'disk MB':>8} {'wall s':>7}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for method in ("stream-all", "all-all", "plain"):
+        if method == "all-all" and 1.3 * 30 * layer > free_bytes():
+            print(f"{method:<11} skipped: needs ~{1.3 * 30 * layer / 2**30:.1f} GiB, {free_bytes() / 2**30:.1f} GiB free")
+            continue
+        r = run_child(method, seq, src)
+        if r is None:
+            continue
+        print(
+            f"{method:<11} {r['peak'] / 2**20:>13.0f} {r['peak'] / layer:>8.2f} {r['rss'] / 2**20:>12.0f} {r['rss'] / layer:>8.2f} "
+            f"{r['result'] / 2**20:>10.0f} {r['disk'] / 2**20:>8.0f} {r['wall']:>7.1f}"
+        )
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 timed repeats instead of 5 (--memory: short sequences)")
     p.add_argument("--memory", action="store_true", help="peak memory at 4,096 / 8,192 tokens, before and new")
+    p.add_argument("--stream", action="store_true", help="heads='all' at 4,096 tokens: in memory vs trace(out=DIR)")
     p.add_argument("--before", default=BEFORE, help="git revision of today's code for --memory")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-seq", type=int, default=0, help=argparse.SUPPRESS)
@@ -257,6 +327,8 @@ def main(argv=None):
         return 0
     if args.memory:
         return memory_table(args)
+    if args.stream:
+        return stream_table(args)
     repeats = 3 if args.quick else 5
     model, eager = build(args.device, args.layers)
     cfg = model.config

@@ -237,6 +237,25 @@ def test_model_dtype_and_storage_dtype_are_separate(chat_dir, tmp_path, capsys):
         bad(["trace", chat_dir, "--prompt", "x", "--device", "cuda"], capsys, "no CUDA device")
 
 
+def test_memory_budget_reaches_the_options_and_changes_no_pattern(chat_dir, tmp_path, capsys):
+    from attnflow.cli.trace import options_from_args
+
+    args = cli.build_parser().parse_args(["trace", str(chat_dir), "--prompt", "x", "--memory-budget", "512MB"])
+    assert options_from_args(args).memory_budget == 512 * 2**20
+    default = options_from_args(cli.build_parser().parse_args(["trace", str(chat_dir), "--prompt", "x"]))
+    assert default.memory_budget == af.TraceOptions().memory_budget
+    patterns = {}
+    for budget in ("1", "1GiB"):  # 1 byte: one query row per chunk; 1 GiB: every row at once
+        code, _, _ = run_cli(["trace", chat_dir, "--prompt", "alice lives in paris .", "--memory-budget", budget,
+                              "--dtype", "float32", "--out", tmp_path / budget, "--no-progress"], capsys)  # fmt: skip
+        assert code == 0
+        patterns[budget] = af.AttentionTrace.load(tmp_path / budget).patterns
+    assert patterns["1"].shape[3] > 1  # chunks of other shapes round differently in the last bits, no more
+    assert (patterns["1"] - patterns["1GiB"]).abs().max() <= 1e-6
+    for value in ("lots", "0", "1.5.2GB", "2 PB"):
+        bad(["trace", chat_dir, "--prompt", "x", "--memory-budget", value, "--no-progress"], capsys, f"--memory-budget {value!r}")
+
+
 def test_eval_takes_model_dtype_and_refuses_dtype(capsys):
     from attnflow.cli.eval import config_from_args
 

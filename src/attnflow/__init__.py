@@ -35,6 +35,7 @@ from attnflow._version import __version__
 _OBJECTS = {
     "AttentionTrace": "attnflow.attention_trace",
     "Span": "attnflow.attention_trace",
+    "SavedTrace": "attnflow.attention_trace",
     "attribute": "attnflow.attribution",
     "load": "attnflow.tracers",
     "trace": "attnflow.tracers",
@@ -46,6 +47,7 @@ _OBJECTS = {
 
 __all__ = [
     "AttentionTrace",
+    "SavedTrace",
     "Span",
     "TraceOptions",
     "attribute",

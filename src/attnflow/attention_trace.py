@@ -214,9 +214,19 @@ class AttentionTrace:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AttentionTrace":
-        """Read a trace written by `save` or `attnflow.exporters.to_parquet`, checked whole (DataError if damaged)."""
-        fields = codec.read_trace(_checks.path("path", path))
+    def load(cls, path: str | Path, layers: list[int] | None = None) -> "AttentionTrace":
+        """Read a trace written by `save`, `trace(..., out=)` or `attnflow.exporters.to_parquet`, checked (DataError if damaged).
+
+        `layers` reads only those recorded layers (their indices as in `trace.layers`), so a
+        trace larger than memory can be read a few layers at a time:
+
+        >>> tr.save("run/")
+        PosixPath('run')
+        >>> part = AttentionTrace.load("run/", layers=[3])
+        >>> part.layers, torch.equal(part.patterns[:, 0], tr.patterns[:, 3])
+        ([3], True)
+        """
+        fields = codec.read_trace(_checks.path("path", path), layers)
         try:
             fields["spans"] = [[Span(**s) for s in spans] for spans in fields["spans"]]
         except DataError as err:
@@ -229,3 +239,49 @@ class AttentionTrace:
         from attnflow.exporters.html import inline_html
 
         return inline_html(self)
+
+
+class SavedTrace:
+    """A trace saved on disk, read only when asked: what `attnflow.trace(..., out=DIR)` returns.
+
+    The manifest is read at once (a few kB); the patterns only by `load()` (every layer,
+    an AttentionTrace held in memory) or `load(layers=[...])` (those layers), so a trace
+    larger than memory is read a layer at a time.  Nothing is cached: each `load` reads
+    and checks the files again.
+
+        >>> saved = af.trace(model, ["the cat sat"], out="run/", progress=False)
+        >>> saved
+        SavedTrace('run', batch=1, layers=[0, 1, 2, 3], heads='all', dtype='float16')
+        >>> saved.load(layers=[0]).patterns.shape           # batch layer head query key
+        torch.Size([1, 1, 8, 4, 4])
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = codec.read_manifest(self.path)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def heads(self) -> str:
+        return self.manifest["heads"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.manifest["batch"]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    def load(self, layers: list[int] | None = None) -> AttentionTrace:
+        """The trace (or only `layers` of it) as an AttentionTrace: `AttentionTrace.load(self.path, layers)`."""
+        return AttentionTrace.load(self.path, layers)
+
+    def __repr__(self) -> str:
+        return (
+            f"SavedTrace({str(self.path)!r}, batch={self.batch_size}, layers={self.layers}, heads={self.heads!r}, "
+            f"dtype={self.dtype!r})"
+        )

@@ -290,25 +290,112 @@ def spans_table(tr: AttentionTrace) -> pa.Table:
     return pa.table(rows, schema=SPANS_SCHEMA)
 
 
-def attention_table(tr: AttentionTrace, layer_index: int, causal: bool) -> pa.Table:
-    """Rows (example, head, query, weights) of one recorded layer, in that order; weights over unpadded keys."""
-    B, _, H, Q, S = tr.patterns.shape
-    real = (tr.query_positions.cpu() >= 0).unsqueeze(1).expand(B, H, Q)  # [batch, head, query]
-    b, h, j = torch.nonzero(real, as_tuple=True)
-    pads = torch.tensor(tr.pad_offsets)[b]
-    q = tr.query_positions.cpu()[b, j] - pads
-    widths = row_widths(q, torch.tensor(tr.lengths)[b], causal)
-    dtype = tr.patterns.dtype
-    rows = tr.patterns[:, layer_index].cpu()[real].to(STORAGE[dtype])  # [row, key], (example, head, query) order
-    return pa.table(
-        {
-            "example": pa.array(b.numpy(), pa.int32()),
-            "head": pa.array((h if tr.heads == "all" else torch.full_like(h, -1)).numpy(), pa.int16()),
-            "query": pa.array(q.numpy(), pa.int32()),
-            "weights": list_array(pack(rows, pads, widths), widths, ARROW[STORAGE[dtype]]),
-        },
-        schema=attention_schema(dtype),
-    )
+ROW_GROUP_BYTES = 32 * 2**20  # packed weights gathered before a row group is written
+
+
+class AttentionWriter:
+    """The attention table of a trace, written layer by layer and batch by batch as the patterns arrive.
+
+    `write(li, P, query_positions, lengths)` takes recorded layer `li` of a window of examples in the
+    window's own left padding: P [example, head, query, key], its query rows' padded positions
+    [example, query] (-1 = none) and the examples' lengths; windows come in example order.  Rows
+    are stored in (example, head, query) order, as `AttentionTrace.save` stores them, a head at a
+    time into row groups of about ROW_GROUP_BYTES, so the transient beyond P is one head's rows
+    (and the index of one example's stored keys).  Each call writes its own file, closed at once
+    (an open Parquet writer keeps buffers the size of its row groups); `close()` renames a layer's
+    only file to `part-0.parquet`, or copies several into it one row group at a time.
+
+    With `causal=True` each row stores keys 0..query, and (unless `check_causal=False`: the
+    caller verified it) a weight on a later key is refused (DataError: dropping it would lose data).
+    `close()` returns the files written, relative to `out`.
+
+        >>> w = AttentionWriter(Path("t/"), layers=[0, 1], dtype=torch.float16, heads="all", causal=True)
+        >>> for li in range(2):
+        ...     w.write(li, tr.patterns[:, li], tr.query_positions, tr.lengths)
+        >>> w.close()
+        ['attention/layer=0/part-0.parquet', 'attention/layer=1/part-0.parquet']
+    """
+
+    def __init__(self, out: Path, layers: list[int], dtype: torch.dtype, heads: str, causal: bool, check_causal: bool = True):
+        self.out, self.layers, self.dtype, self.heads, self.causal = Path(out), check_layers(layers), dtype, heads, causal
+        self.check_causal = causal and check_causal
+        self.schema = attention_schema(dtype)
+        self.examples = [0] * len(self.layers)  # examples written so far, per layer
+        self.files: list[list[Path]] = [[] for _ in self.layers]  # the files of each layer, one per `write`
+
+    def write(
+        self, li: int, P: Float[Tensor, "example head query key"], query_positions: Int[Tensor, "example query"], lengths: list[int]
+    ) -> None:
+        E, H, _, S = P.shape
+        qpos = query_positions.cpu()
+        file = self._dir(li) / f"_batch-{len(self.files[li])}.parquet"  # '_': not a table file until `close`
+        self.files[li].append(file)
+        with pq.ParquetWriter(file, self.schema) as sink:
+            parts, size = [], 0
+            for e in range(E):
+                real = qpos[e] >= 0
+                pad = S - int(lengths[e])
+                q = qpos[e][real] - pad  # unpadded query of each row
+                widths = row_widths(q, int(lengths[e]), self.causal)
+                take = torch.nonzero(key_mask(torch.full_like(q, pad), widths, S).flatten()).squeeze(1)  # once per example
+                for h in range(H):
+                    rows = P[e, h].cpu()
+                    rows = rows if bool(real.all()) else rows[real]  # [row, key]
+                    values = rows.reshape(-1).index_select(0, take)
+                    if self.check_causal and _nonzero(rows) != _nonzero(values):  # a dropped key held weight
+                        raise DataError(
+                            f"layer {self.layers[li]} attends to keys after the query (not causal); a streamed "
+                            "trace stores causal rows: record without out= and save() the trace"
+                        )
+                    values = values.to(STORAGE[self.dtype])
+                    parts.append(self._table(self.examples[li] + e, h, q, values, widths))
+                    size += values.numel() * values.element_size()
+                    if size >= ROW_GROUP_BYTES:
+                        sink.write_table(pa.concat_tables(parts))
+                        parts, size = [], 0
+            if parts or not E:
+                sink.write_table(pa.concat_tables(parts) if parts else self.schema.empty_table())
+        self.examples[li] += E
+
+    def _table(self, example: int, head: int, q: Tensor, values: Tensor, widths: Tensor) -> pa.Table:
+        n = len(q)
+        return pa.table(
+            {
+                "example": pa.array(np.full(n, example, dtype=np.int32)),
+                "head": pa.array(np.full(n, head if self.heads == "all" else -1, dtype=np.int16)),
+                "query": pa.array(q.numpy().astype(np.int32)),
+                "weights": list_array(values, widths, ARROW[STORAGE[self.dtype]]),
+            },
+            schema=self.schema,
+        )
+
+    def _dir(self, li: int) -> Path:
+        folder = self.out / "attention" / f"layer={self.layers[li]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def close(self) -> list[str]:
+        """Each layer's files as its one `part-0.parquet` (a layer without rows: an empty table, as `save` writes it)."""
+        for li, files in enumerate(self.files):
+            target = self._dir(li) / "part-0.parquet"
+            if len(files) == 1:
+                files[0].replace(target)
+            elif not files:
+                pq.write_table(self.schema.empty_table(), target)
+            else:
+                with pq.ParquetWriter(target, self.schema) as sink:
+                    for file in files:
+                        part = pq.ParquetFile(file)
+                        for g in range(part.num_row_groups):
+                            sink.write_table(part.read_row_group(g))
+                        file.unlink()
+            self.files[li] = []
+        return [f"attention/layer={layer}/part-0.parquet" for layer in self.layers]
+
+
+def _nonzero(x: Tensor) -> int:
+    """How many entries of `x` are not +0.0 (counted on the bits: 3x faster than on float16; softmax never gives -0.0)."""
+    return int(torch.count_nonzero(x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])))
 
 
 def norms_table(tr: AttentionTrace) -> pa.Table:
@@ -339,13 +426,25 @@ def write_trace(tr: AttentionTrace, out: Path) -> dict:
 
     The manifest records the sha256 of every table file (`"sha256": {"tokens/part-0.parquet": hex, ...}`).
     """
-    man = manifest(tr, is_causal(tr.patterns, tr.query_positions))
+    causal = is_causal(tr.patterns, tr.query_positions)
+    writer = AttentionWriter(out, tr.layers, tr.patterns.dtype, tr.heads, causal, check_causal=False)
+    for li in range(len(tr.layers)):
+        writer.write(li, tr.patterns[:, li], tr.query_positions, tr.lengths)
+    writer.close()
+    return write_rest(tr, out, causal)
+
+
+def write_rest(tr: AttentionTrace, out: Path, causal: bool) -> dict:
+    """Tokens, spans and (last, with every table file's sha256) manifest.json of a trace whose attention is in `out`.
+
+    Only the fields beside the patterns are read, and the patterns' shape and dtype: a streamed
+    trace passes an AttentionTrace whose patterns are a zero-stride placeholder.
+    """
+    man = manifest(tr, causal)
     write_table(tokens_table(tr), out / "tokens" / "part-0.parquet")
     write_table(spans_table(tr), out / "spans" / "part-0.parquet")
     if getattr(tr, "norms", None) is not None:
         write_table(norms_table(tr), out / "norms" / "part-0.parquet")
-    for li, layer in enumerate(man["layers"]):
-        write_table(attention_table(tr, li, man["causal"]), out / "attention" / f"layer={layer}" / "part-0.parquet")
     man["sha256"] = file_hashes(out)
     _io.write_json(out / "manifest.json", man)
     return man
@@ -410,16 +509,27 @@ def check_manifest(man: dict, file: Path) -> None:
         raise DataError(f"{file}: sha256 is not a map of file names to sha256 hex digests; the manifest is damaged")
 
 
-def read_trace(path: Path) -> dict[str, Any]:
+def read_trace(path: Path, layers: list[int] | None = None) -> dict[str, Any]:
     """The fields of the AttentionTrace saved under `path`; spans as dicts of Span's fields.
 
-    Everything is checked before it is used: the manifest, each table's columns, duplicate and
-    missing rows, indices in range, finite weights in [0, 1] with row sums at most 1, and (last,
-    so the specific messages come first) each file's sha256 against the manifest.
+    `layers` (recorded layer indices, as the manifest names them) reads only those
+    layers' tables; None reads every one.  Everything read is checked before it is
+    used: the manifest, each table's columns, duplicate and missing rows, indices in
+    range, finite weights in [0, 1] with row sums at most 1, and (last, so the specific
+    messages come first) each file's sha256 against the manifest.
     """
     if not path.is_dir():
         raise DataError(f"no saved trace at {path}: the directory does not exist")
     man = read_manifest(path)
+    tables = ("tokens", "spans", "attention")
+    if layers is not None:
+        asked = check_layers(list(layers) if isinstance(layers, (list, tuple)) else layers, "layers=")
+        missing = [layer for layer in asked if layer not in man["layers"]]
+        if missing:
+            raise DataError(f"{path} holds layers {man['layers']}, not {missing}; pass recorded layers (or layers=None)")
+        wanted = [layer for layer in man["layers"] if layer in asked]  # the stored order
+        man = {**man, "layers": wanted}
+        tables = ("tokens", "spans", *(f"attention/layer={layer}" for layer in wanted))
     B = man["batch"]
     ids, toks, text = _read_tokens(path, man)
     lengths = [len(x) for x in ids]
@@ -451,8 +561,8 @@ def read_trace(path: Path) -> dict[str, Any]:
             )
         _check_weights(values, widths, man["heads"], path / "attention" / f"layer={layer}")
         patterns[ex, li, head, _row_index(query_positions, ex, query)] = unpack(values, pads[ex], widths, S).to(patterns.dtype)
-    norms = _read_norms(path, man, lengths, S) if "norm_heads" in man else None
-    verify_hashes(path, man, ("tokens", "spans", "attention") + (() if norms is None else ("norms",)))
+    norms = _read_norms(path, man, lengths, S, subset=layers is not None) if "norm_heads" in man else None
+    verify_hashes(path, man, tables + (() if norms is None else ("norms",)))
     return dict(
         norms=norms,
         patterns=patterns.to(dtype),
@@ -470,12 +580,14 @@ def read_trace(path: Path) -> dict[str, Any]:
     )
 
 
-def _read_norms(path: Path, man: dict, lengths: list[int], S: int) -> dict[str, Tensor]:
+def _read_norms(path: Path, man: dict, lengths: list[int], S: int, subset: bool = False) -> dict[str, Tensor]:
     """The norms table as `AttentionTrace.norms` (float32, padded), checked: every (example, layer, position) once,
-    `norm_heads` values per row, finite and non-negative."""
+    `norm_heads` values per row, finite and non-negative.  `subset`: `man["layers"]` is a subset being read."""
     where = path / "norms"
     t = read_table(path, "norms")
     _check_columns(t, NORMS_SCHEMA, where)
+    if subset:
+        t = t.filter(pc.is_in(t["layer"], value_set=pa.array(man["layers"], type=t.schema.field("layer").type)))
     B, layers, H = man["batch"], man["layers"], man["norm_heads"]
     ex, layer, pos = _ints(t, "example", where), _ints(t, "layer", where), _ints(t, "position", where)
     if (r := _out_of_range(ex, 0, B)) is not None:
@@ -699,7 +811,7 @@ def verify_hashes(path: Path, man: dict, tables: tuple[str, ...]) -> None:
         return
     for name in tables:
         found = _table_files(path, name)
-        listed = {k for k in hashes if k.split("/", 1)[0] == name}
+        listed = {k for k in hashes if k.startswith(name + "/")}
         for rel in sorted(found - listed):
             raise DataError(f"{path / rel} is not one of the files manifest.json lists; remove it or write the directory again")
         for rel in sorted(listed - found):

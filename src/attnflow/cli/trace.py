@@ -16,7 +16,8 @@ MODEL is a model folder, a `.gguf` file or a hub id.  `--documents FILE` places
 named documents before the question (format: `attnflow.prompting`) and records
 them as spans of kind "document"; `--chat` renders the prompt through the
 tokenizer's chat template.  `--dtype` is the storage dtype of the patterns,
-`--model-dtype` the weights'.  `--json` prints the same as one JSON object.
+`--model-dtype` the weights'.  `--memory-budget SIZE` bounds the float32
+transient of one layer's recording (`TraceOptions.memory_budget`).  `--json` prints the same as one JSON object.
 The shares are printed when the trace can be composed by `--flow` (every row and
 layer recorded, or `--flow raw`).
 """
@@ -54,6 +55,9 @@ def add_parser(subparsers) -> None:
                    help="comma-separated key positions left out of the shares, e.g. 0 (the attention sink)")
     t.add_argument("--top", type=int, default=3, help="source tokens listed per document (default 3)")
     t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="bytes, or a size like 512MB or 2GiB (powers of 1024), that one layer's float32 transient "
+                        "may take: rows are computed in query chunks that fit (default 256MiB)")
     t.add_argument("--remote", action="store_true", help="run on NDIF (needs NDIF_API_KEY)")
     t.add_argument("--out", default=None, help="folder to save the trace to (default: not saved)")
     t.add_argument("--overwrite", action="store_true", help="replace --out if it holds a trace attnflow wrote")
@@ -104,7 +108,27 @@ def options_from_args(args):
         remote=bool(args.remote),
         progress=not args.no_progress,
         norms=bool(args.norms),
+        **memory_budget(args.memory_budget),
     )
+
+
+def memory_budget(text: str | None) -> dict:
+    """--memory-budget: {} (TraceOptions' default) or {"memory_budget": bytes}.
+
+    >>> memory_budget("512MB"), memory_budget(None)
+    ({'memory_budget': 536870912}, {})
+    >>> memory_budget("lots")
+    Traceback (most recent call last):
+    attnflow.errors.BadArgumentError: --memory-budget 'lots'; use a number of bytes or a size like 512MB or 2GiB
+    """
+    from attnflow.tracers.inputs import byte_count
+
+    if text is None:
+        return {}
+    try:
+        return {"memory_budget": byte_count("--memory-budget", text)}
+    except BadArgumentError:
+        raise BadArgumentError(f"--memory-budget {text!r}; use a number of bytes or a size like 512MB or 2GiB") from None
 
 
 def flow_method(args) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from attnflow.attention_trace import AttentionTrace, Span
+from attnflow.attention_trace import AttentionTrace, SavedTrace, Span
 from attnflow import _checks
 from attnflow.errors import BadArgumentError, DataError, ModelNotFoundError, UnsupportedModelError
 from attnflow.tracers import driver
@@ -41,8 +41,10 @@ def trace(
     completions: Any = None,
     spans: list[list[Span] | None] | None = None,
     options: TraceOptions | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     **fields: Any,
-) -> AttentionTrace:
+) -> AttentionTrace | SavedTrace:
     """Record the attention patterns of `model` on `prompts` into an AttentionTrace.
 
     model           an nnsight model (`af.load`), a transformers PreTrainedModel (pass tokenizer=,
@@ -54,6 +56,11 @@ def trace(
     options         a TraceOptions; or its fields as keywords: max_new_tokens, heads, layers, rows,
                     dtype, batch_size, remote, progress, memory_budget, one_pass, norms (see TraceOptions).  Keywords given with
                     `options` replace those fields of it.
+    out             a folder: write the trace there while it is recorded (`AttentionTrace.save`'s
+                    layout; each layer's rows go to disk as the forward computes them, so memory
+                    holds one layer of one batch, not the trace) and return a SavedTrace, which
+                    reads the patterns only on `.load()`.  `overwrite` as in `save`.  With
+                    max_new_tokens it generates first, then records in one forward (two passes).
 
         >>> tr = trace(model, ["the cat sat", "a dog ran to the park"], rows="last", heads="mean", progress=False)
         >>> tr.patterns.shape, tr.query_positions              # the demo model: 4 layers, BOS + 6 tokens
@@ -69,7 +76,9 @@ def trace(
         raise BadArgumentError(f"options is a {type(options).__name__}; pass an attnflow.TraceOptions (or its fields as keywords)")
     elif fields:
         options = dataclasses.replace(options, **fields)
-    return driver.run(model, prompts, options, tokenizer=tokenizer, completions=completions, spans=spans)
+    return driver.run(
+        model, prompts, options, tokenizer=tokenizer, completions=completions, spans=spans, out=out, overwrite=overwrite
+    )
 
 
 def load(path_or_id: str | os.PathLike, dtype: Any = "float32", device_map: Any = None, **kwargs: Any):

@@ -10,8 +10,9 @@ batch's patterns.  Everything around that lives here, once, for every backend:
 
 With `max_new_tokens`, a backend that can (`generate_record`: HF models run
 locally) records while it generates, one generation per batch; otherwise
-(`one_pass=False`, `remote=`, TransformerLens) the driver generates every
-batch first and records prompt + completion in a second forward.
+(`one_pass=False`, `remote=`, TransformerLens, `out=`) the driver generates every
+batch first and records prompt + completion in a second forward.  With `out=DIR`
+(`stream`) each layer goes to disk as it is recorded instead of into the tensor.
 
     >>> tr = run(model, ["the cat sat", "a dog"], TraceOptions(heads="mean", rows="last", progress=False))
     >>> tr.patterns.shape                      # batch layer head query key (the 4-layer demo model, BOS + 3 words)
@@ -23,6 +24,7 @@ Backends: `tracers/hf.py` (HF models through nnsight, locally or on NDIF) and
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import torch
@@ -30,8 +32,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnflow import tokens
-from attnflow.attention_trace import AttentionTrace
+from attnflow import _io, codec, tokens
+from attnflow.attention_trace import AttentionTrace, SavedTrace
 from attnflow.errors import BadArgumentError, NonFiniteError
 from attnflow.tracers import inputs
 from attnflow.tracers.options import TraceOptions
@@ -81,9 +83,15 @@ def backend_for(model: Any, tokenizer: Any, options: TraceOptions) -> Backend:
 
 
 def run(
-    model: Any, prompts: Any, options: TraceOptions, *, tokenizer: Any = None, completions: Any = None, spans: Any = None
-) -> AttentionTrace:
-    """Record the attention of `model` on `prompts` as `options` say (see `attnflow.trace`) into an AttentionTrace."""
+    model: Any, prompts: Any, options: TraceOptions, *, tokenizer: Any = None, completions: Any = None, spans: Any = None,
+    out: str | os.PathLike | None = None, overwrite: bool = False,
+) -> AttentionTrace | SavedTrace:
+    """Record the attention of `model` on `prompts` as `options` say (see `attnflow.trace`) into an AttentionTrace.
+
+    With `out`, the trace is written to that folder as it is recorded (`stream`) and a SavedTrace is returned.
+    """
+    if out is not None:
+        _io.check_output(out, "trace", overwrite=overwrite)  # before the model runs: a refused folder fails fast
     backend = backend_for(model, tokenizer, options)
     layers = inputs.check_layers(options.layers, backend.num_layers)
     heads = inputs.check_heads(options.heads, backend.num_layers, backend.num_heads, layers)
@@ -96,6 +104,9 @@ def run(
     inputs.check_lengths(enc.sequences, info["max_positions"], info["vocab_size"], extra=new_tokens or 0)
     batches = inputs.chunks(len(enc.sequences), options.batch_size)
 
+    if out is not None:
+        return stream(backend, enc, batches, out, overwrite, layers=layers, heads=heads, options=options, spans=spans,
+                      teacher_forced=completions is not None)  # fmt: skip
     with torch.no_grad(), tqdm(total=len(enc.sequences), desc="attnflow trace", unit="prompt", disable=not options.progress) as bar:
         if new_tokens and options.one_pass and getattr(backend, "one_pass_generation", False):
             enc, patterns, norms = generate_record(backend, enc, new_tokens, batches, layers=layers, heads=heads, options=options, bar=bar)
@@ -115,6 +126,17 @@ def run(
         query_positions = inputs.row_index(positions, enc.lengths, input_ids.shape[1])
     check_finite(patterns, layers)
     check_finite_norms(norms, layers)
+    return assemble_trace(backend, enc, patterns, query_positions, input_ids, attention_mask, span_lists, layers=layers,
+                          heads=heads, options=options, teacher_forced=completions is not None, norms=norms)  # fmt: skip
+
+
+def assemble_trace(
+    backend: Backend, enc: inputs.Encoded, patterns: Tensor, query_positions: Tensor, input_ids: Tensor,
+    attention_mask: Tensor, span_lists: Any, *, layers: list[int], heads: str | Tensor, options: TraceOptions,
+    teacher_forced: bool, norms: dict[str, Tensor] | None = None,
+) -> AttentionTrace:
+    """The AttentionTrace of recorded `patterns` and everything around them (tokens, text, spans, info, settings)."""
+    info = backend.model_info
     return AttentionTrace(
         patterns=patterns,
         input_ids=input_ids,
@@ -128,11 +150,73 @@ def run(
         spans=span_lists,
         model_info={**info, "special_token_ids": special_ids(backend.tokenizer)},  # what exclude_keys="sinks" reads
         settings=options.to_settings(
-            layers=layers, heads=heads, teacher_forced=completions is not None, pad_token_id=backend.pad_id,
-            backend=backend.settings,
+            layers=layers, heads=heads, teacher_forced=teacher_forced, pad_token_id=backend.pad_id, backend=backend.settings,
         ),
         norms=norms,
     )
+
+
+def stream(
+    backend: Backend, enc: inputs.Encoded, batches: list[range], out: str | os.PathLike, overwrite: bool, *,
+    layers: list[int], heads: str | Tensor, options: TraceOptions, spans: Any, teacher_forced: bool,
+) -> SavedTrace:
+    """Record into the saved-trace folder `out` (`AttentionTrace.save`'s layout), one layer at a time; a SavedTrace.
+
+    Each batch runs one forward; each layer's rows go to its Parquet file as the
+    forward computes them (`codec.AttentionWriter`), so what is held is one layer
+    of one batch, not the trace.  With `max_new_tokens` the batch generates first
+    and prompt + completion is recorded in that forward (the two-pass path: a
+    one-pass generation records every layer at every step).  A backend that cannot
+    hand layers over during its forward (remote runs, TransformerLens) records a
+    batch whole, then writes it layer by layer.  The folder is built under a
+    temporary name and swapped in whole, manifest last (`attnflow._io.output_dir`).
+    """
+    new_tokens = options.max_new_tokens
+    head_out = backend.num_heads if isinstance(heads, str) and heads == "all" else 1
+    causal = getattr(backend, "causal", lambda layers: True)(layers)
+    with torch.no_grad(), _io.output_dir(out, "trace", overwrite=overwrite) as tmp, tqdm(
+        total=len(enc.sequences), desc="attnflow trace", unit="prompt", disable=not options.progress
+    ) as bar:
+        if new_tokens:
+            enc = generate(backend, enc, new_tokens, batches)
+            bar.set_postfix_str("generated")
+        span_lists = inputs.check_spans(spans, enc.lengths)
+        positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
+        writer = codec.AttentionWriter(tmp, layers, options.dtype, inputs.head_label(heads), causal)
+        S = max(enc.lengths)
+        norms = empty_norms(len(enc.sequences), len(layers), backend.num_heads, S) if options.norms else None  # small: kept
+        for chunk in batches:
+            seqs, pos = [enc.sequences[i] for i in chunk], [positions[i] for i in chunk]
+            lengths = [len(s) for s in seqs]
+            qpos = inputs.row_index(pos, lengths, max(lengths))  # [chunk, row] in the batch's own padding
+
+            def sink(li: int, P: Tensor, qpos=qpos, lengths=lengths) -> None:
+                check_finite(P.unsqueeze(1), [layers[li]])
+                writer.write(li, P, qpos, lengths)
+
+            kw = dict(layers=layers, heads=heads, options=options)
+            if norms is not None:
+                kw["norms"] = {k: v[chunk.start : chunk.stop, ..., S - max(lengths) :] for k, v in norms.items()}
+            if getattr(backend, "streams", False):
+                backend.record(seqs, pos, **kw, out=None, sink=sink)
+            else:
+                part = torch.zeros((len(chunk), len(layers), head_out, qpos.shape[1], max(lengths)), dtype=options.dtype)
+                backend.record(seqs, pos, **kw, out=part)
+                for li in range(len(layers)):
+                    sink(li, part[:, li])
+                del part
+            bar.update(len(chunk))
+        writer.close()
+        check_finite_norms(norms, layers)
+        input_ids, attention_mask = inputs.left_pad(enc.sequences, backend.pad_id)
+        query_positions = inputs.row_index(positions, enc.lengths, input_ids.shape[1])
+        B, R, S = len(enc.sequences), query_positions.shape[1], input_ids.shape[1]
+        placeholder = torch.zeros((), dtype=options.dtype).expand(B, len(layers), head_out, R, S)  # no memory: shape only
+        skeleton = assemble_trace(backend, enc, placeholder, query_positions, input_ids, attention_mask, span_lists,
+                                  layers=layers, heads=heads, options=options, teacher_forced=teacher_forced,
+                                  norms=norms)  # fmt: skip
+        codec.write_rest(skeleton, tmp, causal)
+    return SavedTrace(out)
 
 
 def special_ids(tokenizer: Any) -> list[int]:

@@ -23,7 +23,9 @@ float32 on real models; tests compare in float64).  The two-pass path
 (`generate`, then `record` over prompt + completion) remains for remote runs
 (NDIF and `remote="local"`: the block runs elsewhere and cannot fill this
 process's tensors, so generation goes through `remote.generate`), for
-`one_pass=False`, and in the TransformerLens backend (no KV-cache generation).
+`one_pass=False`, for `trace(..., out=DIR)` (which hands each layer to the
+driver's writer while the forward runs: `record(..., sink=)`), and in the
+TransformerLens backend (no KV-cache generation).
 
 With `norms=True` (or `heads="norm"`) the same block also reads, per recorded
 layer and in the order the model runs them, the decoder layer's input (the
@@ -48,7 +50,7 @@ import inspect
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import nnsight
 import torch
@@ -215,7 +217,8 @@ class HFBackend:
 
     def record(
         self, sequences: list[list[int]], positions: list[list[int]], *, layers: list[int], heads: str | Tensor,
-        options: TraceOptions, out: Float[Tensor, "batch layer head row key"], norms: dict[str, Tensor] | None = None,
+        options: TraceOptions, out: Float[Tensor, "batch layer head row key"] | None,
+        norms: dict[str, Tensor] | None = None, sink: Callable[[int, Tensor], None] | None = None,
     ) -> None:
         """Patterns of one left-padded batch from one `model.trace(...)`, rows right-aligned, written into `out`.
 
@@ -225,6 +228,10 @@ class HFBackend:
         trace's `AttentionTrace.norms`, keys right-aligned) are filled in the same
         forward: per layer, the residual input's norm (the decoder layer's input),
         each key's value norm through the output projection, the attention output's norm.
+        With `sink` (locally only: `streams`)
+        and `out=None`, each layer is computed into one reused [batch, head, row, key]
+        buffer and handed to `sink(layer_index, buffer)` while the forward runs, so one
+        layer is held at a time (`trace(..., out=DIR)` writes it to disk there).
         """
         ids, mask = inputs.left_pad(sequences, self.pad_id)
         pos = inputs.position_ids(mask)
@@ -244,6 +251,11 @@ class HFBackend:
         H, L, B, S = self.num_heads, len(layers), len(sequences), ids.shape[1]
         key_mask = mask.to(self.device).float()  # [batch, seq]: pad positions get norm 0
         local_norms = norms if not extra else None
+        if sink is not None:
+            if extra:
+                raise ValueError("a remote recording cannot stream its layers; this is an attnflow bug")
+            head_out = self.num_heads if isinstance(heads, str) and heads == "all" else 1
+            layer_buf = torch.zeros((len(sequences), head_out, rows.shape[1], ids.shape[1]), dtype=dtype, device=self.device)
         with ndif.translate_errors(extra):
             with self.nn_model.trace(
                 input_ids=ids.to(self.device),
@@ -258,19 +270,26 @@ class HFBackend:
                     if want:
                         x = layer_envoys[i].input  # [batch, seq, hidden]: the residual stream entering the layer
                     args, kwargs = getattr(envoys[i].source, ops[i]).inputs
-                    if patterns is None:
-                        Ho = args[1].shape[1] if isinstance(heads, str) and heads == "all" else 1
-                        patterns = args[1].new_zeros((B, L, Ho, rows.shape[1], args[2].shape[2]), dtype=dtype)
                     vn = None
                     if want:
                         R = factors[i]
                         if R is None:  # remote: the projection's weights are where the block runs
                             R = reduce.value_factors(reduce.output_blocks(getattr(envoys[i], projs[i]).weight, H, conv1d[i]))
                         vn = reduce.value_norms(reduce.bind(args, kwargs)["value"], R) * key_mask[:, None, :]  # [b, head, key]
-                    reduce.interface_pattern(
-                        args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i],
-                        out=patterns[:, i], memory_budget=budget, value_norms=vn,
-                    )
+                    if sink is not None:  # streamed: one layer at a time, handed on while the forward runs
+                        reduce.interface_pattern(
+                            args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i],
+                            out=layer_buf, memory_budget=budget, value_norms=vn,
+                        )
+                        sink(i, layer_buf)
+                    else:
+                        if patterns is None:
+                            Ho = args[1].shape[1] if isinstance(heads, str) and heads == "all" else 1
+                            patterns = args[1].new_zeros((B, L, Ho, rows.shape[1], args[2].shape[2]), dtype=dtype)
+                        reduce.interface_pattern(
+                            args, kwargs, row_index=rows, heads=weights[i], dtype=dtype, is_causal=causal[i],
+                            out=patterns[:, i], memory_budget=budget, value_norms=vn,
+                        )
                     if norms is not None:
                         if found is None:
                             found = {
@@ -283,13 +302,13 @@ class HFBackend:
                         found["value"][:, i] = vn
                         found["residual"][:, i] = reduce.position_norms(x) * key_mask
                         found["attn"][:, i] = reduce.position_norms(a) * key_mask
-                if local is None:
+                if local is None and sink is None:
                     patterns = patterns.save()
                     if norms is not None:  # saved names come back; a dict of saved tensors would not
                         value_n, attn_n, residual_n = found["value"].save(), found["attn"].save(), found["residual"].save()
                 if stop_early:
                     tracer.stop()
-        if local is None:
+        if local is None and sink is None:
             out.copy_(patterns.detach())
             if norms is not None:
                 for k, t in (("value", value_n), ("attn", attn_n), ("residual", residual_n)):
@@ -320,6 +339,15 @@ class HFBackend:
             else:
                 factors.append(None)
         return blocks, projs, conv1d, factors
+
+    @property
+    def streams(self) -> bool:
+        """Whether `record` can hand each layer to a `sink` during the forward: locally only."""
+        return not self.remote
+
+    def causal(self, layers: list[int]) -> bool:
+        """Whether every one of `layers` is a causal attention module (its `is_causal` flag)."""
+        return all(self.sites[layer].is_causal for layer in layers)
 
     # --- one generation that records -----------------------------------------------------------
     @property

@@ -65,6 +65,9 @@ def assert_same(a: AttentionTrace, b: AttentionTrace):
     assert a.layers == b.layers and a.heads == b.heads
     assert a.spans == b.spans
     assert a.model_info == b.model_info and a.settings == b.settings
+    assert (a.norms is None) == (b.norms is None)
+    if a.norms is not None:
+        assert a.norms.keys() == b.norms.keys() and all(torch.equal(a.norms[k], b.norms[k]) for k in a.norms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])

@@ -33,6 +33,8 @@ CASES = {
         rows="completion", completions=[[5, 6], [], [7]], heads=torch.tensor([[1.0, 2, 0, 1], [0, 0, 1, 0]])
     ),
     "generated-two-pass": dict(max_new_tokens=3, heads="max", one_pass=False),
+    "norms": dict(norms=True, layers=[0, -1]),
+    "norm-heads": dict(heads="norm", norms=True, dtype=torch.float32),
 }
 
 
@@ -52,7 +54,10 @@ def test_streamed_folder_loads_equal_to_saved(model, tmp_path, case, batch_size)
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())  # noqa: E731
     assert files(tmp_path / "stream") == files(tmp_path / "ref")  # the normal saved-trace layout
     for li, layer in enumerate(ref.layers):  # one layer at a time
-        assert torch.equal(saved.load(layers=[layer]).patterns[:, 0], ref.patterns[:, li])
+        part = saved.load(layers=[layer])
+        assert torch.equal(part.patterns[:, 0], ref.patterns[:, li])
+        if ref.norms is not None:  # the norms of that layer only
+            assert all(torch.equal(part.norms[k][:, 0], ref.norms[k][:, li]) for k in ref.norms)
 
 
 def test_streamed_generation_matches_the_one_pass_trace(model, tmp_path):

@@ -47,6 +47,14 @@ def add_parser(subparsers) -> None:
                         help="skip (and count) longer prompts (default: the model's maximum positions)")
         ep.add_argument("--max-new-tokens", type=int, default=None, help="answer length budget (demo 3, hotpotqa 16)")
         ep.add_argument("--batch-size", type=int, default=1, help="examples per forward pass (default 1)")
+        ep.add_argument("--loo", action=argparse.BooleanOptionalAction, default=True,
+                        help="leave-one-out reference: remove each document, measure the answer's log-prob drop "
+                             "(1 forward per document; default on; needed by spearman_loo, drop@k and at2)")
+        ep.add_argument("--loo-sentences", action="store_true",
+                        help="also leave out each sentence (1 forward per sentence): sentence-level loo rows")
+        ep.add_argument("--loo-pairs", choices=("methods", "all"), default=None,
+                        help="paragraph pairs removed for drop@2: each method's top-2 pair, or all (exact random "
+                             "baseline; default: all for demo, methods for hotpotqa)")
         ep.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --out, or extend it (a larger --limit: only the new examples)")
         ep.add_argument("--no-progress", action="store_true")
@@ -111,6 +119,9 @@ def config_from_args(args):
         prompt_template=template,
         chat_template=not getattr(args, "no_chat_template", False),
         system=getattr(args, "system", None),
+        loo=args.loo,
+        loo_sentences=args.loo_sentences and args.loo,
+        loo_pairs=args.loo_pairs,
     )
 
 

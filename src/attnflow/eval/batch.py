@@ -23,6 +23,7 @@ summed over each sentence and paragraph.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,44 +35,79 @@ from attnflow.eval.answers import answer_scores, locate, token_span
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem
 from attnflow.eval.jobs import Job
-from attnflow.eval.methods import METHOD_NAMES, key_scores, random_scores, span_sums
+from attnflow.eval.methods import ATTENTION_NAMES, key_scores, random_scores, reduce_heads, span_sums
 from attnflow.eval.store import attribution_table, examples_table
 from attnflow.eval.views import write_views
 from attnflow.tokens import PARTIAL
 
 
 def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, views) -> dict[str, pa.Table]:
-    """Trace one batch, answer, score every method at both levels over the answer span: {examples, attribution}.
+    """Trace one batch, answer, score every method at both levels over the answer span:
+    {examples, attribution, removals (with config.loo), features}.
 
-    `views` (a `views.ViewBudget`, or an int: examples with index < views, no byte budget)
+    `removals` holds the answer's log-prob with each removed paragraph set (`eval.loo`),
+    `features` each example's AT2 features (`eval.at2`), `costs` the cost per example:
+    trace_s, methods_s (composing every attention method), loo_s, loo_forwards, pair_s,
+    pair_forwards.  `views` (a `views.ViewBudget`, or an int: examples with index < views, no byte budget)
     decides which examples get an attention view under `out/views/`.
     """
+    from attnflow.eval import at2, loo
     from attnflow.tracers import trace
 
     prompts = [j.prompt for j in batch]
     teacher = config.mode == "teacher"
-    tr = trace(
+    t0 = time.perf_counter()
+    tr = trace(  # every head (float16): the methods reduce them (`methods.key_scores`), AT2 weighs them
         model,
         [p.input_ids for p in prompts],
         tokenizer=tokenizer,
         max_new_tokens=None if teacher else config.new_tokens,
         completions=[j.completion for j in batch] if teacher else None,
-        heads="mean",
-        dtype=torch.float32,
+        heads="all",
+        dtype=torch.float16,
         batch_size=len(batch),
         progress=False,
         spans=[p.spans for p in prompts],
     )
+    trace_s = (time.perf_counter() - t0) / len(batch)
     stop = set(tokenizer.all_special_ids)
     answers = [read_answer(tr, b, job, stop, teacher) for b, job in enumerate(batch)]
     targets = [a.rows for a in answers]  # unpadded query rows producing the answer span's tokens
+    features = [
+        at2.feature_row(job.example.index, job.example.id,
+                        at2.example_features(tr, b, targets[b], [(s.start, s.end) for s in job.prompt.paragraph_spans]))
+        for b, job in enumerate(batch)
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    tr = reduce_heads(tr)  # the per-head patterns are not needed past here
     scores = {k: v.double().cpu() for k, v in key_scores(tr, targets).items()}
     ex_rows, attr_rows = [], []
     for b, job in enumerate(batch):
-        ex_rows.append(example_row(job, answers[b]))
         attr_rows += attribution_rows(job, tr.pad_offsets[b], {k: v[b] for k, v in scores.items()})
+    methods_s = (time.perf_counter() - t0) / len(batch)
+    costs = [{} for _ in batch]
+    tables = {}
+    if config.loo:  # fills the LOO metrics of attr_rows and adds the "loo" rows
+        loo_rows, removals, costs = loo.score_batch(model, tr, batch, answers, attr_rows, config)
+        attr_rows += loo_rows
+        tables["removals"] = loo.removal_table(removals)
+    cost_rows = []
+    for b, job in enumerate(batch):
+        c = costs[b]
+        ex_rows.append(example_row(job, answers[b]) | {k: c.get(k) for k in ("answer_logp", "loo_reason")})
+        cost_rows.append({"index": job.example.index, "id": job.example.id, "trace_s": trace_s, "methods_s": methods_s} | c)
     write_views(tr, batch, targets, out, views)
-    return {"examples": examples_table(ex_rows), "attribution": attribution_table(attr_rows)}
+    tables = {"examples": examples_table(ex_rows), "attribution": attribution_table(attr_rows)} | tables
+    return tables | {"features": at2.feature_table(features), "costs": loo.cost_table(cost_rows)}
+
+
+def loo_row(job: Job, level: str, drops, loo_metrics: dict) -> dict:
+    """The "loo" method's attribution row: its scores are the drops; ranked against the gold items like any method."""
+    gold = job.prompt.gold_paragraphs if level == "paragraph" else job.prompt.gold_sentences
+    ex = job.example
+    return {"index": ex.index, "id": ex.id, "level": level, "method": "loo", "scores": list(map(float, drops))} | (
+        M.example_metrics(drops, gold) | loo_metrics
+    )
 
 
 @dataclass
@@ -160,7 +196,7 @@ def attribution_rows(job: Job, pad: int, scores: dict[str, torch.Tensor]) -> lis
     ):
         starts = torch.tensor([[s.start + pad for s in spans]])
         ends = torch.tensor([[s.end + pad for s in spans]])
-        for name in METHOD_NAMES:
+        for name in ATTENTION_NAMES:
             if name == "random":  # the exact expectation over random rankings, not one draw
                 values, metrics = random_scores(len(spans)), M.random_expectation(len(spans), int(gold.sum()))
             else:

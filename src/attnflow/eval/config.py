@@ -1,8 +1,8 @@
 """The settings of an evaluation run: everything that decides its results, and the `i/N` shard syntax.
 
     >>> config = RunConfig(task="demo", limit=200, shard="1/4")
-    >>> config.shard_pair, config.new_tokens
-    ((1, 4), 3)
+    >>> config.shard_pair, config.new_tokens, config.pair_mode
+    ((1, 4), 3, 'all')
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from attnflow.errors import BadArgumentError
 
 DEFAULT_NEW_TOKENS = {"demo": 3, "hotpotqa": 16}
 DEFAULT_DEMO_EXAMPLES = 200
+PAIR_MODE = {"demo": "all", "hotpotqa": "methods"}  # the demo has 3-8 documents (<= 28 pairs); HotPotQA 10 (45)
+PAIR_MODES = ("methods", "all")
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,20 @@ class RunConfig:
     prompt_template: str = "default"  # a named template (prompts.TEMPLATES) or a template file's absolute path
     chat_template: bool = True  # apply the tokenizer's chat template when it has one
     system: str | None = None  # system prompt (chat template only)
+    # leave-one-out ground truth (eval/loo.py) and the metrics against it; AT2 head weights need it
+    loo: bool = True
+    loo_sentences: bool = False  # also one forward per sentence (sentence-level "loo" rows, spearman_loo)
+    loo_pairs: str | None = None  # top-2 removals: "methods" (each method's top-2 pair) | "all"; None: PAIR_MODE
 
     @property
     def shard_pair(self) -> tuple[int, int]:
         return parse_shard(self.shard)
+
+    @property
+    def pair_mode(self) -> str:
+        """Which paragraph pairs are removed together: "all" (exact random drop@2, every method's and AT2's
+        drop@2) or "methods" (the distinct top-2 pairs of the methods scored in the batch)."""
+        return self.loo_pairs or PAIR_MODE[self.task]
 
     @property
     def new_tokens(self) -> int:
@@ -50,6 +62,10 @@ class RunConfig:
 
         text = template_text(self.prompt_template) if self.task == "hotpotqa" else None
         return asdict(self) | {"prompt_template_text": text}
+
+    def __post_init__(self):
+        if self.loo_pairs is not None and self.loo_pairs not in PAIR_MODES:
+            raise BadArgumentError(f"loo_pairs={self.loo_pairs!r}; use one of {', '.join(PAIR_MODES)}")
 
 
 # settings a resumed run may change, as long as its examples include the old ones (`store.check_growth`)

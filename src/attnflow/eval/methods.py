@@ -14,6 +14,13 @@ span's score is the sum over its tokens.
     flow_normalized, ...         residual_flow(A, normalize=True)   (= rollout alpha 0.5 by construction)
     maxflow, maxflow/sinks       maxflow.max_flow(A)   (Abnar & Zuidema's attention flow; prompts of at
                                  most MAXFLOW_MAX_TOKENS tokens, else NaN scores and `skip_reason`)
+    at2                          learned [layer, head] weights x answer-row attention (`eval.at2`; held-out
+                                 folds, paragraph level, fit when the report is written)
+    loo                          leave-one-out log-prob drops (`eval.loo`): the reference, not attention
+
+The eval records every head (heads="all", float16); `key_scores` reduces the heads
+once per reduction (`REDUCTION`: method family -> reduction, "mean" for every
+family so far) before composing, so each method keeps its heads="mean" meaning.
 
 "/nosink" methods pass `exclude_keys=(0,)`: the first real token's column is
 zeroed and rows renormalised before composing (flow.py).  "/sinks" methods
@@ -28,7 +35,7 @@ tokens and the keys detected as sinks in the example's own attention.
     >>> answer_rows(prompt_lengths=[26], answer_lengths=[1], pad_offsets=[0])[0]
     tensor([[25]])
     >>> s = key_scores(tr, [[25]])                                     # {method: [batch, key]}, unpadded rows
-    >>> s["rollout"].shape, len(s)
+    >>> s["rollout"].shape, len(s)                                     # every attention method
     (torch.Size([1, 27]), 17)
     >>> starts, ends = torch.tensor([[3, 10]]), torch.tensor([[8, 15]])  # [batch, span]: doc1, doc2
     >>> span_sums(s["rollout"], starts, ends)                          # the answer, paris, is in doc1
@@ -48,6 +55,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attnflow.attribution import exclusion_mask, target_flow
+from attnflow.errors import BadArgumentError
 
 SUFFIX = {(): "", (0,): "/nosink", "sinks": "/sinks"}
 # (name, flow method, exclude_keys); "random" has no flow method
@@ -60,7 +68,11 @@ METHODS: tuple[tuple[str, str | None, tuple | str], ...] = (
     )
     + (("maxflow", "maxflow", ()), ("maxflow/sinks", "maxflow", "sinks"))
 )
-METHOD_NAMES = tuple(name for name, _, _ in METHODS)
+ATTENTION_NAMES = tuple(name for name, _, _ in METHODS)  # scored from one batch's trace (`key_scores`)
+REFERENCE_NAMES = ("at2", "loo")  # at2: fit over the run's examples (report time); loo: ablation forwards
+METHOD_NAMES = ATTENTION_NAMES + REFERENCE_NAMES
+# how a flow method's family reduces the recorded heads before composing; a family without an entry uses "mean"
+REDUCTION: dict[str, str] = {}
 MAXFLOW_MAX_TOKENS = 160  # exact max flow costs ~n^3 per target row (maxflow.py): 30 layers, n=512 is 35 s a row
 
 
@@ -98,17 +110,40 @@ def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, 
     T = int(counts.max())
     weights = (torch.arange(T)[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
     out = {}
-    sinks = exclusion_mask(trace, "sinks").to(trace.patterns.device)  # [batch, key]: detected once per batch
+    reduced = {}  # reduction -> (reduced trace, its sink mask)
     for name, method, ex in METHODS:
         if method is None:
             continue
+        how = REDUCTION.get(method, "mean")
+        if how not in reduced:
+            tr = reduce_heads(trace, how)
+            reduced[how] = tr, exclusion_mask(tr, "sinks").to(tr.patterns.device)  # [batch, key]: once per batch
+        tr, sinks = reduced[how]
         excl = sinks if ex == "sinks" else ex
         if method == "maxflow":
-            R = _maxflow_rows(trace, rows, excl)
+            R = _maxflow_rows(tr, rows, excl)
         else:
-            R = target_flow(trace, rows, method, exclude_keys=excl)  # [batch, target, key]
+            R = target_flow(tr, rows, method, exclude_keys=excl)  # [batch, target, key]
         out[name] = einsum(R.float(), weights.to(R.device), "batch target key, batch target -> batch key")
     return out
+
+
+def reduce_heads(trace, how: str = "mean"):
+    """The trace with its heads reduced once (float32 `[batch, layer, 1, query, key]`); a reduced trace as is.
+
+    "mean" is the only reduction so far; a norm-weighted family adds its own here.
+
+        >>> tr.patterns.shape, reduce_heads(tr).patterns.shape          # 8 heads -> their mean
+        (torch.Size([1, 4, 8, 27, 27]), torch.Size([1, 4, 1, 27, 27]))
+    """
+    from dataclasses import replace
+
+    if how != "mean":
+        raise BadArgumentError(f"head reduction {how!r}; the eval knows 'mean'")
+    if trace.patterns.shape[2] == 1:
+        return trace
+    P = torch.mean(trace.patterns, dim=2, keepdim=True, dtype=torch.float32)  # [batch, layer, 1, query, key]
+    return replace(trace, patterns=P, heads="mean")
 
 
 def _maxflow_rows(trace, rows: Sequence[Sequence[int]], excl) -> Float[Tensor, "batch target key"]:

@@ -47,8 +47,9 @@ from attnflow.eval import metrics as M
 from attnflow.eval.methods import METHOD_NAMES
 
 LEVELS = ("paragraph", "sentence")
-SHORT = {"precision": "P", "recall": "R", "mrr": "MRR", "ndcg": "nDCG", "auroc": "AUROC"}
-HEADLINE = ("precision@1", "precision@2", "recall@2", "recall@5", "mrr", "ndcg", "auroc")
+SHORT = {"precision": "P", "recall": "R", "mrr": "MRR", "ndcg": "nDCG", "auroc": "AUROC", "spearman_loo": "Spearman(LOO)"}
+HEADLINE = ("precision@1", "precision@2", "recall@2", "recall@5", "mrr", "ndcg", "auroc") + M.LOO_METRICS
+METRICS = tuple(M.metric_names()) + M.LOO_METRICS  # every summarised metric column of the attribution table
 SUBSETS = ("all", "correct", "wrong")  # correct / wrong: examples whose extracted answer has EM 1 / 0; + question types
 SUMMARY_SCHEMA = pa.schema(
     [
@@ -81,7 +82,7 @@ def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
     kind = np.array([type_of.get(i) for i in index_col], dtype=object)
     level_col = np.array(attribution["level"].to_pylist(), dtype=object)
     method_col = np.array(attribution["method"].to_pylist(), dtype=object)
-    values_of = {m: attribution[m].to_numpy(zero_copy_only=False).astype(np.float64) for m in M.metric_names()}
+    values_of = {m: attribution[m].to_numpy(zero_copy_only=False).astype(np.float64) for m in METRICS}
     subsets = {
         "all": np.ones(len(em), bool),
         "correct": em == 1.0,
@@ -93,7 +94,7 @@ def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
                 sel = in_subset & (level_col == level) & (method_col == method)
                 if not sel.any():
                     continue
-                for metric in M.metric_names():
+                for metric in METRICS:
                     mean, lo, hi, n = M.bootstrap_ci(values_of[metric][sel])
                     stats = dict(mean=mean, ci_low=lo, ci_high=hi, n=n)
                     rows.append(dict(subset=subset, level=level, method=method, metric=metric) | stats)
@@ -225,7 +226,10 @@ def counts(examples: pa.Table) -> dict[str, int]:
     return {s: status.count(s) for s in ("ok", "too_long", "malformed")}
 
 
-def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool = False, views: dict | None = None) -> str:
+def summary_text(
+    summary: pa.Table, examples: pa.Table, config: dict, full: bool = False, views: dict | None = None,
+    at2: dict | None = None, costs: pa.Table | None = None,
+) -> str:
     """The printed report: counts, answer scores, views, one table per level and the position bias
     (every metric and subset when `full`)."""
     c = counts(examples)
@@ -247,10 +251,11 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
         parts.append("attribution over the extracted answer's tokens (examples.parquet: answer_start/answer_end/answer_span)")
     if views is not None:
         parts.append(views_line(views))
-    metrics = M.metric_names() if full else HEADLINE
+    metrics = METRICS if full else HEADLINE
     parts.append(
         "note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike"
     )
+    parts += loo_lines(costs, at2)
     subsets = sorted({r["subset"] for r in rows if r["level"] in LEVELS and r["subset"] != "position"},
                      key=lambda x: (x != "all", x not in ("correct", "wrong"), x))  # fmt: skip
     for subset in subsets if full else ("all",):
@@ -271,6 +276,23 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
         )
         parts.append(position_table(summary))
     return "\n".join(parts)
+
+
+def loo_lines(costs: pa.Table | None, at2: dict | None) -> list[str]:
+    """What the LOO reference measures, what it cost beside the attention trace, and how AT2 was fit."""
+    from attnflow.eval.at2 import at2_line
+    from attnflow.eval.loo import cost_line
+
+    cost = cost_line(costs) if costs is not None else None
+    if cost is None or "loo" not in cost:
+        return [cost] if cost else []
+    lines = [
+        "loo: the answer span's log-prob drop when a document is removed (teacher-forced); spearman_loo: a method's"
+        " document scores against those drops; drop@k: the drop when its top-k documents are removed together"
+        " (random: exact expectations; '-' where the pair was not removed)",
+        cost,
+    ]
+    return lines + ([at2_line(at2)] if at2 is not None else [])
 
 
 def views_line(v: dict) -> str:
@@ -322,18 +344,21 @@ def plot(summary: pa.Table, path: Path) -> None:
 
 
 def write_report(
-    out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None, views: dict | None = None
+    out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None, views: dict | None = None,
+    at2: dict | None = None, costs: pa.Table | None = None,
 ) -> dict:
     """summary.parquet, summary.md, precision_recall.png, explorer.html in `out`; returns {"text", "summary"}.
 
-    `views`: `views.views_summary` facts, reported in the text (written count and size).
+    `views`: `views.views_summary` facts, reported in the text (written count and size); `at2`: the
+    facts of the AT2 fit (`at2.with_at2`); `costs`: the costs table (`loo.COST_SCHEMA`), its means printed.
     """
     out = Path(out)
     summary = summarize(examples, attribution)
     with _io.atomic_path(out / "summary.parquet") as tmp:
         pq.write_table(summary, tmp)
-    text = summary_text(summary, examples, config, views=views)
-    full = summary_text(summary, examples, config, full=True, views=views)
+    extra = {"views": views, "at2": at2, "costs": costs}
+    text = summary_text(summary, examples, config, **extra)
+    full = summary_text(summary, examples, config, full=True, **extra)
     cfg = json.dumps(config, sort_keys=True)
     _io.write_text(out / "summary.md", f"# attnflow evaluation\n\nsettings: `{cfg}`\n\n{full}\n")
     if len(summary):

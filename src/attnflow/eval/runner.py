@@ -24,6 +24,9 @@ Out directory when done:
     parts/               committed batches (kept, so a finished run can be extended or audited)
     examples.parquet     one row per selected example: status ok | too_long | malformed, answer, EM/F1, gold
     attribution.parquet  one row per (ok example, level, method): span scores and every metric
+    removals.parquet     LOO: the answer's log-prob with each removed paragraph set (eval/loo.py)
+    features.parquet     AT2 features per example; at2_heads.safetensors: the weights fit on all (eval/at2.py)
+    costs.parquet        seconds and forward passes per example (trace, methods, LOO), apart: wall-clock varies
     summary.parquet, summary.md, precision_recall.png, explorer.html, views/<index>/  (report.py)
 
     >>> config = RunConfig(task="demo", limit=2, seed=0)    # 2 examples keep this example to a few seconds
@@ -57,7 +60,8 @@ from attnflow.eval.batch import run_batch, skipped_table
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem, QAExample
 from attnflow.eval.jobs import batches, part_name, prepare, select_examples
-from attnflow.eval.store import collect, commit_part, committed, prepare_out, write_tables
+from attnflow.eval.at2 import with_at2
+from attnflow.eval.store import collect, collect_table, commit_part, committed, extra_schemas, prepare_out, write_tables
 from attnflow.eval.views import DEFAULT_VIEW_BYTES, ViewBudget, estimate_bytes, views_summary
 
 __all__ = ["RunConfig", "evaluate", "load_model", "max_positions", "select_examples"]
@@ -123,14 +127,17 @@ def evaluate(
         bar.update(len(batch))
     bar.close()
     examples_t, attribution_t = collect(done, jobs, skipped_table(jobs, problems))
-    write_tables(out, examples_t, attribution_t)
+    extra = {name: collect_table(done, jobs, name, schema) for name, schema in extra_schemas().items()}
+    # AT2 is fit over every example of the run (held-out folds): recomputed whenever the tables are
+    attribution_t, at2_facts = with_at2(out, examples_t, attribution_t, extra["features"], extra["removals"])
+    write_tables(out, examples_t, attribution_t, extra)
     if not report:
         return {}
     from attnflow.eval.report import write_report
 
     candidates = [j.example.index for j in jobs if j.status == "ok"]
     facts = views_summary(out, [out], candidates, views, views_bytes)
-    return write_report(out, examples_t, attribution_t, config.to_json(), views=facts)
+    return write_report(out, examples_t, attribution_t, config.to_json(), views=facts, at2=at2_facts, costs=extra["costs"])
 
 
 def announce_views(todo, model, config: RunConfig, budget: ViewBudget, progress: bool) -> None:

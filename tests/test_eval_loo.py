@@ -164,3 +164,29 @@ def test_sentence_loo_rows_when_asked():
     got = rows[("sentence", "rollout")]["spearman_loo"]
     want = M.spearman(np.array(rows[("sentence", "rollout")]["scores"]), np.array(rows[("sentence", "loo")]["scores"]))
     assert got == pytest.approx(want, nan_ok=True)
+
+
+def test_demo_eval_end_to_end_has_loo_and_at2_rows_and_no_loo_turns_them_off(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from attnflow.cli import main
+    from attnflow.eval.at2 import load_head_weights
+
+    args = ["eval", "demo", "--limit", "5", "--seed", "4", "--no-progress", "--views", "0", "--mode", "teacher"]
+    assert main([*args, "--out", str(tmp_path / "on")]) == 0
+    text = capsys.readouterr().out
+    at = pq.read_table(tmp_path / "on" / "attribution.parquet").to_pylist()
+    for method in ("loo", "at2"):
+        rows = [r for r in at if r["method"] == method]
+        assert [r["index"] for r in rows] == list(range(5)) and {r["level"] for r in rows} == {"paragraph"}
+    assert "| at2 |" in text and "| loo |" in text and "cost per example" in text and "held-out scores only" in text
+    w = load_head_weights(tmp_path / "on" / "at2_heads.safetensors", raw=True)
+    assert w.shape == (4, 8) and (w >= 0).all()
+    costs = pq.read_table(tmp_path / "on" / "costs.parquet").to_pylist()
+    assert len(costs) == 5 and all(c["loo_forwards"] >= 2 for c in costs)
+    assert main([*args, "--no-loo", "--out", str(tmp_path / "off")]) == 0
+    off = pq.read_table(tmp_path / "off" / "attribution.parquet")
+    assert not {"loo", "at2"} & set(off["method"].to_pylist()) and not (tmp_path / "off" / "removals.parquet").exists()
+    # the attention methods' scores do not depend on LOO
+    key = lambda rows: {(r["index"], r["level"], r["method"]): r["scores"] for r in rows if r["method"] not in ("loo", "at2")}  # noqa: E731
+    assert key(off.to_pylist()) == key(at)

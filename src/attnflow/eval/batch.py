@@ -11,14 +11,28 @@ summed over each sentence and paragraph.
     >>> config = RunConfig(task="demo")
     >>> batch, = batches(prepare(demo_examples(2, seed=0), tokenizer, config, limit_tokens=None), 2)
     >>> tables = run_batch(batch, model, tokenizer, config, Path("runs/demo"), views=0)
-    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 18 methods
-    (2, 72)
+    >>> sorted(tables)
+    ['attribution', 'costs', 'examples', 'features', 'removals']
+    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 18 methods + loo
+    (2, 74)
     >>> tables["examples"].select(["index", "answer", "prediction", "em"]).to_pylist()
     [{'index': 1, 'answer': 'banjo', 'prediction': 'banjo', 'em': 1.0},
      {'index': 0, 'answer': 'madrid', 'prediction': 'madrid', 'em': 1.0}]
     >>> row = tables["attribution"].to_pylist()[1]
     >>> row["level"], row["method"], row["scores"], row["mrr"]           # the gold sentence ranks first
     ('sentence', 'raw', [0.08, 0.11], 1.0)
+
+The leave-one-out reference (`eval.loo`) and a method measured against it: example 0's
+rollout ranks document 3 first, whose removal costs the answer nothing (drop@1), while
+removing the gold document 2 drops its log-prob by 5.2:
+
+    >>> rows = {(r["index"], r["method"]): r for r in tables["attribution"].to_pylist() if r["level"] == "paragraph"}
+    >>> rows[0, "loo"]["scores"], [round(x, 2) for x in rows[0, "rollout"]["scores"]]
+    ([-0.01, 5.18, -0.01, 0.0, 0.01], [0.09, 0.13, 0.17, 0.04, 0.05])
+    >>> r = rows[0, "rollout"]; r["spearman_loo"], round(r["drop@1"], 2), round(r["drop@2"], 2)
+    (-0.3, -0.01, 0.1)
+    >>> tables["costs"].select(["index", "loo_forwards", "pair_forwards"]).to_pylist()  # demo: every pair removed
+    [{'index': 1, 'loo_forwards': 3, 'pair_forwards': 1}, {'index': 0, 'loo_forwards': 6, 'pair_forwards': 10}]
 """
 
 from __future__ import annotations

@@ -36,12 +36,13 @@ distinct top-2 pairs of the methods of the batch (and LOO's own).
     >>> P = len(job.prompt)
     >>> scorer = AnswerScorer(model, ids, targets=range(P, len(ids)))   # score the answer's tokens
     >>> round(scorer.full, 3), job.example.answer
-    (-0.001, 'madrid')
-    >>> gold = [s for s, g in zip(job.prompt.paragraph_spans, job.prompt.gold_paragraphs) if g][0]
-    >>> round(scorer.full - scorer.logprob([(gold.start, gold.end)]), 2)   # removing the supporting document
-    6.82
-    >>> scorer.forwards                                                # the full forward + one removal
-    2
+    (-0.007, 'madrid')
+    >>> [round(scorer.full - scorer.logprob([(s.start, s.end)]), 2) for s in job.prompt.paragraph_spans]
+    [-0.01, 5.18, -0.01, 0.0, 0.01]
+    >>> job.prompt.gold_paragraphs                                     # only the supporting document matters
+    array([False,  True, False, False, False])
+    >>> scorer.forwards                                                # the full forward + one per document
+    6
 """
 
 from __future__ import annotations

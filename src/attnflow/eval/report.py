@@ -11,11 +11,12 @@
     answer (extracted): EM 1.000 [1.000, 1.000], F1 1.000 [1.000, 1.000], CONTAINS 1.000 [1.000, 1.000]
     ...
     paragraph level, 2 examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)
-    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC |
+    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC | Spearman(LOO) | drop@1 | drop@2 |
     ...
     >>> sorted(p.name for p in out.iterdir())
-    ['attribution.parquet', 'config.json', 'examples.parquet', 'explorer.html', 'parts', 'precision_recall.png',
-     'summary.md', 'summary.parquet']
+    ['at2_heads.safetensors', 'attribution.parquet', 'config.json', 'costs.parquet', 'examples.parquet',
+     'explorer.html', 'features.parquet', 'parts', 'precision_recall.png', 'removals.parquet', 'summary.md',
+     'summary.parquet']
     >>> print(markdown_table(facts["summary"], "paragraph", ("precision@1", "mrr")))
     | method | P@1 | MRR |
     |---|---|---|
@@ -23,6 +24,8 @@
     | raw | 0.500 [0.000, 1.000] | 0.600 [0.200, 1.000] |
     ...
     | maxflow/sinks | 0.000 [0.000, 0.000] | 0.417 [0.333, 0.500] |
+    | at2 | 0.500 [0.000, 1.000] | 0.625 [0.250, 1.000] |
+    | loo | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |
 
 `summary.parquet` is long: one row per (level, method, metric) with mean, ci_low,
 ci_high and n (examples where the metric is defined), plus answer rows
@@ -96,6 +99,8 @@ def summarize(examples: pa.Table, attribution: pa.Table) -> pa.Table:
                     continue
                 for metric in METRICS:
                     mean, lo, hi, n = M.bootstrap_ci(values_of[metric][sel])
+                    if not n and metric in M.LOO_METRICS:  # not measured (e.g. sentence level without loo_sentences)
+                        continue
                     stats = dict(mean=mean, ci_low=lo, ci_high=hi, n=n)
                     rows.append(dict(subset=subset, level=level, method=method, metric=metric) | stats)
     rows += answer_rows(examples)
@@ -287,7 +292,7 @@ def loo_lines(costs: pa.Table | None, at2: dict | None) -> list[str]:
     if cost is None or "loo" not in cost:
         return [cost] if cost else []
     lines = [
-        "loo: the answer span's log-prob drop when a document is removed (teacher-forced); spearman_loo: a method's"
+        "loo: the drop in the answer span's log-prob (forced in) when a document is removed; spearman_loo: a method's"
         " document scores against those drops; drop@k: the drop when its top-k documents are removed together"
         " (random: exact expectations; '-' where the pair was not removed)",
         cost,

@@ -40,14 +40,19 @@ Out directory when done:
     attribution over the extracted answer's tokens (examples.parquet: answer_start/answer_end/answer_span)
     views: 0 written, 0.0 MB (budget 200 MB, --views 0)
     note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike
+    loo: the drop in the answer span's log-prob (forced in) when a document is removed; spearman_loo: ...
+    cost per example (mean): attention trace ... s, all attention methods ... s; loo ... s (4.5 forwards, 1 full + 1 per document, prefix KV reused); top-2 removals ... s (5.5 forwards)
+    at2: non-negative [layer, head] weights fit by scipy nnls to the LOO drops ... 2-fold CV by example: held-out ...
     <BLANKLINE>
     paragraph level, 2 examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)
-    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC |
-    |---|---|---|---|---|---|---|---|
-    | random | 0.350 [0.200, 0.500] | 0.350 [0.200, 0.500] | 0.700 [0.400, 1.000] | 1.000 [1.000, 1.000] | 0.603 [0.457, 0.750] | 0.703 [0.590, 0.815] | 0.500 [0.500, 0.500] |
-    | raw | 0.500 [0.000, 1.000] | 0.250 [0.000, 0.500] | 0.500 [0.000, 1.000] | 1.000 [1.000, 1.000] | 0.600 [0.200, 1.000] | 0.693 [0.387, 1.000] | 0.500 [0.000, 1.000] |
+    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC | Spearman(LOO) | drop@1 | drop@2 |
+    |---|---|---|---|---|---|---|---|---|---|---|
+    | random | 0.350 [0.200, 0.500] | 0.350 [0.200, 0.500] | 0.700 [0.400, 1.000] | 1.000 [1.000, 1.000] | 0.603 [0.457, 0.750] | 0.703 [0.590, 0.815] | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] | 1.918 [1.036, 2.801] | 5.878 [1.697, 10.058] |
+    | raw | 0.500 [0.000, 1.000] | 0.250 [0.000, 0.500] | 0.500 [0.000, 1.000] | 1.000 [1.000, 1.000] | 0.600 [0.200, 1.000] | 0.693 [0.387, 1.000] | 0.500 [0.000, 1.000] | 0.150 [-0.700, 1.000] | 2.798 [-0.006, 5.601] | 5.028 [-0.002, 10.058] |
     ...
-    | rollout | 0.500 [0.000, 1.000] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 0.750 [0.500, 1.000] | 0.815 [0.631, 1.000] | 0.875 [0.750, 1.000] |
+    | rollout | 0.500 [0.000, 1.000] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 0.750 [0.500, 1.000] | 0.815 [0.631, 1.000] | 0.875 [0.750, 1.000] | 0.350 [-0.300, 1.000] | 2.798 [-0.006, 5.601] | 5.079 [0.099, 10.058] |
+    ...
+    | loo | 1.000 [1.000, 1.000] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 5.391 [5.181, 5.601] | 7.411 [4.765, 10.058] |
     ...
 """
 

@@ -63,6 +63,8 @@ def test_drops_by_hand_on_a_tiny_model():
     assert scorer.logprob([]) == scorer.full
     with pytest.raises(BadArgumentError, match="before the first scored token"):
         scorer.logprob([(18, 21)])
+    with pytest.raises(BadArgumentError, match="before the first scored token"):
+        scorer.logprob([(0, 20), (3, 5)])  # an earlier-starting range that reaches a target
 
 
 def test_logits_only_at_the_answer_rows():

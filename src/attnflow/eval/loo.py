@@ -152,7 +152,7 @@ class AnswerScorer:
         ranges = sorted((int(s), int(e)) for s, e in ranges if e > s)
         if not ranges:
             return self.full
-        if ranges[-1][1] > self.targets[0] or ranges[0][0] < 0:
+        if max(e for _, e in ranges) > self.targets[0] or ranges[0][0] < 0:
             raise BadArgumentError(f"removed ranges {ranges} must lie before the first scored token ({self.targets[0]})")
         n = len(self.ids)
         keep = torch.ones(n, dtype=torch.bool)

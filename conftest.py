@@ -6,7 +6,7 @@ only for the doctests that mention them:
 
     model, tok, tokenizer   the embedded demo model (`af.demo.load()`) and its tokenizer
     example                 `af.demo.task.generate(1, seed=0)[0]`
-    tr                      a trace of the demo model on PROMPT: two document spans, one generated token
+    tr                      a trace of the demo model on PROMPT: two document spans, one generated token, norms
 
 A module's own globals win over these names.  Doctests of the `gguf` module also find
 `models/tiny.gguf`: a 2-layer random Llama with a byte-level tokenizer and a chat template.
@@ -42,7 +42,7 @@ def _demo_trace(_demo_model):
     from attnflow.attribution import text_spans
 
     spans = text_spans(_demo_model.tokenizer, PROMPT, DOCS)
-    return af.trace(_demo_model, [PROMPT], spans=[spans], max_new_tokens=1, progress=False)
+    return af.trace(_demo_model, [PROMPT], spans=[spans], max_new_tokens=1, progress=False, norms=True)
 
 
 def _example():

@@ -122,3 +122,46 @@ def test_bootstrap_ci_is_seeded_drops_nan_and_covers_the_mean():
 def test_squad_em_f1(pred, truth, em, f1):
     assert M.exact_match(pred, truth) == em
     assert M.f1_score(pred, truth) == pytest.approx(f1)
+
+
+# --- against the LOO drops ---------------------------------------------------------------------------
+def test_spearman_by_hand_with_ties():
+    # x ranks 1, 2.5, 2.5, 4 (a tie), y ranks 4, 3, 1, 2; centred: (-1.5, 0, 0, 1.5) and (1.5, 0.5, -1.5, -0.5)
+    # sum of products -2.25 - 0.75 = -3; sums of squares 4.5 and 5 -> -3 / sqrt(22.5)
+    x, y = np.array([0.1, 0.4, 0.4, 0.9]), np.array([7.0, 5.0, -1.0, 2.0])
+    assert M.spearman(x, y) == pytest.approx(-3 / np.sqrt(22.5))
+    assert M.spearman(x, x * 3 + 1) == pytest.approx(1.0)
+    assert np.isnan(M.spearman(np.ones(3), y[:3])) and np.isnan(M.spearman(x[:1], y[:1]))  # constant / one item
+    assert np.isnan(M.spearman(np.array([np.nan, 1.0, 2.0]), y[:3]))
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, 9).astype(float), rng.random(9)
+    assert M.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+
+
+def test_drop_at_k_by_hand():
+    drops = np.array([0.2, 3.0, 1.0, -0.5])
+    removal = {(0,): 0.2, (1,): 3.0, (2,): 1.0, (3,): -0.5, (1, 2): 5.0, (0, 1): 2.5}
+    # top-1 = doc 1 (tie 0.6/0.6 between docs 1 and 2 goes to the earlier), top-2 = {1, 2}
+    got = M.loo_metrics(np.array([0.1, 0.6, 0.6, 0.0]), drops, removal)
+    assert got["drop@1"] == 3.0 and got["drop@2"] == 5.0
+    got = M.loo_metrics(np.array([0.9, 0.1, 0.0, 0.5]), drops, removal)  # top-2 {0, 3} was never removed
+    assert got["drop@1"] == 0.2 and np.isnan(got["drop@2"])
+    assert np.isnan(M.loo_metrics(np.array([np.nan] * 4), drops, removal)["drop@1"])  # a skipped method
+    one = M.loo_metrics(np.array([1.0]), np.array([0.7]), {(0,): 0.7})  # one document: top-2 is that document
+    assert one["drop@1"] == one["drop@2"] == 0.7 and np.isnan(one["spearman_loo"])
+
+
+def test_random_loo_expectation_is_the_average_over_every_ranking():
+    from itertools import combinations, permutations
+
+    drops = np.array([0.2, 3.0, 1.0, -0.5])
+    removal = {p: float(drops[list(p)].sum() + 0.1 * p[0]) for p in combinations(range(4), 2)}
+    removal |= {(k,): float(d) for k, d in enumerate(drops)}
+    per = [M.loo_metrics(np.array(order, dtype=float), drops, removal) for order in permutations(range(4))]
+    want = {k: float(np.mean([p[k] for p in per])) for k in M.LOO_METRICS}
+    got = M.random_loo_expectation(drops, removal)
+    assert got == pytest.approx(want)
+    del removal[(0, 1)]
+    assert np.isnan(M.random_loo_expectation(drops, removal)["drop@2"])  # not every pair known: no expectation

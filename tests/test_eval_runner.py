@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from attnflow.cli import main
 from attnflow.demo.tokenizer import build_tokenizer
 from attnflow.eval import datasets as D
-from attnflow.eval.methods import METHOD_NAMES
+from attnflow.eval import metrics as M
+from attnflow.eval.methods import ATTENTION_NAMES, METHOD_NAMES
 from attnflow.eval.prompts import build_prompt
 from attnflow.eval.runner import RunConfig, evaluate, select_examples
 
@@ -71,7 +72,7 @@ def test_answer_rows_span_sums_and_random_scores():
     sums = span_sums(scores, torch.tensor([[1, 3], [0, 2]]), torch.tensor([[3, 3], [6, 2]]))
     assert sums.tolist() == [[3.0, 0.0], [6.0, 0.0]]  # [1:3] = 1 + 2; empty spans sum to 0
     assert random_scores(4).tolist() == [0.25] * 4 and random_scores(0).shape == (0,)
-    assert METHOD_NAMES[0] == "random" and len(METHOD_NAMES) == 18
+    assert METHOD_NAMES[0] == "random" and len(ATTENTION_NAMES) == 18 and METHOD_NAMES == ATTENTION_NAMES + ("at2", "loo")
     assert {"rollout/sinks", "sum/nosink", "maxflow", "maxflow/sinks"} <= set(METHOD_NAMES)
 
 
@@ -146,7 +147,7 @@ def test_kill_and_resume_gives_the_uninterrupted_results(tmp_path, demo_dir):
         torch.set_num_threads(threads)
     ex_k, at_k = _tables(killed)
     ex_s, at_s = _tables(tmp_path / "straight")
-    assert ex_k.num_rows == n and at_k.num_rows == n * 2 * len(METHOD_NAMES)
+    assert ex_k.num_rows == n and at_k.num_rows == n * (2 * len(ATTENTION_NAMES) + 2)  # + paragraph loo, at2
     assert ex_k.equals(ex_s) and at_k.equals(at_s)
     assert pq.read_table(killed / "summary.parquet").equals(pq.read_table(tmp_path / "straight" / "summary.parquet"))
     # resuming a finished run changes nothing
@@ -194,7 +195,7 @@ def test_malformed_and_too_long_rows_are_skipped_and_counted(tmp_path):
     n_ok, n_long = list(status.values()).count("ok"), list(status.values()).count("too_long")
     assert n_ok >= 1 and n_long >= 1 and n_ok + n_long == 4
     assert f"{n_ok} examples evaluated" in facts["text"] and f"{n_long} too long, 7 malformed" in facts["text"]
-    assert at.num_rows == n_ok * 2 * len(METHOD_NAMES)
+    assert at.num_rows == n_ok * (2 * len(ATTENTION_NAMES) + 1) + (n_ok >= 2) * n_ok  # + loo; at2 needs 2 examples
     assert set(at["id"].to_pylist()) == {i for i, s in status.items() if s == "ok"}
     # sentence-level rows have one score per sentence of the example
     by_id = {r["id"]: r for r in ex.to_pylist()}
@@ -210,7 +211,14 @@ def test_malformed_and_too_long_rows_are_skipped_and_counted(tmp_path):
     page = (out / "explorer.html").read_text()
     assert "</script><b>" not in page and "\\u003c/script\\u003e\\u003cb\\u003ewrote" in page
     summary = pq.read_table(out / "summary.parquet").to_pylist()
-    assert sum(r["subset"] == "all" for r in summary) == 2 * len(METHOD_NAMES) * 13 + 2  # + EM, F1
+    # 13 gold metrics per (level, method); the 3 LOO metrics at paragraph level only (no sentence LOO); + EM, F1
+    keys = {(r["level"], r["method"], r["metric"]) for r in summary if r["subset"] == "all"}
+    reference = ("loo", "at2") if n_ok >= 2 else ("loo",)
+    gold_keys = {(lv, m, k) for lv in ("paragraph", "sentence") for m in ATTENTION_NAMES for k in M.metric_names()}
+    gold_keys |= {("paragraph", m, k) for m in reference for k in M.metric_names()}
+    loo_keys = {k for k in keys if k[2] in M.LOO_METRICS}
+    assert keys == gold_keys | loo_keys | {("answer", "-", "em"), ("answer", "-", "f1")}
+    assert {lv for lv, _, _ in loo_keys} == {"paragraph"} and ("paragraph", "rollout", "spearman_loo") in loo_keys
     n_wrong = sum(r["em"] == 0.0 for r in ex.to_pylist())
     assert {r["n"] for r in summary if r["subset"] == "wrong" and r["metric"] == "mrr"} == ({n_wrong} if n_wrong else set())
     # attention views for the ok examples with index < 2 (views=2), linked from the explorer

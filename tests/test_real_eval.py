@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from real_model import hotpot_file, require_smollm2  # noqa: E402
 
 from attnflow.cli import main  # noqa: E402
-from attnflow.eval.methods import METHOD_NAMES  # noqa: E402
+from attnflow.eval.methods import ATTENTION_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -30,7 +30,11 @@ def test_one_question_in_teacher_mode_holds_every_method(tmp_path, capsys):
     assert len(ex) == 1 and ex[0]["status"] == "ok" and ex[0]["answer_span"] == ex[0]["answer"]
     assert ex[0]["prompt_tokens"] > 1000  # a real distractor prompt, chat template applied
     got = {(r["level"], r["method"]) for r in at.select(["level", "method"]).to_pylist()}
-    assert got == {(lv, m) for lv in ("sentence", "paragraph") for m in METHOD_NAMES}
+    # + the LOO reference at paragraph level (AT2 needs 2 or more examples: not fit on one)
+    assert got == {(lv, m) for lv in ("sentence", "paragraph") for m in ATTENTION_NAMES} | {("paragraph", "loo")}
     summary = pq.read_table(out / "summary.parquet").to_pylist()
-    assert {r["method"] for r in summary if r["subset"] == "position"} == {*METHOD_NAMES, "gold"}
-    assert all(f"| {m} |" in text for m in METHOD_NAMES) and "position bias" in text
+    assert {r["method"] for r in summary if r["subset"] == "position"} == {*ATTENTION_NAMES, "loo", "gold"}
+    assert all(f"| {m} |" in text for m in (*ATTENTION_NAMES, "loo")) and "position bias" in text
+    loo = [r for r in at.to_pylist() if r["method"] == "loo"][0]
+    assert len(loo["scores"]) == 10 and all(abs(d) < 50 for d in loo["scores"]) and "cost per example" in text
+    print(next(line for line in text.splitlines() if line.startswith("cost per example")), file=sys.stderr)

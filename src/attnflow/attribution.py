@@ -453,7 +453,17 @@ def target_flow(
     if method == "raw":
         idx = _query_index(trace, idx)
     kw = _flow_kwargs(trace, alpha, exclude_keys, heads, validate)
+    if method == "rollout_measured":  # the mixing weights come from the norms recorded with trace(norms=True)
+        kw |= _measured_norms(trace)
     return F.compose(trace.patterns, method, rows=idx.to(trace.patterns.device), **kw)
+
+
+def _measured_norms(trace: AttentionTrace) -> dict[str, Tensor]:
+    """`attn_norms` / `residual_norms` for rollout_measured, from `trace.norms` (padded query positions)."""
+    if trace.norms is None:
+        raise BadArgumentError("method='rollout_measured' needs the norms recorded with af.trace(..., norms=True)")
+    dev = trace.patterns.device
+    return {"attn_norms": trace.norms["attn"].to(dev), "residual_norms": trace.norms["residual"].to(dev)}
 
 
 def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]) -> Int[Tensor, "batch target"]:

@@ -53,6 +53,14 @@ def add_parser(subparsers) -> None:
         ep.add_argument("--shuffle-check", type=int, default=0, metavar="K",
                         help="also record the first K examples with their documents shuffled and report how much "
                              "each method's ranking follows the documents (Spearman, top-1 kept)")
+        ep.add_argument("--loo", action=argparse.BooleanOptionalAction, default=True,
+                        help="leave-one-out reference: remove each document, measure the answer's log-prob drop "
+                             "(1 forward per document; default on; needed by spearman_loo, drop@k and at2)")
+        ep.add_argument("--loo-sentences", action="store_true",
+                        help="also leave out each sentence (1 forward per sentence): sentence-level loo rows")
+        ep.add_argument("--loo-pairs", choices=("methods", "all"), default=None,
+                        help="paragraph pairs removed for drop@2: each method's top-2 pair, or all (exact random "
+                             "baseline; default: all for demo, methods for hotpotqa)")
         ep.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --out, or extend it (a larger --limit: only the new examples)")
         ep.add_argument("--no-progress", action="store_true")
@@ -123,6 +131,9 @@ def config_from_args(args):
         system=getattr(args, "system", None),
         calibrate=args.calibrate,
         shuffle_check=args.shuffle_check,
+        loo=args.loo,
+        loo_sentences=args.loo_sentences and args.loo,
+        loo_pairs=args.loo_pairs,
     )
 
 

@@ -8,7 +8,10 @@ Modules, in the order data flows:
     datasets.py   HotPotQA (official JSON, HF parquet/jsonl) and the demo task -> QAExample; bad rows -> Problem
     prompts.py    rendered prompt, chat template, token spans per paragraph and sentence (from offsets), gold labels
     methods.py    random, raw, sum, rollout, flow, flow_normalized (each with and without the BOS sink) -> span scores
-    metrics.py    precision@k, recall@k, MRR, nDCG, AUROC (tie rules documented there), EM/F1, bootstrap CIs
+    loo.py        leave-one-out ablation: the answer's log-prob drop per removed document (prefix KV reused), drop@k
+    at2.py        AT2: non-negative [layer, head] weights fit to the LOO drops, cross-validated; at2_heads.safetensors
+    metrics.py    precision@k, recall@k, MRR, nDCG, AUROC (tie rules documented there), Spearman / drop@k against
+                  LOO, EM/F1, bootstrap CIs
     config.py     RunConfig (the settings that decide the results) and the i/N shard syntax
     jobs.py       selecting examples (limit, shard), prompts per example, the fixed batches
     batch.py      one batch: trace, answers, span scores and metrics -> table rows

@@ -11,14 +11,28 @@ summed over each sentence and paragraph.
     >>> config = RunConfig(task="demo")
     >>> batch, = batches(prepare(demo_examples(2, seed=0), tokenizer, config, limit_tokens=None), 2)
     >>> tables = run_batch(batch, model, tokenizer, config, Path("runs/demo"), views=0)
-    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 18 methods
-    (2, 72)
+    >>> sorted(tables)
+    ['attribution', 'costs', 'examples', 'features', 'removals']
+    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 18 methods + loo
+    (2, 74)
     >>> tables["examples"].select(["index", "answer", "prediction", "em"]).to_pylist()
     [{'index': 1, 'answer': 'banjo', 'prediction': 'banjo', 'em': 1.0},
      {'index': 0, 'answer': 'madrid', 'prediction': 'madrid', 'em': 1.0}]
     >>> row = tables["attribution"].to_pylist()[1]
     >>> row["level"], row["method"], row["scores"], row["mrr"]           # the gold sentence ranks first
     ('sentence', 'raw', [0.08, 0.11], 1.0)
+
+The leave-one-out reference (`eval.loo`) and a method measured against it: example 0's
+rollout ranks document 3 first, whose removal costs the answer nothing (drop@1), while
+removing the gold document 2 drops its log-prob by 5.2:
+
+    >>> rows = {(r["index"], r["method"]): r for r in tables["attribution"].to_pylist() if r["level"] == "paragraph"}
+    >>> rows[0, "loo"]["scores"], [round(x, 2) for x in rows[0, "rollout"]["scores"]]
+    ([-0.01, 5.18, -0.01, 0.0, 0.01], [0.09, 0.13, 0.17, 0.04, 0.05])
+    >>> r = rows[0, "rollout"]; r["spearman_loo"], round(r["drop@1"], 2), round(r["drop@2"], 2)
+    (-0.3, -0.01, 0.1)
+    >>> tables["costs"].select(["index", "loo_forwards", "pair_forwards"]).to_pylist()  # demo: every pair removed
+    [{'index': 1, 'loo_forwards': 3, 'pair_forwards': 1}, {'index': 0, 'loo_forwards': 6, 'pair_forwards': 10}]
 """
 
 from __future__ import annotations
@@ -36,43 +50,91 @@ from attnflow.eval.calibrate import SidePasses
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem
 from attnflow.eval.jobs import Job
-from attnflow.eval.methods import METHOD_NAMES, key_scores, random_scores, span_sums
+from attnflow.eval.methods import ATTENTION_NAMES, key_scores, random_scores, reduce_heads, span_scores, span_sums
 from attnflow.eval.store import attribution_table, examples_table
 from attnflow.eval.views import write_views
 from attnflow.tokens import PARTIAL
 
 
 def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, views) -> dict[str, pa.Table]:
-    """Trace one batch, answer, score every method at both levels over the answer span: {examples, attribution}.
+    """Trace one batch, answer, score every method at both levels over the answer span:
+    {examples, attribution, removals (with config.loo), features}.
 
-    `views` (a `views.ViewBudget`, or an int: examples with index < views, no byte budget)
+    `removals` holds the answer's log-prob with each removed paragraph set (`eval.loo`),
+    `features` each example's AT2 features (`eval.at2`), `costs` the cost per example:
+    trace_s, methods_s (composing every attention method), loo_s, loo_forwards, pair_s,
+    pair_forwards.  `views` (a `views.ViewBudget`, or an int: examples with index < views, no byte budget)
     decides which examples get an attention view under `out/views/`.
     """
+    from attnflow.eval import at2, loo
+
     prompts = [j.prompt for j in batch]
     teacher = config.mode == "teacher"
     side = SidePasses(batch, tokenizer, config)  # eval/calibrate.py: content-free / shuffled prompts (none by default)
-    inline = side.jobs if teacher else []  # teacher mode batches them with the real pass (the same forced answers)
-    clock = time.perf_counter()
-    tr = record(model, tokenizer, prompts + [j.prompt for j in inline],
-                [j.completion for j in batch + inline] if teacher else None, None if teacher else config.new_tokens)  # fmt: skip
+    t0 = time.perf_counter()
+    tr = record(model, tokenizer, prompts, [j.completion for j in batch] if teacher else None,
+                None if teacher else config.new_tokens)  # fmt: skip
+    trace_s = (time.perf_counter() - t0) / len(batch)
     stop = set(tokenizer.all_special_ids)
     answers = [read_answer(tr, b, job, stop, teacher) for b, job in enumerate(batch)]
     targets = [a.rows for a in answers]  # unpadded query rows producing the answer span's tokens
-    rows = targets + (side.targets(answers) if teacher else [])
-    scores = {k: v.double().cpu() for k, v in key_scores(tr, rows).items()}
-    seconds = time.perf_counter() - clock
+    features = [
+        at2.feature_row(job.example.index, job.example.id,
+                        at2.example_features(tr, b, targets[b], [(s.start, s.end) for s in job.prompt.paragraph_spans]))
+        for b, job in enumerate(batch)
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    scores, tr = score(tr, batch, targets)  # tr: heads averaged from here on (the per-head patterns are dropped)
     ex_rows, attr_rows = [], []
     for b, job in enumerate(batch):
-        ex_rows.append(example_row(job, answers[b]))
         attr_rows += attribution_rows(job, tr.pad_offsets[b], {k: v[b] for k, v in scores.items()})
+    methods_s = (time.perf_counter() - t0) / len(batch)
+    ex_rows = [example_row(job, answers[b]) for b, job in enumerate(batch)]
     forced = lambda ps, completions: record(model, tokenizer, ps, completions, None)  # noqa: E731
-    extra = side.finish(tr, scores, answers, ex_rows, attr_rows, seconds, forced)  # + "/cal" rows, costs, {"shuffle"}
+    tables = side.finish(tr, answers, ex_rows, attr_rows, trace_s * len(batch), forced)  # + "/cal" rows, costs, {"shuffle"}
+    costs = [{} for _ in batch]
+    if config.loo:  # fills the LOO metrics of attr_rows (the "/cal" ones too) and adds the "loo" rows
+        loo_rows, removals, costs = loo.score_batch(model, tr, batch, answers, attr_rows, config)
+        attr_rows += loo_rows
+        tables["removals"] = loo.removal_table(removals)
+    cost_rows = []
+    for b, job in enumerate(batch):
+        c = costs[b]
+        ex_rows[b] |= {k: c.get(k) for k in ("answer_logp", "loo_reason")}
+        cost_rows.append({"index": job.example.index, "id": job.example.id, "trace_s": trace_s, "methods_s": methods_s} | c)
     write_views(tr, batch, targets, out, views)
-    return {"examples": examples_table(ex_rows), "attribution": attribution_table(attr_rows)} | extra
+    tables = {"examples": examples_table(ex_rows), "attribution": attribution_table(attr_rows)} | tables
+    return tables | {"features": at2.feature_table(features), "costs": loo.cost_table(cost_rows)}
+
+
+SPAN_PREFIX = "spans:"  # score keys holding [batch, span] scores (sentences then paragraphs), not [batch, key]
+
+
+def score(tr, batch: list[Job], targets: list[list[int]]) -> tuple[dict[str, torch.Tensor], "AttentionTrace"]:
+    """Every attention method's scores of the batch's targets (float64, cpu) and the trace with its heads averaged.
+
+    Key scores `[batch, key]` by method name (`methods.key_scores`); maxflow's span scores
+    (`methods.span_scores`: each sentence, then each paragraph, as a whole) under
+    `SPAN_PREFIX + name` as `[batch, span]`.
+    """
+    scores = {k: v.double().cpu() for k, v in key_scores(tr, targets).items()}
+    mean = reduce_heads(tr)
+    spans = [job.prompt.sentence_spans + job.prompt.paragraph_spans for job in batch]
+    S = max(len(x) for x in spans)
+    starts = torch.zeros(len(batch), S, dtype=torch.long)
+    ends = torch.zeros(len(batch), S, dtype=torch.long)
+    for b, xs in enumerate(spans):
+        pad = mean.pad_offsets[b]
+        starts[b, : len(xs)] = torch.tensor([x.start + pad for x in xs])
+        ends[b, : len(xs)] = torch.tensor([x.end + pad for x in xs])
+    for name, v in span_scores(mean, targets, starts, ends).items():
+        scores[SPAN_PREFIX + name] = v
+    return scores, mean
 
 
 def record(model, tokenizer, prompts: list, completions: list | None, new_tokens: int | None):
-    """Trace `prompts` (eval Prompts) in one batch: forcing `completions`, or generating `new_tokens`."""
+    """Trace `prompts` (eval Prompts) in one batch, every head (float16) and the norms: forcing `completions`, or
+    generating `new_tokens`.  The methods reduce the heads (`methods.key_scores`), AT2 weighs them."""
     from attnflow.tracers import trace
 
     return trace(
@@ -81,11 +143,21 @@ def record(model, tokenizer, prompts: list, completions: list | None, new_tokens
         tokenizer=tokenizer,
         max_new_tokens=new_tokens,
         completions=completions,
-        heads="mean",
-        dtype=torch.float32,
+        heads="all",
+        dtype=torch.float16,
+        norms=True,
         batch_size=len(prompts),
         progress=False,
         spans=[p.spans for p in prompts],
+    )
+
+
+def loo_row(job: Job, level: str, drops, loo_metrics: dict) -> dict:
+    """The "loo" method's attribution row: its scores are the drops; ranked against the gold items like any method."""
+    gold = job.prompt.gold_paragraphs if level == "paragraph" else job.prompt.gold_sentences
+    ex = job.example
+    return {"index": ex.index, "id": ex.id, "level": level, "method": "loo", "scores": list(map(float, drops))} | (
+        M.example_metrics(drops, gold) | loo_metrics
     )
 
 
@@ -175,11 +247,15 @@ def attribution_rows(job: Job, pad: int, scores: dict[str, torch.Tensor]) -> lis
     ):
         starts = torch.tensor([[s.start + pad for s in spans]])
         ends = torch.tensor([[s.end + pad for s in spans]])
-        for name in METHOD_NAMES:
+        first = 0 if level == "sentence" else len(p.sentence_spans)  # where this level's spans start in `score`'s
+        for name in ATTENTION_NAMES:
             if name == "random":  # the exact expectation over random rankings, not one draw
                 values, metrics = random_scores(len(spans)), M.random_expectation(len(spans), int(gold.sum()))
             else:
-                values = span_sums(scores[name][None], starts, ends)[0].numpy()
+                if SPAN_PREFIX + name in scores:  # a span's own score (maxflow from the span as a whole)
+                    values = scores[SPAN_PREFIX + name][first : first + len(spans)].numpy()
+                else:
+                    values = span_sums(scores[name][None], starts, ends)[0].numpy()
                 metrics = M.example_metrics(values, gold)
             rows.append(
                 {"index": ex.index, "id": ex.id, "level": level, "method": name, "scores": values.tolist()} | metrics

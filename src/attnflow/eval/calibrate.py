@@ -141,44 +141,37 @@ class SidePasses:
     def jobs(self) -> list[Job]:
         return [s.job for s in self.sides]
 
-    def targets(self, answers) -> list[list[int]]:
+    def targets(self, answers, sides=None) -> list[list[int]]:
         """Each side prompt's rows producing its example's answer span: the real rows moved by the prompt-length difference."""
-        return [[r - len(self.batch[s.of].prompt) + len(s.job.prompt) for r in answers[s.of].rows] for s in self.sides]
+        sides = self.sides if sides is None else sides
+        return [[r - len(self.batch[s.of].prompt) + len(s.job.prompt) for r in answers[s.of].rows] for s in sides]
 
-    def finish(self, tr, scores: dict, answers, ex_rows: list[dict], attr_rows: list[dict], seconds: float, record) -> dict[str, pa.Table]:
+    def finish(self, tr, answers, ex_rows: list[dict], attr_rows: list[dict], seconds: float, record) -> dict[str, pa.Table]:
         """Score the side passes; add the calibrated rows to `attr_rows` and the costs to `ex_rows`; {"shuffle": table}.
 
-        Teacher mode: the side prompts are examples B.. of `tr` and `scores` (`seconds`: the
-        batched call's time).  Generate mode: they are recorded now by `record(prompts,
-        completions)` with the generated completions (`tr` holds them).
+        Each side prompt is recorded by `record(prompts, completions)` on its own, forcing
+        the real pass's completion (teacher mode: the gold answer; generate mode: the
+        generated one, which `tr` holds), and scored like the real pass (`batch.score`).
+        One at a time, so memory stays that of one real pass; on CPU batching saves little.
+        `seconds`: the real pass's trace time.
         """
-        from attnflow.eval.batch import attribution_rows
-        from attnflow.eval.methods import key_scores
+        from attnflow.eval.batch import attribution_rows, score
 
         if not self.sides:
             return {}
         B = len(self.batch)
         real_tokens = tr.lengths[:B]  # prompt + completion tokens of each pass
-        if self.config.mode == "teacher":
-            side_tr, offset = tr, B
-            tokens = tr.lengths[B:]
-            share = seconds / (sum(tokens) + sum(real_tokens))
-            side_seconds, real_seconds = [share * t for t in tokens], [share * t for t in real_tokens]
-        else:
-            completions = [tr.input_ids[s.of, tr.pad_offsets[s.of] + tr.prompt_lengths[s.of] :].tolist() for s in self.sides]
-            for s, c in zip(self.sides, completions):
-                s.job.completion = c
+        real_seconds = [seconds * t / sum(real_tokens) for t in real_tokens]
+        rows, tokens, side_seconds = {}, [], []
+        for s in self.sides:
+            completion = tr.input_ids[s.of, tr.pad_offsets[s.of] + tr.prompt_lengths[s.of] :].tolist()
+            s.job.completion = completion
             clock = time.perf_counter()
-            side_tr = record([s.job.prompt for s in self.sides], completions)
-            scores = {k: v.double().cpu() for k, v in key_scores(side_tr, self.targets(answers)).items()}
-            elapsed = time.perf_counter() - clock
-            offset, tokens = 0, side_tr.lengths
-            side_seconds = [elapsed * t / sum(tokens) for t in tokens]
-            real_seconds = [seconds * t / sum(real_tokens) for t in real_tokens]
-        rows = {}
-        for k, s in enumerate(self.sides):
-            pad = side_tr.pad_offsets[offset + k]
-            rows[(s.of, s.kind)] = attribution_rows(s.job, pad, {m: v[offset + k] for m, v in scores.items()})
+            side_tr = record([s.job.prompt], [completion])
+            scores, side_tr = score(side_tr, [s.job], self.targets(answers, [s]))
+            side_seconds.append(time.perf_counter() - clock)
+            tokens.append(side_tr.lengths[0])
+            rows[(s.of, s.kind)] = attribution_rows(s.job, side_tr.pad_offsets[0], {m: v[0] for m, v in scores.items()})
         real = {}
         for r in attr_rows:
             real.setdefault(_index_of(self.batch, r["index"]), []).append(r)

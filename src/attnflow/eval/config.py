@@ -1,8 +1,8 @@
 """The settings of an evaluation run: everything that decides its results, and the `i/N` shard syntax.
 
     >>> config = RunConfig(task="demo", limit=200, shard="1/4")
-    >>> config.shard_pair, config.new_tokens
-    ((1, 4), 3)
+    >>> config.shard_pair, config.new_tokens, config.pair_mode
+    ((1, 4), 3, 'all')
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from attnflow.errors import BadArgumentError
 
 DEFAULT_NEW_TOKENS = {"demo": 3, "hotpotqa": 16}
 DEFAULT_DEMO_EXAMPLES = 200
+PAIR_MODE = {"demo": "all", "hotpotqa": "methods"}  # the demo has 3-8 documents (<= 28 pairs); HotPotQA 10 (45)
+PAIR_MODES = ("methods", "all")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class RunConfig:
     calibrate: str | None = None  # a content-free question ("N/A"): add "<method>/cal" scores (eval/calibrate.py)
     shuffle_check: int = 0  # re-run the first K examples with their documents shuffled (eval/calibrate.py)
 
+    # leave-one-out ground truth (eval/loo.py) and the metrics against it; AT2 head weights need it
+    loo: bool = True
+    loo_sentences: bool = False  # also one forward per sentence (sentence-level "loo" rows, spearman_loo)
+    loo_pairs: str | None = None  # top-2 removals: "methods" (each method's top-2 pair) | "all"; None: PAIR_MODE
+
     def __post_init__(self):
         """Every field's type and range, checked once (the CLI's flags name them first, before this)."""
         _checks.choice("task", self.task, tuple(DEFAULT_NEW_TOKENS))
@@ -58,10 +65,23 @@ class RunConfig:
         _checks.flag("two_hop", self.two_hop)
         _checks.flag("chat_template", self.chat_template)
         parse_shard(self.shard)
+        _checks.flag("loo", self.loo)
+        _checks.flag("loo_sentences", self.loo_sentences)
+        if self.loo_pairs is not None:
+            _checks.choice("loo_pairs", self.loo_pairs, ("methods", "all"))
+        if self.calibrate is not None and (not isinstance(self.calibrate, str) or not self.calibrate.strip()):
+            raise BadArgumentError(f"calibrate={self.calibrate!r}; use a content-free question such as 'N/A' (or None)")
+        _checks.count("shuffle_check", self.shuffle_check, minimum=0)
 
     @property
     def shard_pair(self) -> tuple[int, int]:
         return parse_shard(self.shard)
+
+    @property
+    def pair_mode(self) -> str:
+        """Which paragraph pairs are removed together: "all" (exact random drop@2, every method's and AT2's
+        drop@2) or "methods" (the distinct top-2 pairs of the methods scored in the batch)."""
+        return self.loo_pairs or PAIR_MODE[self.task]
 
     @property
     def new_tokens(self) -> int:
@@ -73,6 +93,10 @@ class RunConfig:
 
         text = template_text(self.prompt_template) if self.task == "hotpotqa" else None
         return asdict(self) | {"prompt_template_text": text}
+
+    def __post_init__(self):
+        if self.loo_pairs is not None and self.loo_pairs not in PAIR_MODES:
+            raise BadArgumentError(f"loo_pairs={self.loo_pairs!r}; use one of {', '.join(PAIR_MODES)}")
 
 
 # settings a resumed run may change, as long as its examples include the old ones (`store.check_growth`)

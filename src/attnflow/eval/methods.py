@@ -15,6 +15,13 @@ flow from all its tokens at once (`span_scores`), at most the sum of its tokens'
     flow_normalized, ...         residual_flow(A, normalize=True)   (= rollout alpha 0.5 by construction)
     maxflow, maxflow/sinks       maxflow.span_max_flow(A)   (Abnar & Zuidema's attention flow, from each
                                  span as a whole: `span_scores`, not a sum over `key_scores`' tokens)
+    at2                          learned [layer, head] weights x answer-row attention (`eval.at2`; held-out
+                                 folds, paragraph level, fit when the report is written)
+    loo                          leave-one-out log-prob drops (`eval.loo`): the reference, not attention
+
+The eval records every head (heads="all", float16); `key_scores` reduces the heads
+once per reduction (`REDUCTION`: method family -> reduction, "mean" for every
+family so far) before composing, so each method keeps its heads="mean" meaning.
 
 "/nosink" methods pass `exclude_keys=(0,)`: the first real token's column is
 zeroed and rows renormalised before composing (flow.py).  "/sinks" methods
@@ -29,7 +36,7 @@ tokens and the keys detected as sinks in the example's own attention.
     >>> answer_rows(prompt_lengths=[26], answer_lengths=[1], pad_offsets=[0])[0]
     tensor([[25]])
     >>> s = key_scores(tr, [[25]])                                     # {method: [batch, key]}, unpadded rows
-    >>> s["rollout"].shape, len(s)
+    >>> s["rollout"].shape, len(s)                                     # every attention method
     (torch.Size([1, 27]), 17)
     >>> starts, ends = torch.tensor([[3, 10]]), torch.tensor([[8, 15]])  # [batch, span]: doc1, doc2
     >>> span_sums(s["rollout"], starts, ends)                          # the answer, paris, is in doc1
@@ -49,6 +56,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attnflow.attribution import exclusion_mask, target_flow
+from attnflow.errors import BadArgumentError
 
 SUFFIX = {(): "", (0,): "/nosink", "sinks": "/sinks"}
 # (name, flow method, exclude_keys); "random" has no flow method
@@ -60,8 +68,14 @@ METHODS: tuple[tuple[str, str | None, tuple | str], ...] = (
         for ex in ((), (0,), "sinks")
     )
     + (("maxflow", "maxflow", ()), ("maxflow/sinks", "maxflow", "sinks"))
+    # Kobayashi et al.: heads weighted by ‖W_O^h v_j‖ ("/norm"), and rollout with the measured residual mixing
+    + (("sum/norm/sinks", "sum", "sinks"), ("rollout/norm/sinks", "rollout", "sinks"))
+    + (("rollout_measured", "rollout_measured", ()), ("rollout_measured/sinks", "rollout_measured", "sinks"))
+    + (("rollout_measured/norm/sinks", "rollout_measured", "sinks"),)
 )
-METHOD_NAMES = tuple(name for name, _, _ in METHODS)
+ATTENTION_NAMES = tuple(name for name, _, _ in METHODS)  # scored from one batch's trace (`key_scores`)
+REFERENCE_NAMES = ("at2", "loo")  # at2: fit over the run's examples (report time); loo: ablation forwards
+METHOD_NAMES = ATTENTION_NAMES + REFERENCE_NAMES
 MAXFLOW_MAX_TOKENS = 160  # per-token max flow (`key_scores`) costs ~n^3 per row: 30 layers, n=512 is 35 s a row
 # span max flow (`span_scores`): one solve per (row, span), capacities below MAXFLOW_THRESHOLD dropped
 MAXFLOW_THRESHOLD = 1e-3  # SmolLM2, 2,043 tokens: 51 CPU s per example, flows within 5.4e-2 of exact (bench/maxflow.py)
@@ -102,18 +116,64 @@ def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, 
     T = int(counts.max())
     weights = (torch.arange(T)[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
     out = {}
-    sinks = exclusion_mask(trace, "sinks").to(trace.patterns.device)  # [batch, key]: detected once per batch
+    reduced = {}  # reduction -> reduced trace
+    sinks = None  # [batch, key]: detected once per batch on the head mean, the same keys for every family
     for name, method, ex in METHODS:
         if method is None:
             continue
+        how = reduction(name)
+        if how not in reduced:
+            reduced[how] = reduce_heads(trace, how)
+        tr = reduced[how]
+        if sinks is None and ex == "sinks":
+            mean = reduced.get("mean") or reduce_heads(trace, "mean")
+            sinks = exclusion_mask(mean, "sinks").to(tr.patterns.device)
         excl = sinks if ex == "sinks" else ex
         if method == "maxflow":
-            R = _maxflow_rows(trace, rows, excl)
+            continue  # scored per span as a whole (`span_scores`), not per token
         else:
             # validate=False: the tracer has just recorded these patterns; checking them again per method costs ~2x
-            R = target_flow(trace, rows, method, exclude_keys=excl, validate=False)  # [batch, target, key]
+            R = target_flow(tr, rows, method, exclude_keys=excl, validate=False)  # [batch, target, key]
         out[name] = einsum(R.float(), weights.to(R.device), "batch target key, batch target -> batch key")
     return out
+
+
+def reduction(name: str) -> str:
+    """How method `name` reduces the recorded heads: "norm" for the "/norm" families, else "mean"."""
+    return "norm" if "/norm" in name else "mean"
+
+
+def reduce_heads(trace, how: str = "mean"):
+    """The trace with its heads reduced once (float32 `[batch, layer, 1, query, key]`); a reduced trace as is.
+
+    "mean" averages the heads; "norm" weighs each head's pattern by its keys' value
+    norms `‖W_O^h v_j‖` (`flow.reduce_heads(A, "norm")`, Kobayashi et al. 2020), which
+    needs a trace recorded with `norms=True`; one layer at a time, so the float32
+    copy is never made of every head at once.
+
+        >>> tr.patterns.shape, reduce_heads(tr).patterns.shape          # 8 heads -> their mean
+        (torch.Size([1, 4, 8, 27, 27]), torch.Size([1, 4, 1, 27, 27]))
+    """
+    from dataclasses import replace
+
+    from attnflow import flow as F
+
+    if how not in ("mean", "norm"):
+        raise BadArgumentError(f"head reduction {how!r}; the eval knows 'mean' and 'norm'")
+    if trace.heads == how or (how == "mean" and trace.patterns.shape[2] == 1):
+        return trace
+    if trace.heads != "all":
+        raise BadArgumentError(f"head reduction {how!r} needs a heads='all' trace, not heads={trace.heads!r}")
+    if how == "mean":
+        P = torch.mean(trace.patterns, dim=2, keepdim=True, dtype=torch.float32)  # [batch, layer, 1, query, key]
+        return replace(trace, patterns=P, heads="mean")
+    if trace.norms is None:
+        raise BadArgumentError("head reduction 'norm' needs the value norms of af.trace(..., norms=True)")
+    A, V = trace.patterns, trace.norms["value"]  # [batch, layer, head, query, key], [batch, layer, head, key]
+    P = torch.empty((*A.shape[:2], 1, *A.shape[3:]), dtype=torch.float32, device=A.device)
+    for l in range(A.shape[1]):
+        P[:, l : l + 1] = F.reduce_heads(A[:, l : l + 1].float(), "norm", value_norms=V[:, l : l + 1].to(A.device))
+    return replace(trace, patterns=P, heads="norm")
 
 
 def _maxflow_rows(trace, rows: Sequence[Sequence[int]], excl) -> Float[Tensor, "batch target key"]:

@@ -100,6 +100,75 @@ def example_metrics(scores: np.ndarray, gold: np.ndarray, ks: tuple[int, ...] = 
     return out
 
 
+# --- against the leave-one-out ground truth (`eval.loo`) ---------------------------------
+LOO_METRICS = ("spearman_loo", "drop@1", "drop@2")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's r of the average ranks (ties share their mean rank).
+
+    NaN when either side is constant (no ranking to compare) or has a NaN.
+
+    >>> spearman(np.array([1.0, 2.0, 2.0, 4.0]), np.array([0.1, 0.3, 0.2, 0.4]))   # ranks 1, 2.5, 2.5, 4 vs 1, 3, 2, 4
+    0.9486832980505138
+    """
+    from scipy.stats import rankdata
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or np.isnan(x).any() or np.isnan(y).any() or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2  # centred ranks
+    return float((rx * ry).sum() / np.sqrt((rx**2).sum() * (ry**2).sum()))
+
+
+def top_set(scores: np.ndarray, k: int) -> tuple[int, ...] | None:
+    """The top min(k, n) candidates under `ranking` (ties by document order), sorted; None when a score is NaN.
+
+    >>> top_set(np.array([0.2, 0.5, 0.5]), 2), top_set(np.array([np.nan, 1.0]), 1)
+    ((1, 2), None)
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if not len(s) or np.isnan(s).any():
+        return None
+    return tuple(sorted(int(i) for i in ranking(s)[:k]))
+
+
+def loo_metrics(scores: np.ndarray, drops: np.ndarray, removal_drops: dict[tuple[int, ...], float]) -> dict[str, float]:
+    """`spearman_loo` (with the leave-one-out drops) and `drop@k` (the answer's log-prob drop when the method's
+    top-k candidates are removed together, looked up in `removal_drops`: {sorted removed set: drop}; NaN if absent).
+
+    >>> drops = np.array([0.5, 2.0, -0.1])
+    >>> loo_metrics(np.array([0.1, 0.7, 0.2]), drops, {(0,): 0.5, (1,): 2.0, (2,): -0.1, (1, 2): 2.5})
+    {'spearman_loo': 0.5, 'drop@1': 2.0, 'drop@2': 2.5}
+    """
+    out = {"spearman_loo": spearman(scores, drops)}
+    for k in (1, 2):
+        top = top_set(scores, k)
+        out[f"drop@{k}"] = float(removal_drops.get(top, float("nan"))) if top is not None else float("nan")
+    return out
+
+
+def random_loo_expectation(drops: np.ndarray, removal_drops: dict[tuple[int, ...], float]) -> dict[str, float]:
+    """Exact expectations of `loo_metrics` for a uniformly random ranking: Spearman 0 (NaN for constant drops),
+    drop@1 = the mean LOO drop, drop@2 = the mean over every pair (NaN unless every pair's drop is given).
+
+    >>> random_loo_expectation(np.array([1.0, 2.0, 3.0]), {(0, 1): 2.0, (0, 2): 4.0, (1, 2): 6.0})
+    {'spearman_loo': 0.0, 'drop@1': 2.0, 'drop@2': 4.0}
+    """
+    from itertools import combinations
+
+    d = np.asarray(drops, dtype=np.float64)
+    nan = float("nan")
+    if not len(d) or np.isnan(d).any():
+        return dict.fromkeys(LOO_METRICS, nan)
+    pairs = [removal_drops.get(p) for p in combinations(range(len(d)), 2)] if len(d) > 1 else [float(d[0])]
+    return {
+        "spearman_loo": 0.0 if np.ptp(d) > 0 else nan,
+        "drop@1": float(d.mean()),
+        "drop@2": float(np.mean(pairs)) if all(p is not None for p in pairs) else nan,
+    }
+
+
 def random_expectation(n: int, n_gold: int, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Exact expected `example_metrics` of a uniformly random ranking of n candidates, n_gold of them gold.
 

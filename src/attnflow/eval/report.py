@@ -11,11 +11,12 @@
     answer (extracted): EM 1.000 [1.000, 1.000], F1 1.000 [1.000, 1.000], CONTAINS 1.000 [1.000, 1.000]
     ...
     paragraph level, 2 examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)
-    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC |
+    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC | Spearman(LOO) | drop@1 | drop@2 |
     ...
     >>> sorted(p.name for p in out.iterdir())
-    ['attribution.parquet', 'config.json', 'examples.parquet', 'explorer.html', 'parts', 'precision_recall.png',
-     'summary.md', 'summary.parquet']
+    ['at2_heads.safetensors', 'attribution.parquet', 'config.json', 'costs.parquet', 'examples.parquet',
+     'explorer.html', 'features.parquet', 'parts', 'precision_recall.png', 'removals.parquet', 'summary.md',
+     'summary.parquet']
     >>> print(markdown_table(facts["summary"], "paragraph", ("precision@1", "mrr")))
     | method | P@1 | MRR |
     |---|---|---|
@@ -23,6 +24,8 @@
     | raw | 0.500 [0.000, 1.000] | 0.600 [0.200, 1.000] |
     ...
     | maxflow/sinks | 0.000 [0.000, 0.000] | 0.417 [0.333, 0.500] |
+    | at2 | 0.500 [0.000, 1.000] | 0.625 [0.250, 1.000] |
+    | loo | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |
 
 `summary.parquet` is long: one row per (level, method, metric) with mean, ci_low,
 ci_high and n (examples where the metric is defined), plus answer rows
@@ -49,8 +52,9 @@ from attnflow.eval.calibrate import ALL_NAMES
 from attnflow.eval.methods import METHOD_NAMES
 
 LEVELS = ("paragraph", "sentence")
-SHORT = {"precision": "P", "recall": "R", "mrr": "MRR", "ndcg": "nDCG", "auroc": "AUROC"}
-HEADLINE = ("precision@1", "precision@2", "recall@2", "recall@5", "mrr", "ndcg", "auroc")
+SHORT = {"precision": "P", "recall": "R", "mrr": "MRR", "ndcg": "nDCG", "auroc": "AUROC", "spearman_loo": "Spearman(LOO)"}
+HEADLINE = ("precision@1", "precision@2", "recall@2", "recall@5", "mrr", "ndcg", "auroc") + M.LOO_METRICS
+METRICS = tuple(M.metric_names()) + M.LOO_METRICS  # every summarised metric column of the attribution table
 SUBSETS = ("all", "correct", "wrong")  # correct / wrong: examples whose extracted answer has EM 1 / 0; + question types
 SUMMARY_SCHEMA = pa.schema(
     [
@@ -84,7 +88,7 @@ def summarize(examples: pa.Table, attribution: pa.Table, shuffle: pa.Table | Non
     kind = np.array([type_of.get(i) for i in index_col], dtype=object)
     level_col = np.array(attribution["level"].to_pylist(), dtype=object)
     method_col = np.array(attribution["method"].to_pylist(), dtype=object)
-    values_of = {m: attribution[m].to_numpy(zero_copy_only=False).astype(np.float64) for m in M.metric_names()}
+    values_of = {m: attribution[m].to_numpy(zero_copy_only=False).astype(np.float64) for m in METRICS}
     subsets = {
         "all": np.ones(len(em), bool),
         "correct": em == 1.0,
@@ -96,8 +100,10 @@ def summarize(examples: pa.Table, attribution: pa.Table, shuffle: pa.Table | Non
                 sel = in_subset & (level_col == level) & (method_col == method)
                 if not sel.any():
                     continue
-                for metric in M.metric_names():
+                for metric in METRICS:
                     mean, lo, hi, n = M.bootstrap_ci(values_of[metric][sel])
+                    if not n and metric in M.LOO_METRICS:  # not measured (e.g. sentence level without loo_sentences)
+                        continue
                     stats = dict(mean=mean, ci_low=lo, ci_high=hi, n=n)
                     rows.append(dict(subset=subset, level=level, method=method, metric=metric) | stats)
     rows += answer_rows(examples)
@@ -229,7 +235,10 @@ def counts(examples: pa.Table) -> dict[str, int]:
     return {s: status.count(s) for s in ("ok", "too_long", "malformed")}
 
 
-def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool = False, views: dict | None = None) -> str:
+def summary_text(
+    summary: pa.Table, examples: pa.Table, config: dict, full: bool = False, views: dict | None = None,
+    at2: dict | None = None, costs: pa.Table | None = None,
+) -> str:
     """The printed report: counts, answer scores, views, one table per level and the position bias
     (every metric and subset when `full`)."""
     c = counts(examples)
@@ -251,10 +260,11 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
         parts.append("attribution over the extracted answer's tokens (examples.parquet: answer_start/answer_end/answer_span)")
     if views is not None:
         parts.append(views_line(views))
-    metrics = M.metric_names() if full else HEADLINE
+    metrics = METRICS if full else HEADLINE
     parts.append(
         "note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike"
     )
+    parts += loo_lines(costs, at2)
     subsets = sorted({r["subset"] for r in rows if r["level"] in LEVELS and r["subset"] != "position"},
                      key=lambda x: (x != "all", x not in ("correct", "wrong"), x))  # fmt: skip
     for subset in subsets if full else ("all",):
@@ -277,6 +287,23 @@ def summary_text(summary: pa.Table, examples: pa.Table, config: dict, full: bool
         parts.append(position_table(summary))
     parts += C.report_parts(summary, config)  # --calibrate / --shuffle-check: cost lines, the shuffle check
     return "\n".join(parts)
+
+
+def loo_lines(costs: pa.Table | None, at2: dict | None) -> list[str]:
+    """What the LOO reference measures, what it cost beside the attention trace, and how AT2 was fit."""
+    from attnflow.eval.at2 import at2_line
+    from attnflow.eval.loo import cost_line
+
+    cost = cost_line(costs) if costs is not None else None
+    if cost is None or "loo" not in cost:
+        return [cost] if cost else []
+    lines = [
+        "loo: the drop in the answer span's log-prob (forced in) when a document is removed; spearman_loo: a method's"
+        " document scores against those drops; drop@k: the drop when its top-k documents are removed together"
+        " (random: exact expectations; '-' where the pair was not removed)",
+        cost,
+    ]
+    return lines + ([at2_line(at2)] if at2 is not None else [])
 
 
 def views_line(v: dict) -> str:
@@ -330,18 +357,21 @@ def plot(summary: pa.Table, path: Path) -> None:
 def write_report(
     out: Path, examples: pa.Table, attribution: pa.Table, config: dict, views_from=None, views: dict | None = None,
     shuffle: pa.Table | None = None,
+    at2: dict | None = None, costs: pa.Table | None = None,
 ) -> dict:
     """summary.parquet, summary.md, precision_recall.png, explorer.html in `out`; returns {"text", "summary"}.
 
     `views`: `views.views_summary` facts, reported in the text (written count and size);
-    `shuffle`: the permutation check's table (`calibrate.SHUFFLE_SCHEMA`), when the run made one.
+    `shuffle`: the permutation check's table (`calibrate.SHUFFLE_SCHEMA`), when the run made one; `at2`: the
+    facts of the AT2 fit (`at2.with_at2`); `costs`: the costs table (`loo.COST_SCHEMA`), its means printed.
     """
     out = Path(out)
     summary = summarize(examples, attribution, shuffle)
     with _io.atomic_path(out / "summary.parquet") as tmp:
         pq.write_table(summary, tmp)
-    text = summary_text(summary, examples, config, views=views)
-    full = summary_text(summary, examples, config, full=True, views=views)
+    extra = {"views": views, "at2": at2, "costs": costs}
+    text = summary_text(summary, examples, config, **extra)
+    full = summary_text(summary, examples, config, full=True, **extra)
     cfg = json.dumps(config, sort_keys=True)
     _io.write_text(out / "summary.md", f"# attnflow evaluation\n\nsettings: `{cfg}`\n\n{full}\n")
     if len(summary):

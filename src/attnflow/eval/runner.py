@@ -25,6 +25,9 @@ Out directory when done:
     examples.parquet     one row per selected example: status ok | too_long | malformed, answer, EM/F1, gold
     attribution.parquet  one row per (ok example, level, method): span scores and every metric
     shuffle.parquet      --shuffle-check K: one row per (shuffled example, method) (eval/calibrate.py)
+    removals.parquet     LOO: the answer's log-prob with each removed paragraph set (eval/loo.py)
+    features.parquet     AT2 features per example; at2_heads.safetensors: the weights fit on all (eval/at2.py)
+    costs.parquet        seconds and forward passes per example (trace, methods, LOO), apart: wall-clock varies
     summary.parquet, summary.md, precision_recall.png, explorer.html, views/<index>/  (report.py)
 
     >>> config = RunConfig(task="demo", limit=2, seed=0)    # 2 examples keep this example to a few seconds
@@ -38,14 +41,19 @@ Out directory when done:
     attribution over the extracted answer's tokens (examples.parquet: answer_start/answer_end/answer_span)
     views: 0 written, 0.0 MB (budget 200 MB, --views 0)
     note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike
+    loo: the drop in the answer span's log-prob (forced in) when a document is removed; spearman_loo: ...
+    cost per example (mean): attention trace ... s, all attention methods ... s; loo ... s (4.5 forwards, 1 full + 1 per document, prefix KV reused); top-2 removals ... s (5.5 forwards)
+    at2: non-negative [layer, head] weights fit by scipy nnls to the LOO drops ... 2-fold CV by example: held-out ...
     <BLANKLINE>
     paragraph level, 2 examples (mean [95% bootstrap CI]; '/nosink' excludes the first token)
-    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC |
-    |---|---|---|---|---|---|---|---|
-    | random | 0.350 [0.200, 0.500] | 0.350 [0.200, 0.500] | 0.700 [0.400, 1.000] | 1.000 [1.000, 1.000] | 0.603 [0.457, 0.750] | 0.703 [0.590, 0.815] | 0.500 [0.500, 0.500] |
-    | raw | 0.500 [0.000, 1.000] | 0.250 [0.000, 0.500] | 0.500 [0.000, 1.000] | 1.000 [1.000, 1.000] | 0.600 [0.200, 1.000] | 0.693 [0.387, 1.000] | 0.500 [0.000, 1.000] |
+    | method | P@1 | P@2 | R@2 | R@5 | MRR | nDCG | AUROC | Spearman(LOO) | drop@1 | drop@2 |
+    |---|---|---|---|---|---|---|---|---|---|---|
+    | random | 0.350 [0.200, 0.500] | 0.350 [0.200, 0.500] | 0.700 [0.400, 1.000] | 1.000 [1.000, 1.000] | 0.603 [0.457, 0.750] | 0.703 [0.590, 0.815] | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] | 1.918 [1.036, 2.801] | 5.878 [1.697, 10.058] |
+    | raw | 0.500 [0.000, 1.000] | 0.250 [0.000, 0.500] | 0.500 [0.000, 1.000] | 1.000 [1.000, 1.000] | 0.600 [0.200, 1.000] | 0.693 [0.387, 1.000] | 0.500 [0.000, 1.000] | 0.150 [-0.700, 1.000] | 2.798 [-0.006, 5.601] | 5.028 [-0.002, 10.058] |
     ...
-    | rollout | 0.500 [0.000, 1.000] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 0.750 [0.500, 1.000] | 0.815 [0.631, 1.000] | 0.875 [0.750, 1.000] |
+    | rollout | 0.500 [0.000, 1.000] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 0.750 [0.500, 1.000] | 0.815 [0.631, 1.000] | 0.875 [0.750, 1.000] | 0.350 [-0.300, 1.000] | 2.798 [-0.006, 5.601] | 5.079 [0.099, 10.058] |
+    ...
+    | loo | 1.000 [1.000, 1.000] | 0.500 [0.500, 0.500] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 5.391 [5.181, 5.601] | 7.411 [4.765, 10.058] |
     ...
 """
 
@@ -59,7 +67,8 @@ from attnflow.eval.calibrate import collect_shuffle, mark_shuffle, write_shuffle
 from attnflow.eval.config import RunConfig
 from attnflow.eval.datasets import Problem, QAExample
 from attnflow.eval.jobs import batches, part_name, prepare, select_examples
-from attnflow.eval.store import collect, commit_part, committed, prepare_out, write_tables
+from attnflow.eval.at2 import with_at2
+from attnflow.eval.store import collect, collect_table, commit_part, committed, extra_schemas, prepare_out, write_tables
 from attnflow.eval.views import DEFAULT_VIEW_BYTES, ViewBudget, estimate_bytes, views_summary
 
 __all__ = ["RunConfig", "evaluate", "load_model", "max_positions", "select_examples"]
@@ -126,7 +135,10 @@ def evaluate(
         bar.update(len(batch))
     bar.close()
     examples_t, attribution_t = collect(done, jobs, skipped_table(jobs, problems))
-    write_tables(out, examples_t, attribution_t)
+    extra = {name: collect_table(done, jobs, name, schema) for name, schema in extra_schemas().items()}
+    # AT2 is fit over every example of the run (held-out folds): recomputed whenever the tables are
+    attribution_t, at2_facts = with_at2(out, examples_t, attribution_t, extra["features"], extra["removals"])
+    write_tables(out, examples_t, attribution_t, extra)
     shuffle_t = collect_shuffle(done, jobs) if config.shuffle_check else None
     write_shuffle(out, shuffle_t)
     if not report:
@@ -135,7 +147,8 @@ def evaluate(
 
     candidates = [j.example.index for j in jobs if j.status == "ok"]
     facts = views_summary(out, [out], candidates, views, views_bytes)
-    return write_report(out, examples_t, attribution_t, config.to_json(), views=facts, shuffle=shuffle_t)
+    return write_report(out, examples_t, attribution_t, config.to_json(), views=facts, at2=at2_facts, costs=extra["costs"],
+                        shuffle=shuffle_t)
 
 
 def announce_views(todo, model, config: RunConfig, budget: ViewBudget, progress: bool) -> None:

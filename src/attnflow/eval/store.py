@@ -4,6 +4,9 @@
     out/parts/part-<index>/*.parquet      one committed batch: examples + attribution
     out/examples.parquet                  one row per selected example (EXAMPLE_SCHEMA)
     out/attribution.parquet               one row per (ok example, level, method) (ATTRIBUTION_SCHEMA)
+    out/removals.parquet                  the answer's log-prob with each removed paragraph set (`eval.loo`)
+    out/features.parquet                  AT2 features per example (`eval.at2`); at2_heads.safetensors: its weights
+    out/costs.parquet                     seconds and forward passes per example: trace, methods, LOO (`eval.loo`)
 
     >>> out, config = Path("runs/demo"), RunConfig(task="demo", limit=3)
     >>> prepare_out(out, config, resume=False)
@@ -27,8 +30,8 @@ Commit one batch, then collect what is committed (the runner's loop, `runner.eva
     >>> [[j.example.index for j in b] for b in batches(jobs, 2, set(done))]   # what a resumed run does
     [[2]]
     >>> examples_t, attribution_t = collect(done, jobs, skipped_table(jobs, []))
-    >>> examples_t["index"].to_pylist(), attribution_t.num_rows     # 2 examples x 2 levels x 18 methods
-    ([0, 1], 72)
+    >>> examples_t["index"].to_pylist(), attribution_t.num_rows     # 2 examples x (2 levels x 18 methods + loo)
+    ([0, 1], 74)
 """
 
 from __future__ import annotations
@@ -82,14 +85,19 @@ EXAMPLE_SCHEMA = pa.schema(
         ("answer_start", pa.int64()),
         ("answer_end", pa.int64()),
         ("answer_span", pa.string()),
+        # the LOO reference (`eval.loo`; its cost per example is in costs.parquet, kept apart: wall-clock varies)
+        ("answer_logp", pa.float64()),  # log p(answer span | full prompt), the base of every LOO drop
+        ("loo_reason", pa.string()),  # why an evaluated example has no LOO rows
     ]
     + COST_FIELDS  # the side passes' cost (--calibrate, --shuffle-check; eval/calibrate.py), null without them
 )
 ATTRIBUTION_SCHEMA = pa.schema(
     [("index", pa.int64()), ("id", pa.string()), ("level", pa.string()), ("method", pa.string())]
     + [("scores", pa.list_(pa.float64()))]
-    + [(m, pa.float64()) for m in M.metric_names()]
+    + [(m, pa.float64()) for m in M.metric_names() + list(M.LOO_METRICS)]
 )
+# per-part tables beside examples and attribution, gathered into out/<name>.parquet (`collect_table`)
+EXTRA_TABLES = ("removals", "features", "costs")
 
 
 # --- the out directory ------------------------------------------------------------------------
@@ -193,6 +201,23 @@ def collect(done: dict[int, Path], jobs: list[Job], skipped: pa.Table) -> tuple[
     return sort_examples(pa.concat_tables(ex)), sort_attribution(pa.concat_tables(at) if at else attribution_table([]))
 
 
+def collect_table(done: dict[int, Path], jobs: list[Job], name: str, schema: pa.Schema) -> pa.Table | None:
+    """The committed rows of `parts/*/<name>.parquet` (an EXTRA_TABLES name) of `jobs`' examples; None if no part has one."""
+    wanted = pa.array(sorted(j.example.index for j in jobs if j.example.index in done), pa.int64())
+    dirs = [d for d in sorted({done[i] for i in wanted.to_pylist()}) if (d / f"{name}.parquet").is_file()]
+    if not dirs:
+        return None
+    t = pa.concat_tables([_rows_of(pq.read_table(d / f"{name}.parquet", schema=schema), wanted) for d in dirs])
+    return t.take(pa.array(np.argsort(t["index"].to_numpy(), kind="stable"))).combine_chunks()
+
+
+def extra_schemas() -> dict[str, pa.Schema]:
+    from attnflow.eval.at2 import FEATURE_SCHEMA
+    from attnflow.eval.loo import COST_SCHEMA, REMOVAL_SCHEMA
+
+    return {"removals": REMOVAL_SCHEMA, "features": FEATURE_SCHEMA, "costs": COST_SCHEMA}
+
+
 def _rows_of(table: pa.Table, indices: pa.Array) -> pa.Table:
     return table.filter(pa.compute.is_in(table["index"], value_set=indices))
 
@@ -208,10 +233,12 @@ def sort_attribution(t: pa.Table) -> pa.Table:
     return t.take(pa.array(order)).combine_chunks()
 
 
-def write_tables(out: Path, examples: pa.Table, attribution: pa.Table) -> None:
-    """`out/examples.parquet` and `out/attribution.parquet`, each written to a temporary name and renamed."""
-    for table, name in ((examples, "examples.parquet"), (attribution, "attribution.parquet")):
-        with _io.atomic_path(out / name) as tmp:
+def write_tables(out: Path, examples: pa.Table, attribution: pa.Table, extra: dict[str, pa.Table | None] | None = None) -> None:
+    """`out/examples.parquet`, `out/attribution.parquet` (and `out/<name>.parquet` of each `extra` table),
+    each written to a temporary name and renamed."""
+    tables = {"examples": examples, "attribution": attribution} | {k: v for k, v in (extra or {}).items() if v is not None}
+    for name, table in tables.items():
+        with _io.atomic_path(out / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
 
 
@@ -268,13 +295,21 @@ def merge(shards: Shards, out: Path) -> dict:
     _io.write_json(out / "config.json", merged)
     examples = sort_examples(pa.concat_tables(shards.examples))
     attribution = sort_attribution(pa.concat_tables(shards.attribution))
-    write_tables(out, examples, attribution)
+    extra = {}
+    for name, schema in extra_schemas().items():  # tables a shard run without LOO lacks
+        found = [pq.read_table(d / f"{name}.parquet", schema=schema) for d in shards.dirs if (d / f"{name}.parquet").is_file()]
+        extra[name] = pa.concat_tables(found) if found else None
+    from attnflow.eval.at2 import with_at2
+
+    attribution, at2_facts = with_at2(out, examples, attribution, extra["features"], extra["removals"])  # one fit
+    write_tables(out, examples, attribution, extra)
     shuffle = read_shuffle(shards.dirs)
     write_shuffle(out, shuffle)
     from attnflow.eval.views import views_summary
 
     views = views_summary(out, shards.dirs, [], None, None)
-    return write_report(out, examples, attribution, merged, views_from=shards.dirs, views=views, shuffle=shuffle)
+    return write_report(out, examples, attribution, merged, views_from=shards.dirs, views=views, at2=at2_facts,
+                        costs=extra["costs"], shuffle=shuffle)
 
 
 def _unsharded(config: dict) -> dict:

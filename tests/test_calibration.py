@@ -20,7 +20,7 @@ from attnflow.demo.tokenizer import build_tokenizer
 from attnflow.errors import BadArgumentError
 from attnflow.eval import prompts as EP
 from attnflow.eval.calibrate import ALL_NAMES, shuffled_order, spearman
-from attnflow.eval.methods import METHOD_NAMES
+from attnflow.eval.methods import METHOD_NAMES, REFERENCE_NAMES
 from attnflow.eval.runner import RunConfig, evaluate, select_examples
 from attnflow.prompting import Document, build_prompt
 
@@ -170,7 +170,8 @@ def test_eval_calibrated_scores_match_eager_content_free_pass(tmp_path):
     evaluate(examples, problems, model, tok, tmp_path, config, progress=False, views=0, report=False)
     at = pq.read_table(tmp_path / "attribution.parquet")
     got = {(r["index"], r["level"], r["method"]): r["scores"] for r in at.to_pylist()}
-    assert {m for _, _, m in got} == set(ALL_NAMES) and at.num_rows == 3 * 2 * len(ALL_NAMES)
+    attention = [m for m in ALL_NAMES if m not in REFERENCE_NAMES]  # at2 and loo: paragraph level only
+    assert {m for _, _, m in got} == set(ALL_NAMES) and at.num_rows == 3 * (2 * len(attention) + len(REFERENCE_NAMES))
     eager = LlamaForCausalLM(model.config).eval()
     eager.load_state_dict(model.state_dict())
     eager.config._attn_implementation = "eager"
@@ -196,9 +197,10 @@ def test_eval_calibrated_scores_match_eager_content_free_pass(tmp_path):
         real = rollout(p.input_ids + answer, list(range(len(p) - 1, len(p) - 1 + len(answer))))
         free = rollout(free_ids + answer, list(range(len(free_ids) - 1, len(free_ids) - 1 + len(answer))))
         want = [float(real[s.start : s.end].sum() - free[f.start : f.end].sum()) for s, f in zip(p.paragraph_spans, free_spans)]
-        np.testing.assert_allclose(got[(ex.index, "paragraph", "rollout/cal")], want, rtol=1e-4, atol=1e-6)
+        # the eval stores patterns as float16 (every head, so that each reduction comes from one trace)
+        np.testing.assert_allclose(got[(ex.index, "paragraph", "rollout/cal")], want, rtol=1e-3, atol=2e-5)
         plain = np.array(got[(ex.index, "paragraph", "rollout")])
-        np.testing.assert_allclose(plain, [float(real[s.start : s.end].sum()) for s in p.paragraph_spans], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(plain, [float(real[s.start : s.end].sum()) for s in p.paragraph_spans], rtol=1e-3, atol=2e-5)
         assert row["calibrate_tokens"] == len(free_ids) + len(answer) and row["calibrate_seconds"] > 0
         assert row["real_pass_tokens"] == len(p) + len(answer) and row["shuffle_tokens"] is None
 
@@ -214,7 +216,7 @@ def test_shuffle_check_is_deterministic_and_bounded(tmp_path):
     a, b = tables
     assert a.equals(b)  # seeded: the same orders, the same scores
     rows = a.to_pylist()
-    assert sorted({r["index"] for r in rows}) == [0, 1, 2] and {r["method"] for r in rows} == set(METHOD_NAMES)
+    assert sorted({r["index"] for r in rows}) == [0, 1, 2] and {r["method"] for r in rows} == set(METHOD_NAMES) - set(REFERENCE_NAMES)
     at = {(r["index"], r["method"]): r["scores"] for r in pq.read_table(tmp_path / "a" / "attribution.parquet").to_pylist()
           if r["level"] == "paragraph"}  # fmt: skip
     for r in rows:
@@ -248,7 +250,8 @@ def test_eval_demo_cli_with_calibrate_and_shuffle_check(tmp_path, capsys):
     text = capsys.readouterr().out
     out = tmp_path / "o"
     at = pq.read_table(out / "attribution.parquet")
-    assert at.num_rows == 4 * 2 * len(ALL_NAMES) and at["method"].to_pylist()[:3] == ["random", "raw", "raw/cal"]
+    attention = [m for m in ALL_NAMES if m not in REFERENCE_NAMES]  # at2 and loo: paragraph level only
+    assert at.num_rows == 4 * (2 * len(attention) + len(REFERENCE_NAMES)) and at["method"].to_pylist()[:3] == ["random", "raw", "raw/cal"]
     summary = pq.read_table(out / "summary.parquet").to_pylist()
     position = {r["method"] for r in summary if r["subset"] == "position"}
     assert {"rollout/cal", "sum/sinks/cal", "gold"} <= position  # the position bias covers calibrated methods

@@ -72,7 +72,7 @@ def test_answer_rows_span_sums_and_random_scores():
     sums = span_sums(scores, torch.tensor([[1, 3], [0, 2]]), torch.tensor([[3, 3], [6, 2]]))
     assert sums.tolist() == [[3.0, 0.0], [6.0, 0.0]]  # [1:3] = 1 + 2; empty spans sum to 0
     assert random_scores(4).tolist() == [0.25] * 4 and random_scores(0).shape == (0,)
-    assert METHOD_NAMES[0] == "random" and len(ATTENTION_NAMES) == 18 and METHOD_NAMES == ATTENTION_NAMES + ("at2", "loo")
+    assert METHOD_NAMES[0] == "random" and len(ATTENTION_NAMES) == 23 and METHOD_NAMES == ATTENTION_NAMES + ("at2", "loo")
     assert {"rollout/sinks", "sum/nosink", "maxflow", "maxflow/sinks"} <= set(METHOD_NAMES)
 
 

@@ -13,8 +13,8 @@ summed over each sentence and paragraph.
     >>> tables = run_batch(batch, model, tokenizer, config, Path("runs/demo"), views=0)
     >>> sorted(tables)
     ['attribution', 'costs', 'examples', 'features', 'removals']
-    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 18 methods + loo
-    (2, 74)
+    >>> tables["examples"].num_rows, tables["attribution"].num_rows     # 2 examples, 2 levels x 23 methods + loo
+    (2, 94)
     >>> tables["examples"].select(["index", "answer", "prediction", "em"]).to_pylist()
     [{'index': 1, 'answer': 'banjo', 'prediction': 'banjo', 'em': 1.0},
      {'index': 0, 'answer': 'madrid', 'prediction': 'madrid', 'em': 1.0}]

@@ -16,10 +16,10 @@ follows the document (content, near 1) or the slot it sits in (position, near 0 
 `top1_same` is how often the top document stays the same document, `top1_same_position`
 how often it stays in the same slot.  One row per (example, method) goes to `shuffle.parquet`.
 
-Teacher mode batches the side passes with the real pass (one trace over all the prompts);
-generate mode needs the generated answer first, so the side passes are a second call.  Their
-cost goes to the examples table (`COST_FIELDS`): tokens, and seconds (in teacher mode the
-batched call's time split by token counts).
+Each side prompt is recorded on its own after the real pass, forcing the real pass's
+completion (teacher mode: the gold answer; generate mode: the generated one), so memory
+stays that of one real pass (every head is recorded: SmolLM2 at 2,000 tokens is 2.2 GB).
+Their cost goes to the examples table (`COST_FIELDS`): tokens and seconds.
 
     >>> shuffled_order(5, index=0), shuffled_order(5, index=0), shuffled_order(1, index=0)
     ([2, 1, 0, 4, 3], [2, 1, 0, 4, 3], [0])
@@ -43,12 +43,12 @@ import pyarrow.parquet as pq
 from attnflow import _io
 from attnflow.eval import metrics as M
 from attnflow.eval.jobs import Job
-from attnflow.eval.methods import METHOD_NAMES
+from attnflow.eval.methods import ATTENTION_NAMES, REFERENCE_NAMES
 
 CAL = "/cal"
 SHUFFLE_SEED = 19  # with the example's index: the shuffled order of its documents
 # every method name in report order: each attention method followed by its calibrated variant
-ALL_NAMES = tuple(x for m in METHOD_NAMES for x in ((m,) if m == "random" else (m, m + CAL)))
+ALL_NAMES = tuple(x for m in ATTENTION_NAMES for x in ((m,) if m == "random" else (m, m + CAL))) + REFERENCE_NAMES  # no "loo/cal"
 COST_FIELDS = [
     ("real_pass_tokens", pa.int64()),  # prompt + completion tokens of the real pass (with side passes only)
     ("real_pass_seconds", pa.float64()),

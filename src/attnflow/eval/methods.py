@@ -13,15 +13,20 @@ flow from all its tokens at once (`span_scores`), at most the sum of its tokens'
     rollout, ...                 rollout(A, alpha=0.5)
     flow, ...                    residual_flow(A)              (unnormalised)
     flow_normalized, ...         residual_flow(A, normalize=True)   (= rollout alpha 0.5 by construction)
+    sum/norm/sinks, rollout/norm/sinks   the same with heads weighted by ‖W_O^h v_j‖ (Kobayashi et al. 2020)
+    rollout_measured, .../sinks, rollout_measured/norm/sinks
+                                 rollout mixing attention and residual by their measured norms per layer
+                                 and token (Kobayashi et al. 2021; trace(norms=True))
     maxflow, maxflow/sinks       maxflow.span_max_flow(A)   (Abnar & Zuidema's attention flow, from each
                                  span as a whole: `span_scores`, not a sum over `key_scores`' tokens)
     at2                          learned [layer, head] weights x answer-row attention (`eval.at2`; held-out
                                  folds, paragraph level, fit when the report is written)
     loo                          leave-one-out log-prob drops (`eval.loo`): the reference, not attention
 
-The eval records every head (heads="all", float16); `key_scores` reduces the heads
-once per reduction (`REDUCTION`: method family -> reduction, "mean" for every
-family so far) before composing, so each method keeps its heads="mean" meaning.
+The eval records every head (heads="all", float16) and the norms; `key_scores` reduces
+the heads once per reduction (`reduction(name)`: "norm" for the "/norm" methods, else
+"mean") before composing, so each method keeps its heads="mean" meaning.  The sinks are
+detected once, on the head mean, and are the same keys for every method.
 
 "/nosink" methods pass `exclude_keys=(0,)`: the first real token's column is
 zeroed and rows renormalised before composing (flow.py).  "/sinks" methods
@@ -36,8 +41,8 @@ tokens and the keys detected as sinks in the example's own attention.
     >>> answer_rows(prompt_lengths=[26], answer_lengths=[1], pad_offsets=[0])[0]
     tensor([[25]])
     >>> s = key_scores(tr, [[25]])                                     # {method: [batch, key]}, unpadded rows
-    >>> s["rollout"].shape, len(s)                                     # every attention method
-    (torch.Size([1, 27]), 17)
+    >>> s["rollout"].shape, len(s)                     # every attention method but maxflow (`span_scores`)
+    (torch.Size([1, 27]), 20)
     >>> starts, ends = torch.tensor([[3, 10]]), torch.tensor([[8, 15]])  # [batch, span]: doc1, doc2
     >>> span_sums(s["rollout"], starts, ends)                          # the answer, paris, is in doc1
     tensor([[0.30, 0.12]], dtype=torch.float64)
@@ -76,7 +81,6 @@ METHODS: tuple[tuple[str, str | None, tuple | str], ...] = (
 ATTENTION_NAMES = tuple(name for name, _, _ in METHODS)  # scored from one batch's trace (`key_scores`)
 REFERENCE_NAMES = ("at2", "loo")  # at2: fit over the run's examples (report time); loo: ablation forwards
 METHOD_NAMES = ATTENTION_NAMES + REFERENCE_NAMES
-MAXFLOW_MAX_TOKENS = 160  # per-token max flow (`key_scores`) costs ~n^3 per row: 30 layers, n=512 is 35 s a row
 # span max flow (`span_scores`): one solve per (row, span), capacities below MAXFLOW_THRESHOLD dropped
 MAXFLOW_THRESHOLD = 1e-3  # SmolLM2, 2,043 tokens: 51 CPU s per example, flows within 5.4e-2 of exact (bench/maxflow.py)
 MAXFLOW_SPAN_MAX_TOKENS = 4096  # the capacities alone are 30 layers x n^2 float32: 2 GB at 4,096
@@ -174,24 +178,6 @@ def reduce_heads(trace, how: str = "mean"):
     for l in range(A.shape[1]):
         P[:, l : l + 1] = F.reduce_heads(A[:, l : l + 1].float(), "norm", value_norms=V[:, l : l + 1].to(A.device))
     return replace(trace, patterns=P, heads="norm")
-
-
-def _maxflow_rows(trace, rows: Sequence[Sequence[int]], excl) -> Float[Tensor, "batch target key"]:
-    """Per-token max_flow shares of each example's rows (padded like `target_flow`); NaN rows for examples of more
-    than MAXFLOW_MAX_TOKENS tokens.  (The evaluation's maxflow scores come from `span_scores`.)"""
-    from attnflow.maxflow import max_flow
-
-    T = max(len(r) for r in rows)
-    out = torch.zeros(trace.batch_size, T, trace.input_ids.shape[1])
-    for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
-        if n > MAXFLOW_MAX_TOKENS:
-            out[b] = float("nan")
-            continue
-        one = trace.patterns[b : b + 1, :, :, pad:, pad:]
-        ex_b = excl[b : b + 1, pad:] if isinstance(excl, Tensor) else excl
-        idx = [rows[b][min(j, len(rows[b]) - 1)] for j in range(T)]
-        out[b, :, pad:] = max_flow(one, rows=idx, exclude_keys=ex_b, validate=False)[0].float().cpu()  # just recorded
-    return out
 
 
 SPAN_METHODS = tuple((name, ex) for name, method, ex in METHODS if method == "maxflow")

@@ -30,8 +30,8 @@ Commit one batch, then collect what is committed (the runner's loop, `runner.eva
     >>> [[j.example.index for j in b] for b in batches(jobs, 2, set(done))]   # what a resumed run does
     [[2]]
     >>> examples_t, attribution_t = collect(done, jobs, skipped_table(jobs, []))
-    >>> examples_t["index"].to_pylist(), attribution_t.num_rows     # 2 examples x (2 levels x 18 methods + loo)
-    ([0, 1], 74)
+    >>> examples_t["index"].to_pylist(), attribution_t.num_rows     # 2 examples x (2 levels x 23 methods + loo)
+    ([0, 1], 94)
 """
 
 from __future__ import annotations

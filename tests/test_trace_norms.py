@@ -253,3 +253,23 @@ def test_other_families_residual_and_output_norms(family):
         bound = torch.einsum("hqk,hk->q", tr.patterns[0, l].double(), tr.norms["value"][0, l].double()) + bias
         assert (tr.norms["attn"][0, l].double() <= bound * (1 + 1e-5)).all()
         assert (tr.norms["value"][0, l] > 0).all()
+
+
+def test_attribution_reads_the_recorded_norms(llama):
+    """flow_rows / attribute take heads="norm" and method="rollout_measured" from `trace.norms` (no arguments)."""
+    from attnflow.attribution import flow_rows
+
+    tr = af.trace(llama[0], PROMPTS, norms=True, dtype=torch.float32, progress=False)
+    mask = tr.attention_mask
+    measured = af.flow.compose(tr.patterns, "rollout_measured", attn_norms=tr.norms["attn"],
+                               residual_norms=tr.norms["residual"], key_mask=mask)  # fmt: skip
+    torch.testing.assert_close(flow_rows(tr, "rollout_measured"), measured)
+    normed = af.flow.total_attention(tr.patterns, heads="norm", value_norms=tr.norms["value"], key_mask=mask)
+    torch.testing.assert_close(flow_rows(tr, "sum", heads="norm"), normed)
+    assert not torch.allclose(flow_rows(tr, "sum"), normed)  # the weighting changes the result
+    table = af.attribute(tr, method="rollout_measured", sources="tokens", targets=[-1], exclude_keys=())
+    assert abs(sum(table["score"].to_pylist()[: tr.lengths[0]]) - 1) < 1e-5
+    bare = af.trace(llama[0], PROMPTS, dtype=torch.float32, progress=False)
+    for kw in (dict(method="rollout_measured"), dict(method="sum", heads="norm")):
+        with pytest.raises(BadArgumentError, match="norms=True"):
+            flow_rows(bare, **kw)

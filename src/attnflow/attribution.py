@@ -423,7 +423,7 @@ def flow_rows(
     _check_method(method)
     _check_trace(trace)
     _check_composable(trace, method)
-    return F.compose(trace.patterns, method, **_flow_kwargs(trace, alpha, exclude_keys, heads, validate))
+    return F.compose(trace.patterns, method, **_flow_kwargs(trace, alpha, exclude_keys, heads, validate, method))
 
 
 def target_flow(
@@ -452,18 +452,20 @@ def target_flow(
     idx = torch.tensor([[pads[b] + r[min(j, len(r) - 1)] for j in range(T)] if r else [0] * T for b, r in enumerate(rows)])
     if method == "raw":
         idx = _query_index(trace, idx)
-    kw = _flow_kwargs(trace, alpha, exclude_keys, heads, validate)
-    if method == "rollout_measured":  # the mixing weights come from the norms recorded with trace(norms=True)
-        kw |= _measured_norms(trace)
+    kw = _flow_kwargs(trace, alpha, exclude_keys, heads, validate, method)
     return F.compose(trace.patterns, method, rows=idx.to(trace.patterns.device), **kw)
 
 
 def _measured_norms(trace: AttentionTrace) -> dict[str, Tensor]:
     """`attn_norms` / `residual_norms` for rollout_measured, from `trace.norms` (padded query positions)."""
+    what = "method='rollout_measured'"
+    return {"attn_norms": _recorded_norms(trace, "attn", what), "residual_norms": _recorded_norms(trace, "residual", what)}
+
+
+def _recorded_norms(trace: AttentionTrace, key: str, what: str) -> Tensor:
     if trace.norms is None:
-        raise BadArgumentError("method='rollout_measured' needs the norms recorded with af.trace(..., norms=True)")
-    dev = trace.patterns.device
-    return {"attn_norms": trace.norms["attn"].to(dev), "residual_norms": trace.norms["residual"].to(dev)}
+        raise BadArgumentError(f"{what} needs the norms recorded with af.trace(..., norms=True); record the trace with them")
+    return trace.norms[key].to(trace.patterns.device)
 
 
 def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]) -> Int[Tensor, "batch target"]:
@@ -478,8 +480,15 @@ def _query_index(trace: AttentionTrace, padded_rows: Int[Tensor, "batch target"]
     return hit.long().argmax(-1)
 
 
-def _flow_kwargs(trace: AttentionTrace, alpha, exclude_keys, heads, validate: bool = True) -> dict:
-    return {
+def _flow_kwargs(trace: AttentionTrace, alpha, exclude_keys, heads, validate: bool = True, method: str = "") -> dict:
+    """What `F.compose` takes besides the patterns; the norms recorded with trace(norms=True) where the method or
+    heads="norm" needs them."""
+    extra = {}
+    if method == "rollout_measured":  # the mixing weights come from the attention-output and residual norms
+        extra |= _measured_norms(trace)
+    if isinstance(heads, str) and heads == "norm" and trace.heads == "all":
+        extra["value_norms"] = _recorded_norms(trace, "value", "heads='norm'")
+    return extra | {
         "heads": _trace_heads(trace, heads),
         "exclude_keys": _flow_exclusion(trace, exclude_keys),
         "key_mask": trace.attention_mask.to(trace.patterns.device),

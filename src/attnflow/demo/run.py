@@ -21,8 +21,10 @@ the supporting document first most often on the organism.
       method                   top-1   top-2
       total attention         100.0%  100.0%
       total attention/sinks   100.0%  100.0%
+      total attn/norm/sinks   100.0%  100.0%
       rollout (alpha 0.5)      50.0%  100.0%
       rollout/sinks            50.0%  100.0%
+      measured rollout/sinks 100.0%  100.0%
       flow (residual)          50.0%  100.0%
       flow/sinks               50.0%  100.0%
       raw (last layer)         50.0%   50.0%
@@ -57,16 +59,20 @@ from attnflow.errors import BadArgumentError
 from attnflow.eval import metrics as M
 
 EXCLUDE_KEYS = (0,)  # the <s> sink takes most attention and is no document; leave it out before composing
-# (name, attnflow method, exclude_keys): "rollout" and "flow" leave <s> out, "/sinks" every sink
-# (attnflow.attribution: <s>, special tokens, keys detected as sinks), "sum" is total attention
+# (name, attnflow method, exclude_keys, heads): "rollout" and "flow" leave <s> out, "/sinks" every sink
+# (attnflow.attribution: <s>, special tokens, keys detected as sinks), "sum" is total attention; "/norm" weighs
+# each head by its keys' value norms ‖W_O^h v_j‖, "rollout_measured" mixes attention and residual by their
+# measured norms (Kobayashi et al. 2020, 2021; the trace records the norms)
 METHODS = (
-    ("sum", "sum", EXCLUDE_KEYS),
-    ("sum/sinks", "sum", "sinks"),
-    ("rollout", "rollout", EXCLUDE_KEYS),
-    ("rollout/sinks", "rollout", "sinks"),
-    ("flow", "flow", EXCLUDE_KEYS),
-    ("flow/sinks", "flow", "sinks"),
-    ("raw", "raw", EXCLUDE_KEYS),  # the last layer's attention, a baseline for the composed ones
+    ("sum", "sum", EXCLUDE_KEYS, "mean"),
+    ("sum/sinks", "sum", "sinks", "mean"),
+    ("sum/norm/sinks", "sum", "sinks", "norm"),
+    ("rollout", "rollout", EXCLUDE_KEYS, "mean"),
+    ("rollout/sinks", "rollout", "sinks", "mean"),
+    ("rollout_measured/sinks", "rollout_measured", "sinks", "mean"),
+    ("flow", "flow", EXCLUDE_KEYS, "mean"),
+    ("flow/sinks", "flow", "sinks", "mean"),
+    ("raw", "raw", EXCLUDE_KEYS, "mean"),  # the last layer's attention, a baseline for the composed ones
 )
 # the best document ranking measured on the organism (`attnflow eval demo --limit 200 --batch-size 8`,
 # paragraph P@1: sum/sinks 0.870, rollout 0.580, rollout/sinks 0.530, maxflow 0.305): the viewer opens on it
@@ -133,7 +139,7 @@ def run(
 
         >>> s = run("attnflow-demo", examples=2, progress=False)
         >>> list(s["attribution"]), s["viewer"]
-        (['sum', 'sum/sinks', 'rollout', 'rollout/sinks', 'flow', 'flow/sinks', 'raw'], PosixPath('attnflow-demo/html/index.html'))
+        (['sum', 'sum/sinks', 'sum/norm/sinks', 'rollout', 'rollout/sinks', 'rollout_measured/sinks', 'flow', 'flow/sinks', 'raw'], PosixPath('attnflow-demo/html/index.html'))
         >>> sorted(p.name for p in Path("attnflow-demo").iterdir())
         ['examples.json', 'html', 'parquet', 'summary.json']
         >>> run("attnflow-demo", examples=2, progress=False)
@@ -160,24 +166,24 @@ def run(
     spans = [document_spans(tok, text, char_spans) for text, char_spans in rendered]
     with _timed(timings, "trace"):
         tr = trace(model, [text for text, _ in rendered], max_new_tokens=1, heads="all", spans=spans,
-                   dtype=torch.float32, progress=progress)
+                   dtype=torch.float32, progress=progress, norms=True)
     generated = [tr.tokens[b][tr.prompt_lengths[b]] for b in range(len(instances))]
     order = sorted(METHODS, key=lambda m: m[0] != VIEWER_FIRST)  # the viewer opens on the first flow
     with _timed(timings, "flow"):
         # validate=False: the patterns were recorded just above; checking them again for every method costs time
-        flows = {name: flow_rows(tr, m, exclude_keys=ex, validate=False) for name, m, ex in order if m != "raw"}
+        flows = {name: flow_rows(tr, m, exclude_keys=ex, heads=h, validate=False) for name, m, ex, h in order if m != "raw"}
     with _timed(timings, "attribute"):
-        tables = [named(attribute(tr, method=m, span_kind="document", exclude_keys=ex, validate=False), name)
-                  for name, m, ex in order]
+        tables = [named(attribute(tr, method=m, span_kind="document", exclude_keys=ex, heads=h, validate=False), name)
+                  for name, m, ex, h in order]
         attributions = pa.concat_tables(tables)
     with _io.output_dir(out, "demo", overwrite) as tmp:
         with _timed(timings, "write"):
             to_parquet(tr, tmp / "parquet", flow=flows, attributions=attributions)
             to_html(tr, tmp / "html", flow=flows, attributions=attributions)
             summary = summarize(instances, generated, attributions, two_hop=two_hop, seed=seed)
-            summary["attribution"] = {name: summary["attribution"][name] for name, _, _ in METHODS}  # table order
+            summary["attribution"] = {name: summary["attribution"][name] for name, *_ in METHODS}  # table order
             shares = excluded_shares(attributions)
-            summary["excluded_share"] = {name: shares[name] for name, _, _ in METHODS}
+            summary["excluded_share"] = {name: shares[name] for name, *_ in METHODS}
             _io.write_json(tmp / "examples.json", example_records(instances, generated))
         summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         _io.write_json(tmp / "summary.json", summary)
@@ -236,7 +242,8 @@ def format_summary(s: dict) -> str:
         f"  {'method':<22}{'top-1':>8}{'top-2':>8}",
     ]
     names = {"sum": "total attention", "sum/sinks": "total attention/sinks", "rollout": "rollout (alpha 0.5)",
-             "flow": "flow (residual)", "raw": "raw (last layer)"}
+             "flow": "flow (residual)", "raw": "raw (last layer)", "sum/norm/sinks": "total attn/norm/sinks",
+             "rollout_measured/sinks": "measured rollout/sinks"}
     for method, hits in s["attribution"].items():
         lines.append(f"  {names.get(method, method):<22}{hits['top1']:>8.1%}{hits['top2']:>8.1%}")
     lines.append(f"  {'random ranking':<22}{s['random']['top1']:>8.1%}{s['random']['top2']:>8.1%}")

@@ -35,8 +35,8 @@ def reference_capacities(A: torch.Tensor, alpha: float, exclude: tuple[int, ...]
     return M / M.sum(-1, keepdims=True)
 
 
-def networkx_flows(C: np.ndarray, t: int, flow_func=None) -> np.ndarray:
-    """Max flow from (0, s) to (L, t) for every s on the full layered graph (no cone), float capacities."""
+def layered_graph(C: np.ndarray):
+    """The paper's layered attention graph: an edge (l-1, j) -> (l, i) of capacity C[l-1, i, j] for each positive one."""
     L, N = C.shape[0], C.shape[-1]
     G = nx.DiGraph()
     for l in range(1, L + 1):
@@ -44,6 +44,13 @@ def networkx_flows(C: np.ndarray, t: int, flow_func=None) -> np.ndarray:
             for j in range(N):
                 if C[l - 1, i, j] > 0:
                     G.add_edge((l - 1, j), (l, i), capacity=float(C[l - 1, i, j]))
+    return G
+
+
+def networkx_flows(C: np.ndarray, t: int, flow_func=None) -> np.ndarray:
+    """Max flow from (0, s) to (L, t) for every s on the full layered graph (no cone), float capacities."""
+    L, N = C.shape[0], C.shape[-1]
+    G = layered_graph(C)
     out = np.zeros(N)
     for s in range(N):
         if (0, s) in G and (L, t) in G:
@@ -193,12 +200,7 @@ def test_threshold_that_empties_a_source_still_bounds_its_loss():
 def networkx_span_flows(C: np.ndarray, t: int, spans) -> np.ndarray:
     """Max flow from a super-source joined to (0, s), s in each span, by edges without a capacity (infinite)."""
     L, N = C.shape[0], C.shape[-1]
-    G = nx.DiGraph()
-    for l in range(1, L + 1):
-        for i in range(N):
-            for j in range(N):
-                if C[l - 1, i, j] > 0:
-                    G.add_edge((l - 1, j), (l, i), capacity=float(C[l - 1, i, j]))
+    G = layered_graph(C)
     out = np.zeros(len(spans))
     for k, (a, z) in enumerate(spans):
         H = G.copy()

@@ -110,7 +110,7 @@ def answer_rows(
     return rows, mask
 
 
-def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, "batch key"]]:
+def key_scores(trace, rows: Sequence[Sequence[int]], methods=None) -> dict[str, Float[Tensor, "batch key"]]:
     """Every flow method's composed rows `rows[b]` (unpadded, at least one) averaged per example: {method: [batch, key]}.
 
     The rows are averaged as composed (not as shares, unlike `attribute`), so an
@@ -122,7 +122,7 @@ def key_scores(trace, rows: Sequence[Sequence[int]]) -> dict[str, Float[Tensor, 
     out = {}
     reduced = {}  # reduction -> reduced trace
     sinks = None  # [batch, key]: detected once per batch on the head mean, the same keys for every family
-    for name, method, ex in METHODS:
+    for name, method, ex in METHODS if methods is None else methods:  # (name, flow method, exclude_keys)
         if method is None:
             continue
         how = reduction(name)

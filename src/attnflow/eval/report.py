@@ -267,7 +267,8 @@ def summary_text(
         "note: flow = 2^L x rollout(alpha 0.5) and flow_normalized = rollout(alpha 0.5), so the three rank alike"
     )
     parts += loo_lines(costs, at2)
-    subsets = sorted({r["subset"] for r in rows if r["level"] in LEVELS and r["subset"] != "position"},
+    own_tables = ("position", "shuffle", "cost")  # printed in their own tables below, not as metric tables
+    subsets = sorted({r["subset"] for r in rows if r["level"] in LEVELS and r["subset"] not in own_tables},
                      key=lambda x: (x != "all", x not in ("correct", "wrong"), x))  # fmt: skip
     for subset in subsets if full else ("all",):
         for level in LEVELS:

@@ -392,10 +392,10 @@ def demo_view(out: Path) -> tuple[Path, AttentionTrace, int]:
     example = af.demo.task.generate(1, seed=11)[0]
     prompt, docs = af.demo.task.render_prompt(example)
     spans = document_spans(model.tokenizer, prompt, docs)
-    tr = af.trace(model, [prompt], max_new_tokens=1, spans=[spans], dtype=torch.float32, progress=False)
+    tr = af.trace(model, [prompt], max_new_tokens=1, spans=[spans], dtype=torch.float32, progress=False, norms=True)
     flows = {m: af.attribution.flow_rows(tr, m, exclude_keys=EXCLUDE_KEYS) for m in ("rollout", "flow")}
     scores = pa.concat_tables(
-        [named(af.attribute(tr, method=m, span_kind="document", exclude_keys=ex), name) for name, m, ex in METHODS]
+        [named(af.attribute(tr, method=m, span_kind="document", exclude_keys=ex, heads=h), name) for name, m, ex, h in METHODS]
     )
     answer = tr.prompt_lengths[0]
     generated = tr.tokens[0][answer]

@@ -68,7 +68,7 @@ class RunConfig:
         _checks.flag("loo", self.loo)
         _checks.flag("loo_sentences", self.loo_sentences)
         if self.loo_pairs is not None:
-            _checks.choice("loo_pairs", self.loo_pairs, ("methods", "all"))
+            _checks.choice("loo_pairs", self.loo_pairs, PAIR_MODES)
         if self.calibrate is not None and (not isinstance(self.calibrate, str) or not self.calibrate.strip()):
             raise BadArgumentError(f"calibrate={self.calibrate!r}; use a content-free question such as 'N/A' (or None)")
         _checks.count("shuffle_check", self.shuffle_check, minimum=0)
@@ -93,10 +93,6 @@ class RunConfig:
 
         text = template_text(self.prompt_template) if self.task == "hotpotqa" else None
         return asdict(self) | {"prompt_template_text": text}
-
-    def __post_init__(self):
-        if self.loo_pairs is not None and self.loo_pairs not in PAIR_MODES:
-            raise BadArgumentError(f"loo_pairs={self.loo_pairs!r}; use one of {', '.join(PAIR_MODES)}")
 
 
 # settings a resumed run may change, as long as its examples include the old ones (`store.check_growth`)

@@ -117,8 +117,9 @@ def score(tr, batch: list[Job], targets: list[list[int]]) -> tuple[dict[str, tor
     (`methods.span_scores`: each sentence, then each paragraph, as a whole) under
     `SPAN_PREFIX + name` as `[batch, span]`.
     """
-    scores = {k: v.double().cpu() for k, v in key_scores(tr, targets).items()}
-    mean = reduce_heads(tr)
+    reduced = {}  # the head reductions key_scores makes, so the mean is not made twice
+    scores = {k: v.double().cpu() for k, v in key_scores(tr, targets, reduced=reduced).items()}
+    mean = reduced["mean"] if "mean" in reduced else reduce_heads(tr)
     spans = [job.prompt.sentence_spans + job.prompt.paragraph_spans for job in batch]
     S = max(len(x) for x in spans)
     starts = torch.zeros(len(batch), S, dtype=torch.long)

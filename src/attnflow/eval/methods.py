@@ -110,7 +110,7 @@ def answer_rows(
     return rows, mask
 
 
-def key_scores(trace, rows: Sequence[Sequence[int]], methods=None) -> dict[str, Float[Tensor, "batch key"]]:
+def key_scores(trace, rows: Sequence[Sequence[int]], methods=None, reduced: dict | None = None) -> dict[str, Float[Tensor, "batch key"]]:
     """Every flow method's composed rows `rows[b]` (unpadded, at least one) averaged per example: {method: [batch, key]}.
 
     The rows are averaged as composed (not as shares, unlike `attribute`), so an
@@ -120,18 +120,18 @@ def key_scores(trace, rows: Sequence[Sequence[int]], methods=None) -> dict[str, 
     T = int(counts.max())
     weights = (torch.arange(T)[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
     out = {}
-    reduced = {}  # reduction -> reduced trace
+    reduced = {} if reduced is None else reduced  # reduction -> reduced trace; a caller's dict keeps them
     sinks = None  # [batch, key]: detected once per batch on the head mean, the same keys for every family
     for name, method, ex in METHODS if methods is None else methods:  # (name, flow method, exclude_keys)
         if method is None:
             continue
         how = reduction(name)
-        if how not in reduced:
-            reduced[how] = reduce_heads(trace, how)
+        for need in {how, "mean"} if ex == "sinks" else {how}:  # the sinks are detected on the head mean
+            if need not in reduced:
+                reduced[need] = reduce_heads(trace, need)
         tr = reduced[how]
         if sinks is None and ex == "sinks":
-            mean = reduced.get("mean") or reduce_heads(trace, "mean")
-            sinks = exclusion_mask(mean, "sinks").to(tr.patterns.device)
+            sinks = exclusion_mask(reduced["mean"], "sinks").to(tr.patterns.device)
         excl = sinks if ex == "sinks" else ex
         if method == "maxflow":
             continue  # scored per span as a whole (`span_scores`), not per token

@@ -8,8 +8,9 @@ sdpa), one prompt of exactly `seq` tokens, greedy decoding; each method's median
 wall time as a ratio to `generate`:
 
     generate    hf.generate(ids, max_new_tokens=16, do_sample=False)
-    one-pass    af.trace(model, ids, max_new_tokens=16, heads="mean")   every row, recorded while generating
-    two-pass    the same with one_pass=False: generate, then a forward over prompt + completion
+    one-pass    af.trace(model, ids, max_new_tokens=16, heads="mean", dtype=float32)   every row, recorded while generating
+    one-pass16  the same with the default storage dtype (float16)
+    two-pass    one-pass with one_pass=False: generate, then a forward over prompt + completion
 
 (`model` is the nnsight wrapper af.load returns, made once.)  The last column is
 the largest absolute difference between the one-pass and the two-pass patterns
@@ -53,6 +54,7 @@ def methods(model, ids: list[int], new: int):
     return {
         "generate": lambda: hf.generate(batch, max_new_tokens=new, do_sample=False, pad_token_id=hf.config.eos_token_id),
         "one-pass": lambda: af.trace(model, [ids], **kw),
+        "one-pass16": lambda: af.trace(model, [ids], **{**kw, "dtype": torch.float16}),
         "two-pass": lambda: af.trace(model, [ids], one_pass=False, **kw),
     }
 
@@ -76,7 +78,7 @@ def main(argv=None):
         f"SmolLM2-135M-Instruct float32 {hf.config._attn_implementation}; {new} new tokens; heads=mean, every row; "
         f"{torch.get_num_threads()} threads; torch {torch.__version__}; median of {repeats}"
     )
-    header = f"{'seq':>5} {'method':<9} {'time s':>8} {'x generate':>11} {'tokens ok':>9} {'max |one-two|':>14}"
+    header = f"{'seq':>5} {'method':<10} {'time s':>8} {'x generate':>11} {'tokens ok':>9} {'max |one-two|':>14}"
     print(header)
     print("-" * len(header))
     for seq in seqs:
@@ -99,7 +101,7 @@ def main(argv=None):
             t = statistics.median(ts)
             ok = "" if name == "generate" else str(outs[name].item(0).input_ids[0].tolist() == ref)
             d = f"{diff:.1e}" if name == "one-pass" else ""
-            print(f"{seq:>5} {name:<9} {t:>8.2f} {t / t0:>11.2f} {ok:>9} {d:>14}")
+            print(f"{seq:>5} {name:<10} {t:>8.2f} {t / t0:>11.2f} {ok:>9} {d:>14}")
     return 0
 
 

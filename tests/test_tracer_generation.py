@@ -132,7 +132,7 @@ def test_chunked_rows_equal_whole_and_respect_the_budget(monkeypatch):
         return real(*args, row_index=row_index, **kw)
 
     monkeypatch.setattr(reduce, "attention_pattern", spy)
-    budget = 2 * 30 * (4 * 4 + 16) * 7  # 7 rows of 2 examples x 4 heads x 30 keys
+    budget = 2 * 30 * (8 * 4 + 16) * 7  # 7 rows of 2 examples x 4 heads x 30 keys
     chunked = af.trace(model, prompts, heads="mean", dtype=torch.float32, progress=False, memory_budget=budget)
     assert seen == [7, 7, 7, 7, 2] * 2  # 30 rows in chunks of 7, per layer
     assert (whole.patterns - chunked.patterns).abs().max() <= TOL
@@ -158,7 +158,7 @@ def test_memory_budget_option():
 def test_chunk_rows():
     assert reduce.chunk_rows(None, batch=2, heads=9, keys=100, rows=50) == 50
     assert reduce.chunk_rows(1, batch=2, heads=9, keys=100, rows=50) == 1  # at least one row
-    per_row = 2 * 100 * (4 * 9 + 16)
+    per_row = 2 * 100 * (8 * 9 + 16)  # scores + probabilities of 9 heads, plus masks
     assert reduce.chunk_rows(per_row * 5 + 1, batch=2, heads=9, keys=100, rows=50) == 5
     assert reduce.chunk_rows(per_row * 5 * 3, batch=2, heads=9, keys=100, rows=50, sinks=True) < 15
 
@@ -191,7 +191,7 @@ def test_unmasked_causal_chunks_skip_later_keys(monkeypatch):
         return real(*args, key_end=key_end, **kw)
 
     monkeypatch.setattr(reduce, "attention_pattern", spy)
-    budget = 1 * 30 * (4 * 4 + 16) * 8  # 8 rows
+    budget = 1 * 30 * (8 * 4 + 16) * 8  # 8 rows
     tr = af.trace(model, [prompt], dtype=torch.float32, progress=False, memory_budget=budget)
     assert ends == [8, 16, 24, 30] * 2
     assert (tr.patterns[0] - expected).abs().max() <= 1e-5

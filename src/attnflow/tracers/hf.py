@@ -382,7 +382,10 @@ class HFBackend:
         R0 = pre_index.shape[1]
         head_out = self.num_heads if isinstance(heads, str) and heads == "all" else 1
         # every recorded row in generation coordinates: R0 prompt rows, then one row per decode step
-        gen = torch.zeros((B, len(layers), head_out, R0 + N, P + N), dtype=options.dtype)
+        # not zeroed as a whole: the prefill writes every prompt row's first P keys (a seq² block, the bulk)
+        gen = torch.empty((B, len(layers), head_out, R0 + N, P + N), dtype=options.dtype)
+        gen[..., :R0, P:] = 0
+        gen[..., R0:, :] = 0
         envoys = [self.nn_model.get(self.sites[layer].path) for layer in layers]
         ops = [self.sites[layer].op for layer in layers]
         causal = [self.sites[layer].is_causal for layer in layers]
@@ -533,12 +536,18 @@ def assemble(
         raise RuntimeError("the generation stopped before the last kept token was read; this is an attnflow bug")
     positions = inputs.row_positions(rows, lengths, plens)
     R, S = max(len(p) for p in positions), max(lengths)
-    out = gen.new_zeros((gen.shape[0], *gen.shape[1:3], R, S))
-    for b, (pos, n, p) in enumerate(zip(positions, lengths, plens)):
+    sources = []
+    for b, (pos, p) in enumerate(zip(positions, plens)):
         slot = {t: R0 - len(prompt_pos[b]) + k for k, t in enumerate(prompt_pos[b])}  # prompt position -> gen row
-        src = torch.tensor([slot[t] if t < p else R0 + t - p for t in pos], dtype=torch.long)
+        sources.append([slot[t] if t < p else R0 + t - p for t in pos])
+    if len(prompts) == 1 and sources[0] == list(range(gen.shape[3])) and (R, S) == (gen.shape[3], gen.shape[4]):
+        return gen  # one example, nothing cut: the layout is already record's (no copy of a seq² tensor)
+    out = gen.new_zeros((gen.shape[0], *gen.shape[1:3], R, S))
+    for b, (src, n, p) in enumerate(zip(sources, lengths, plens)):
         pad = P - p  # generation columns of example b start here
-        out[b, :, :, R - len(pos) :, S - n :] = gen[b, :, :, src, pad : pad + n]
+        contiguous = src == list(range(src[0], src[0] + len(src))) if src else False
+        rows_b = slice(src[0], src[0] + len(src)) if contiguous else torch.tensor(src, dtype=torch.long)
+        out[b, :, :, R - len(src) :, S - n :] = gen[b, :, :, rows_b, pad : pad + n]
     return out
 
 

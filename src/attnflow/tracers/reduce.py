@@ -46,6 +46,7 @@ def attention_pattern(
     position_bias: Tensor | None = None,
     row_index: Int[Tensor, "batch row"] | None = None,
     key_end: int | None = None,
+    buffers: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch head row key"]:
     """Float32 attention probabilities of the query rows in `row_index` (all rows when None).
 
@@ -61,6 +62,10 @@ def attention_pattern(
     float32's finfo.min (not -inf), so a fully masked row is finite (uniform),
     never NaN.  `key_end` computes only keys `0 .. key_end - 1` (the result has
     that many columns): for a caller that knows the later keys are masked.
+    `buffers` are two flat float32 tensors of at least batch·head·row·key
+    elements that the scores and probabilities are written into (the result is a
+    view of the second): a caller computing chunk after chunk allocates once, not
+    twice per chunk (fresh multi-MB allocations page-fault on every first touch).
     """
     B, Hq, Q, d = query.shape
     Bk, Hkv, K, dk = key.shape
@@ -83,7 +88,11 @@ def attention_pattern(
     q = gather_rows(query, rows).float() * (d**-0.5 if scaling is None else scaling)
     # query head h*g+j reads kv head h (repeat_kv); one batched matmul per kv head, output already [b, (h g), r, k]
     q = einops.rearrange(q, "b (h g) r d -> b h (g r) d", h=Hkv)
-    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(B, Hq, R, K)
+    size = B * Hq * R * K
+    if buffers is not None and min(b.numel() for b in buffers) < size:
+        buffers = None
+    out = None if buffers is None else buffers[0][:size].view(B, Hkv, Hq // Hkv * R, K)
+    scores = torch.matmul(q, key.float().transpose(-1, -2), out=out).view(B, Hq, R, K)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
@@ -91,30 +100,31 @@ def attention_pattern(
 
     lowest = torch.finfo(torch.float32).min
     padding_only = mask is not None and mask.ndim == 2  # flash attention's [batch, key] mask: causality not in it
-    keep = _allowed_keys(
-        rows, Q, K_all, causal=(mask is None or padding_only) and is_causal, sliding_window=sliding_window, n_keys=K
-    )
-    keep = None if keep is None else keep.unsqueeze(1)  # [batch, 1, row, key]
+    causal = (mask is None or padding_only) and is_causal
+    lo, keep = _allowed_keys(rows, Q, K_all, causal=causal, sliding_window=sliding_window, n_keys=K)
+    if keep is not None:  # only keys lo.. can be masked for these rows: the diagonal block of a causal chunk
+        scores[..., lo:].masked_fill_(~keep.unsqueeze(1), lowest)
     if padding_only:
-        real = mask[:, -K_all:][:, :K].bool().view(B, 1, 1, K)
-        keep = real if keep is None else keep & real
+        real = mask[:, -K_all:][:, :K].bool()  # [batch, key]
+        if not bool(real.all()):
+            scores.masked_fill_(~real.view(B, 1, 1, K), lowest)
     elif mask is not None:
         m = gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows)
         if m.dtype == torch.bool:
-            keep = m if keep is None else keep & m
+            scores.masked_fill_(~m, lowest)
         else:
             scores += m.float()
             scores.clamp_(min=lowest)  # an additive -inf becomes finfo.min: a fully masked row stays finite
-    if keep is not None:
-        scores.masked_fill_(~keep, lowest)
 
     if sinks is not None:
         sink = einops.repeat(sinks.float().to(scores.device), "h -> b h r 1", b=B, r=R)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    else:  # softmax in place: one [batch, head, row, key] float32 buffer instead of two
-        probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
-        probs.div_(probs.sum(-1, keepdim=True))
-    probs.transpose(1, 2)[~present] = 0  # rows without a query: touches only those rows
+    else:
+        probs = torch.softmax(scores, dim=-1) if buffers is None else torch.ops.aten._softmax.out(  # one fused kernel
+            scores, -1, False, out=buffers[1][:size].view(B, Hq, R, K)
+        )
+    if not bool(present.all()):
+        probs.transpose(1, 2)[~present] = 0  # rows without a query: touches only those rows
     return probs
 
 
@@ -134,18 +144,28 @@ def _broadcast(m: Tensor, B: int, H: int, Q: int, K: int) -> Tensor:
 
 def _allowed_keys(
     rows: Int[Tensor, "batch row"], Q: int, K: int, *, causal: bool, sliding_window: int | None, n_keys: int | None = None
-) -> Bool[Tensor, "batch row key"] | None:
-    """Keys (the first `n_keys` of K) each selected row may see when no mask says so (causal) or within the window."""
+) -> tuple[int, Bool[Tensor, "batch row key"] | None]:
+    """`(lo, allowed)`: which of keys `lo .. n_keys - 1` each selected row may see when no mask says so (causal)
+    or within the window; every row sees every key before `lo`.  `(0, None)` when nothing is masked.
+
+    Under causality alone `lo` is one past the earliest row's position, so a chunk of
+    consecutive rows builds and applies only its diagonal block.
+
+        >>> _allowed_keys(torch.tensor([[2, 3]]), 4, 4, causal=True, sliding_window=None)
+        (3, tensor([[[False],
+                 [ True]]]))
+    """
+    n = K if n_keys is None else n_keys
     causal = causal and Q > 1
     if not causal and sliding_window is None:
-        return None
+        return 0, None
     pos = (rows + (K - Q)).unsqueeze(-1)  # absolute position of each query row; queries are the last Q keys
-    n = K if n_keys is None else n_keys
-    keys = torch.arange(n, device=rows.device).view(1, 1, n)
+    lo = 0 if sliding_window is not None else max(0, min(n, int(pos.min()) + 1))
+    keys = torch.arange(lo, n, device=rows.device).view(1, 1, n - lo)
     allowed = keys <= pos if causal else torch.ones_like(keys - pos, dtype=torch.bool)
     if sliding_window is not None:
         allowed = allowed & (pos - keys < sliding_window)
-    return allowed
+    return lo, allowed
 
 
 def reduce_heads(
@@ -249,6 +269,9 @@ def to_storage(P: Tensor, dtype: torch.dtype | None) -> Tensor:
     return P if dtype is None else P.to(dtype)
 
 
+CAUSAL_CHUNK = 64  # query rows per chunk when keys after the chunk are skipped (measured on 2 CPU cores: 32-128 alike)
+
+
 def interface_pattern(
     args: tuple,
     kwargs: dict,
@@ -292,11 +315,13 @@ def interface_pattern(
     # so they are not computed at all (half the work of an every-row recording); a 4-D mask may say otherwise
     skip_later = causal_flag and Q > 1 and (mask is None or mask.ndim == 2) and kwargs.get("position_bias") is None
     step = chunk_rows(memory_budget, batch=B, heads=query.shape[1], keys=K, rows=R, sinks=sinks is not None)
-    if skip_later:  # at least 8 chunks of >= 64 rows: the skipped upper triangle is then ~7/16 of the work
-        step = min(step, max(64, -(-R // 8)))
+    if skip_later:  # short chunks: less of the masked upper triangle computed, and a chunk's scores stay in cache
+        step = min(step, CAUSAL_CHUNK)
     if out is None:
         head_out = query.shape[1] if isinstance(heads, str) and heads == "all" else 1
         out = query.new_zeros((B, head_out, R, K), dtype=torch.float32 if dtype is None else dtype)
+    size = B * query.shape[1] * min(step, R) * K
+    buffers = (query.new_empty(size, dtype=torch.float32), query.new_empty(size, dtype=torch.float32)) if R > 1 else None
     for r0 in range(0, R, step):
         rows = row_index[:, r0 : r0 + step]
         end = max(1, min(K, int(rows.max()) + 1 + (K - Q))) if skip_later else K
@@ -312,6 +337,7 @@ def interface_pattern(
             position_bias=kwargs.get("position_bias"),
             row_index=rows,
             key_end=end,
+            buffers=buffers,
         )
         n = None if value_norms is None else value_norms[..., :end]
         out[:, :, r0 : r0 + step, :end] = reduce_heads(P, heads, n)  # the copy casts to the storage dtype
@@ -334,19 +360,19 @@ def chunk_rows(
 ) -> int:
     """How many query rows to compute at once so one chunk's float32 transient fits `memory_budget` bytes.
 
-    A row costs the float32 scores of every head (`4·heads·keys` bytes per
-    example; three such buffers with attention sinks, whose softmax concatenates),
-    plus a mask row, a keep row and the reduced row (`16·keys` bounds them).
+    A row costs the float32 scores and probabilities of every head (`8·heads·keys`
+    bytes per example; four such buffers with attention sinks, whose softmax
+    concatenates), plus a mask row, a keep row and the reduced row (`16·keys` bounds them).
     None = every row at once; at least one row, whatever the budget.
 
-        >>> chunk_rows(2**20, batch=1, heads=9, keys=8192, rows=8192)   # 1 MiB: 2 rows of 9 heads x 8,192 keys
+        >>> chunk_rows(2**21, batch=1, heads=9, keys=8192, rows=8192)   # 2 MiB: 2 rows of 9 heads x 8,192 keys
         2
         >>> chunk_rows(None, batch=1, heads=9, keys=8192, rows=8192)
         8192
     """
     if memory_budget is None:
         return max(rows, 1)
-    per_row = batch * keys * (4 * heads * (3 if sinks else 1) + 16)
+    per_row = batch * keys * (4 * heads * (4 if sinks else 2) + 16)
     return max(1, min(rows, memory_budget // per_row))
 
 

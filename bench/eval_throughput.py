@@ -8,10 +8,14 @@ tests/real_model.py finds it) and the shared HotPotQA file, teacher mode (the go
 answer forced in after the prompt), batch size 1, one run each, methods one after
 the other on the same machine:
 
-    attnflow     `attnflow eval hotpotqa --mode teacher --views 0` as the CLI runs it after loading
-                 the model (`runner.evaluate`: one traced forward per example with heads="mean"
-                 over every row, 18 flow methods, sentence and paragraph scores, every metric,
-                 Parquet parts, then the report: tables, summary, plot, explorer page)
+    attnflow     `attnflow eval hotpotqa --mode teacher --views 0 --no-loo` as the CLI runs it after
+                 loading the model (`runner.evaluate`: one traced forward per example recording every
+                 head in float16 plus the value norms, every attention method, sentence and paragraph
+                 scores, every metric, Parquet parts, then the report: tables, summary, plot, explorer page)
+    +LOO         the CLI's default: the same plus the leave-one-out reference (one KV-cached forward
+                 per document) and the top-2 removals, and AT2 head weights fit on them
+    attnflow rollout  Attributor's one job through attnflow's API: `af.trace(heads="mean")` over prompt +
+                 gold answer, then `af.attribute(method="rollout")` of the answer rows over the spans
     attributor   Attributor's `hotpot_qa.py` recording path, reimplemented here in a few lines
                  (github.com/tylerpayne/Attributor, attributor/attributor.py): the same weights
                  under eager attention, one forward over prompt + gold answer with
@@ -32,6 +36,7 @@ import copy
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -84,6 +89,19 @@ def run_attributor(jobs, eager, metrics) -> float:
     return time.perf_counter() - start
 
 
+def run_attnflow_rollout(jobs, model) -> float:
+    """Attributor's one job done with attnflow's API: trace prompt + gold answer (heads="mean", every row, in the
+    model's sdpa forward), then `af.attribute(method="rollout")` of the answer rows over the sentence and paragraph spans."""
+    import attnflow as af
+
+    start = time.perf_counter()
+    for job in jobs:
+        p = job.prompt
+        tr = af.trace(model, [p.input_ids], completions=[list(job.completion)], heads="mean", spans=[p.spans], progress=False)
+        af.attribute(tr, method="rollout", sources="spans", targets="completion")
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", type=int, default=4, help="the first N questions of the shared file (default 4)")
@@ -122,19 +140,22 @@ def main(argv=None) -> int:
         f"SmolLM2-135M-Instruct float32 (30 layers, 9 heads), CPU, {torch.get_num_threads()} threads; teacher mode; "
         f"{len(jobs)} HotPotQA questions, {min(lengths)}-{max(lengths)} tokens (prompt + gold answer); one run"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        af.trace(model, [jobs[0].prompt.input_ids[:16]], heads="mean", progress=False)  # warm-up: nnsight's instrumentation
-        start = time.perf_counter()
-        evaluate(examples, problems, model, tok, Path(tmp) / "run", config, progress=False, views=0)
-        ours = time.perf_counter() - start
+    af.trace(model, [jobs[0].prompt.input_ids[:16]], heads="mean", progress=False)  # warm-up: nnsight's instrumentation
+    ours = {}
+    for name, loo in (("attnflow", False), ("attnflow +LOO", True)):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            evaluate(examples, problems, model, tok, Path(tmp) / "run", replace(config, loo=loo), progress=False, views=0)
+            ours[name] = time.perf_counter() - start
+    ours["attnflow rollout"] = run_attnflow_rollout(jobs, model)
     theirs = run_attributor(jobs, eager, M.example_metrics)
 
     n = len(jobs)
-    header = f"{'method':<12} {'load s':>7} {'eval s':>8} {'s / example':>12} {'examples / s':>13} {'x attributor':>13}"
+    header = f"{'method':<17} {'load s':>7} {'eval s':>8} {'s / example':>12} {'examples / s':>13} {'x attributor':>13}"
     print(header)
     print("-" * len(header))
-    for name, load, secs in (("attnflow", load_s, ours), ("attributor", eager_s, theirs)):
-        print(f"{name:<12} {load:>7.1f} {secs:>8.1f} {secs / n:>12.1f} {n / secs:>13.4f} {theirs / secs:>13.2f}")
+    for name, load, secs in (*((k, load_s, v) for k, v in ours.items()), ("attributor", eager_s, theirs)):
+        print(f"{name:<17} {load:>7.1f} {secs:>8.1f} {secs / n:>12.1f} {n / secs:>13.4f} {theirs / secs:>13.2f}")
     return 0
 
 

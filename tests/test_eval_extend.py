@@ -48,6 +48,35 @@ def test_resume_with_a_larger_limit_evaluates_only_the_new_examples(tmp_path, de
     assert err.count("\n") == 1 and "--limit 5" in err and "--limit 20" in err and "only grow" in err
 
 
+def test_memory_budget_reaches_the_trace_changes_nothing_and_may_change_on_resume(tmp_path, demo_dir, monkeypatch, capsys):
+    from attnflow.tracers import reduce
+
+    seen = []
+    real = reduce.interface_pattern
+    monkeypatch.setattr(reduce, "interface_pattern", lambda *a, **kw: seen.append(kw["memory_budget"]) or real(*a, **kw))
+    base = ["demo", "--model", demo_dir, "--mode", "teacher", *DEMO_ARGS]
+    args = [*base, "--limit", 4]
+    tight = tmp_path / "tight"
+    assert _run([*args, "--memory-budget", "4KB", "--out", tight]) == 0
+    assert seen and set(seen) == {4096}  # every recording, side passes included, runs under the budget
+    seen.clear()
+    assert _run([*args, "--out", tmp_path / "plain"]) == 0
+    from attnflow.tracers.options import TraceOptions
+
+    assert set(seen) == {TraceOptions().memory_budget}  # no flag: the trace's default
+    ex_t, at_t = _tables(tight)
+    ex_p, at_p = _tables(tmp_path / "plain")
+    assert ex_t.equals(ex_p)
+    # float16 patterns chunked otherwise: the same scores up to rounding
+    assert all(np.allclose(x, y, atol=2e-3) for x, y in zip(at_t["scores"].to_pylist(), at_p["scores"].to_pylist()))
+    assert _run([*base, "--limit", 6, "--memory-budget", "1MB", "--out", tight, "--resume"]) == 0  # another budget
+    assert pq.read_table(tight / "examples.parquet").num_rows == 6
+    capsys.readouterr()
+    assert _run([*args, "--memory-budget", "lots", "--out", tmp_path / "bad"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--memory-budget 'lots'" in err
+
+
 def test_resume_with_a_wider_shard_grows_and_a_disjoint_one_is_refused(tmp_path, demo_dir, capsys):
     args = ["demo", "--model", demo_dir, "--limit", 6, "--mode", "teacher", *DEMO_ARGS]
     out = tmp_path / "s"

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
                         help="skip (and count) longer prompts (default: the model's maximum positions)")
         ep.add_argument("--max-new-tokens", type=int, default=None, help="answer length budget (demo 3, hotpotqa 16)")
         ep.add_argument("--batch-size", type=int, default=1, help="examples per forward pass (default 1)")
+        ep.add_argument("--memory-budget", default=None, metavar="SIZE",
+                        help="bound one layer's float32 recording transient, e.g. 512MB (default 256MiB); "
+                        "a resumed run may change it")
         ep.add_argument("--calibrate", nargs="?", const="N/A", default=None, metavar="QUERY",
                         help="also record each prompt with the question replaced by QUERY (default 'N/A') and add "
                              "calibrated methods '<method>/cal': real minus content-free scores")
@@ -83,6 +86,7 @@ def run(args) -> int:
 
 def config_from_args(args):
     """The RunConfig of `attnflow eval hotpotqa|demo` arguments; BadArgumentError naming the flag."""
+    from attnflow.cli.trace import memory_budget
     from attnflow.eval.config import DEFAULT_DEMO_EXAMPLES, RunConfig, parse_shard
 
     task = args.eval_command
@@ -124,6 +128,7 @@ def config_from_args(args):
         max_context_tokens=args.max_context_tokens,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        memory_budget=memory_budget(args.memory_budget).get("memory_budget"),
         dtype=getattr(args, "model_dtype", "float32"),
         device_map=getattr(args, "device_map", None),
         prompt_template=template,

@@ -73,7 +73,7 @@ def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, 
     side = SidePasses(batch, tokenizer, config)  # eval/calibrate.py: content-free / shuffled prompts (none by default)
     t0 = time.perf_counter()
     tr = record(model, tokenizer, prompts, [j.completion for j in batch] if teacher else None,
-                None if teacher else config.new_tokens)  # fmt: skip
+                None if teacher else config.new_tokens, config.memory_budget)  # fmt: skip
     trace_s = (time.perf_counter() - t0) / len(batch)
     stop = set(tokenizer.all_special_ids)
     answers = [read_answer(tr, b, job, stop, teacher) for b, job in enumerate(batch)]
@@ -90,7 +90,7 @@ def run_batch(batch: list[Job], model, tokenizer, config: RunConfig, out: Path, 
         attr_rows += attribution_rows(job, tr.pad_offsets[b], {k: v[b] for k, v in scores.items()})
     methods_s = (time.perf_counter() - t0) / len(batch)
     ex_rows = [example_row(job, answers[b]) for b, job in enumerate(batch)]
-    forced = lambda ps, completions: record(model, tokenizer, ps, completions, None)  # noqa: E731
+    forced = lambda ps, completions: record(model, tokenizer, ps, completions, None, config.memory_budget)  # noqa: E731
     tables = side.finish(tr, answers, ex_rows, attr_rows, trace_s * len(batch), forced)  # + "/cal" rows, costs, {"shuffle"}
     costs = [{} for _ in batch]
     if config.loo:  # fills the LOO metrics of attr_rows (the "/cal" ones too) and adds the "loo" rows
@@ -133,9 +133,11 @@ def score(tr, batch: list[Job], targets: list[list[int]]) -> tuple[dict[str, tor
     return scores, mean
 
 
-def record(model, tokenizer, prompts: list, completions: list | None, new_tokens: int | None):
+def record(model, tokenizer, prompts: list, completions: list | None, new_tokens: int | None,
+           memory_budget: int | None = None):
     """Trace `prompts` (eval Prompts) in one batch, every head (float16) and the norms: forcing `completions`, or
-    generating `new_tokens`.  The methods reduce the heads (`methods.key_scores`), AT2 weighs them."""
+    generating `new_tokens`; `memory_budget` bytes bound one layer's transient (None: the trace's default).
+    The methods reduce the heads (`methods.key_scores`), AT2 weighs them."""
     from attnflow.tracers import trace
 
     return trace(
@@ -150,6 +152,7 @@ def record(model, tokenizer, prompts: list, completions: list | None, new_tokens
         batch_size=len(prompts),
         progress=False,
         spans=[p.spans for p in prompts],
+        **({} if memory_budget is None else {"memory_budget": memory_budget}),
     )
 
 

@@ -33,6 +33,7 @@ class RunConfig:
     max_context_tokens: int | None = None
     max_new_tokens: int | None = None
     batch_size: int = 1
+    memory_budget: int | None = None  # bytes of one layer's float32 recording transient (None: the trace's default)
     dtype: str = "float32"  # model weights
     device_map: str | None = None
     prompt_template: str = "default"  # a named template (prompts.TEMPLATES) or a template file's absolute path
@@ -62,6 +63,8 @@ class RunConfig:
         for name in ("limit", "max_context_tokens", "max_new_tokens"):
             _checks.optional_count(name, getattr(self, name), minimum=1)
         _checks.count("batch_size", self.batch_size, minimum=1)
+        if self.memory_budget is not None:
+            _checks.count("memory_budget", self.memory_budget, minimum=1)
         _checks.flag("two_hop", self.two_hop)
         _checks.flag("chat_template", self.chat_template)
         parse_shard(self.shard)
@@ -97,6 +100,8 @@ class RunConfig:
 
 # settings a resumed run may change, as long as its examples include the old ones (`store.check_growth`)
 GROWABLE = ("limit", "shard")
+# settings that change how a run computes, not what it finds: a resumed run may change them freely
+EXECUTION = ("memory_budget",)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

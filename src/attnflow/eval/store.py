@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from attnflow import _io
 from attnflow.errors import DataError
 from attnflow.eval import metrics as M
-from attnflow.eval.config import GROWABLE, RunConfig, parse_shard
+from attnflow.eval.config import EXECUTION, GROWABLE, RunConfig, parse_shard
 from attnflow.eval.jobs import Job, part_name
 from attnflow.eval.calibrate import ALL_NAMES, COST_FIELDS, read_shuffle, write_shuffle
 
@@ -120,7 +120,7 @@ def check_out(out: Path, config: RunConfig, resume: bool) -> None:
             raise DataError(f"{out} already holds an evaluation; pass --resume to continue it or choose another --out")
         old = json.loads(cfg_file.read_text())
         new = json.loads(json.dumps(config.to_json()))
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in GROWABLE)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in GROWABLE + EXECUTION)
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
             raise DataError(f"cannot resume {out} with other settings ({changes}); use the original ones or a new --out")

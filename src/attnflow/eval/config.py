@@ -60,11 +60,9 @@ class RunConfig:
             raise BadArgumentError(f"prompt_template={self.prompt_template!r}; use a template name or a file path")
         if self.seed is not None and not _checks.is_int(self.seed):
             raise BadArgumentError(f"seed={self.seed!r}; use an integer (or None)")
-        for name in ("limit", "max_context_tokens", "max_new_tokens"):
+        for name in ("limit", "max_context_tokens", "max_new_tokens", "memory_budget"):
             _checks.optional_count(name, getattr(self, name), minimum=1)
         _checks.count("batch_size", self.batch_size, minimum=1)
-        if self.memory_budget is not None:
-            _checks.count("memory_budget", self.memory_budget, minimum=1)
         _checks.flag("two_hop", self.two_hop)
         _checks.flag("chat_template", self.chat_template)
         parse_shard(self.shard)

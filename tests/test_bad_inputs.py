@@ -36,6 +36,8 @@ from attnflow.errors import (
     UnsupportedModelError,
 )
 from attnflow.eval.config import RunConfig
+from attnflow.eval import store
+from attnflow.eval.datasets import load_hotpotqa
 from attnflow.exporters import to_html, to_parquet
 
 RAW: list[str] = []  # ids of the cases that gave a raw traceback (filled as the cases run)
@@ -318,7 +320,7 @@ def test_api(case, ctx, monkeypatch):
 CLI = {
     "trace --max-new-tokens 1.5": (["trace", "{llama}", "--prompt", "x", "--max-new-tokens", "1.5"], "--max-new-tokens"),
     "trace --max-new-tokens -1": (["trace", "{llama}", "--prompt", "x", "--max-new-tokens", "-1"], "max_new_tokens=-1"),
-    "trace --heads bogus": (["trace", "{llama}", "--prompt", "x", "--heads", "bogus"], "heads='bogus'"),
+    "trace --heads bogus": (["trace", "{llama}", "--prompt", "x", "--heads", "bogus"], "--heads 'bogus'"),
     "trace --rows 0.5": (["trace", "{llama}", "--prompt", "x", "--rows", "0.5"], "--rows"),
     "trace --layers a": (["trace", "{llama}", "--prompt", "x", "--layers", "a"], "--layers"),
     "trace --dtype int8": (["trace", "{llama}", "--prompt", "x", "--dtype", "int8"], "dtype='int8'"),
@@ -444,6 +446,111 @@ def test_a_cached_hub_id_loads_without_network(ctx, tmp_path, monkeypatch):
     assert tr.patterns.shape == (1, 2, 1, 3, 3) and tr.model_info["num_layers"] == 2  # 3 words, no BOS
     with pytest.raises(ModelNotFoundError, match="'some-org/other' is not found locally"):
         af.load("some-org/other")
+
+
+def unreadable(monkeypatch, *targets: Path) -> None:
+    """Reads of anything under `targets` fail with EACCES, as for a file whose mode forbids it (root ignores modes):
+    Python's open and Path.read_text/read_bytes, and pyarrow's Parquet reader."""
+    import builtins
+
+    import pyarrow.parquet as pq
+
+    def refused(path) -> bool:
+        try:
+            p = Path(path).resolve()
+        except TypeError:  # a file descriptor
+            return False
+        return any(p == t or t in p.parents for t in (Path(t).resolve() for t in targets))
+
+    def guard(real, path_of=lambda *a, **k: a[0]):
+        def call(*args, **kwargs):
+            path = path_of(*args, **kwargs)
+            if refused(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real(*args, **kwargs)
+
+        return call
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, mode="r", *a, **k: (
+        guard(real_open)(file, mode, *a, **k) if "r" in mode and "+" not in mode else real_open(file, mode, *a, **k)))
+    monkeypatch.setattr(Path, "read_text", guard(Path.read_text))
+    monkeypatch.setattr(Path, "read_bytes", guard(Path.read_bytes))
+    monkeypatch.setattr(pq, "read_table", guard(pq.read_table))
+
+
+def _documents(root: Path) -> Path:
+    f = root / "docs.json"
+    f.write_text(json.dumps({"paris": "alice lives in paris ."}))
+    return f
+
+
+def _hotpot(root: Path) -> Path:
+    f = root / "hotpot.json"
+    f.write_text("[]")
+    return f
+
+
+def _run_file(root: Path, name: str, text: str | None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = root / "run" / name
+    f.parent.mkdir(exist_ok=True)
+    if text is None:
+        pq.write_table(pa.table({"index": [0]}), f)
+    else:
+        f.write_text(text)
+    return f
+
+
+# id -> (the file made unreadable, given ctx; an API call or a CLI argv with {target}; words of the message)
+UNREADABLE = {
+    "API load a saved trace": (lambda c: c.saved, lambda c, t: AttentionTrace.load(t), "cannot read"),
+    "API load a trace's layer table": (
+        lambda c: c.saved / "attention", lambda c, t: AttentionTrace.load(c.saved), "attention"),
+    "API read_documents": (lambda c: _documents(c.root), lambda c, t: af.prompting.read_documents(t), "docs.json"),
+    "API load_hotpotqa": (lambda c: _hotpot(c.root), lambda c, t: load_hotpotqa(t), "hotpot.json"),
+    "API an eval run's config.json": (
+        lambda c: _run_file(c.root, "config.json", "{}"), lambda c, t: store.read_config(t), "config.json"),
+    "API an eval run's examples table": (
+        lambda c: _run_file(c.root, "examples.parquet", None), lambda c, t: store.read_part(t), "examples.parquet"),
+    "CLI render a saved trace": (lambda c: c.saved, ["render", "{target}", "--out", "{out}"], "cannot read"),
+    "CLI trace --documents": (
+        lambda c: _documents(c.root), ["trace", "{llama}", "--prompt", "x", "--documents", "{target}"], "docs.json"),
+    "CLI eval hotpotqa --data": (
+        lambda c: _hotpot(c.root), ["eval", "hotpotqa", "--model", "{llama}", "--data", "{target}", "--out", "{out}"],
+        "hotpot.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_a_file_the_system_will_not_read_is_one_storage_error(case, ctx, capsys, monkeypatch):
+    """EACCES while reading is a StorageError (API) or one line with exit 2 (CLI) naming the file and what to do."""
+    make, call, words = UNREADABLE[case]
+    target = make(ctx)
+    unreadable(monkeypatch, target)
+    if callable(call):
+        with pytest.raises(StorageError) as err:
+            call(ctx, target)
+        message = str(err.value)
+    else:
+        argv = [a.format(target=target, out=ctx.out(), llama=ctx.llama) for a in call]
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        message = capsys.readouterr().err
+        assert message.count("\n") == 1 and message.startswith("attnflow: error: cannot read"), message
+    assert "\n" not in message.strip() and "Permission denied [EACCES]" in message and words in message, message
+    assert "check its permissions" in message, message
+
+
+def test_a_damaged_eval_table_or_config_is_a_data_error(tmp_path):
+    (tmp_path / "examples.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="examples.parquet cannot be read as Parquet"):
+        store.read_part(tmp_path / "examples.parquet")
+    with pytest.raises(DataError, match="holds a JSON list"):
+        store.read_config(tmp_path / "config.json")
 
 
 def test_no_raw_tracebacks():

@@ -429,3 +429,31 @@ def test_read_documents_formats(tmp_path):
     with pytest.raises(DataError, match="holds a JSON int"):
         (tmp_path / "e.json").write_text("3")
         read_documents(tmp_path / "e.json")
+
+
+def test_heads_file_records_the_weighted_head_mean(hf, chat_dir, tmp_path, capsys):
+    """--heads FILE.safetensors (an eval run's AT2 fit) records Σ_h w_lh·P_lh / Σ_h w_lh, checked against eager attention."""
+    from attnflow.eval.at2 import save_head_weights
+
+    L, H = hf.config.num_hidden_layers, hf.config.num_attention_heads
+    w = np.arange(1, L * H + 1, dtype=np.float64).reshape(L, H) ** 2
+    w[0, 0] = 0.0  # a head the fit switched off
+    weights = tmp_path / "at2_heads.safetensors"
+    save_head_weights(weights, w)
+    code, out, _ = run_cli(["trace", chat_dir, "--prompt", "alice lives in paris .", "--heads", weights,
+                            "--dtype", "float32", "--out", tmp_path / "tr", "--json", "--no-progress"], capsys)  # fmt: skip
+    assert code == 0 and json.loads(out)["patterns"]["heads"] == "weighted"
+    tr = af.AttentionTrace.load(tmp_path / "tr")
+    ref = eager_patterns(eager_copy(hf), tr.item(0).input_ids[0].tolist()).double()  # [layer, head, query, key]
+    W = torch.tensor(w / w.sum(-1, keepdims=True))
+    expected = torch.einsum("lhqk,lh->lqk", ref, W)
+    assert tr.patterns.shape[2] == 1
+    assert (tr.patterns[0, :, 0].double() - expected).abs().max() < 1e-6
+    assert (tr.patterns[0, :, 0].double() - ref.mean(1)).abs().max() > 1e-3  # not the plain head mean
+
+    save_head_weights(tmp_path / "wrong.safetensors", np.ones((L + 1, H)))
+    bad(["trace", chat_dir, "--prompt", "x", "--heads", tmp_path / "wrong.safetensors", "--no-progress"], capsys,
+        f"shape ({L + 1}, {H}); this model needs [layer, head] = ({L}, {H})")
+    bad(["trace", chat_dir, "--prompt", "x", "--heads", tmp_path / "none.safetensors", "--no-progress"], capsys,
+        "no head-weight file")
+    bad(["trace", chat_dir, "--prompt", "x", "--heads", "median", "--no-progress"], capsys, "--heads 'median'")

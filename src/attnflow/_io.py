@@ -108,12 +108,21 @@ def storage_errors(path: str | os.PathLike, doing: str = "write") -> Iterator[No
     except StorageError:
         raise
     except OSError as err:
-        code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
-        reason = (err.strerror or str(err) or type(err).__name__) + (f" [{code}]" if code else "")
-        hint = _HINTS.get(err.errno, "choose another path")
-        storage = StorageError(f"cannot {doing} {path}: {reason}; {hint}")  # one argument: str() is the message alone
-        storage.errno = err.errno
-        raise storage from None
+        raise storage_error(err, path, doing) from None
+
+
+def storage_error(err: OSError, path: str | os.PathLike, doing: str = "write") -> StorageError:
+    """The one-line StorageError for `err` met while `doing` ("write", "read") `path`: reason, errno name, what to do.
+
+        >>> str(storage_error(PermissionError(errno.EACCES, "Permission denied"), "run/config.json", "read"))
+        'cannot read run/config.json: Permission denied [EACCES]; check its permissions or choose another path'
+    """
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    reason = (err.strerror or str(err) or type(err).__name__) + (f" [{code}]" if code else "")
+    hint = _HINTS.get(err.errno, "check the path" if doing == "read" else "choose another path")
+    storage = StorageError(f"cannot {doing} {path}: {reason}; {hint}")  # one argument: str() is the message alone
+    storage.errno = err.errno
+    return storage
 
 
 @contextmanager

@@ -459,7 +459,8 @@ def read_manifest(path: Path) -> dict:
     if not file.is_file():
         raise DataError(f"{path} holds no manifest.json; pass a directory written by AttentionTrace.save or to_parquet")
     try:
-        man = json.loads(file.read_text(encoding="utf-8"))
+        with _io.storage_errors(file, "read"):
+            man = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{file} is not valid JSON ({err}); write the directory again with AttentionTrace.save") from None
     if not isinstance(man, dict):
@@ -782,7 +783,7 @@ def _row_index(query_positions: Tensor, ex: Tensor, padded_q: Tensor) -> Tensor:
 # content hashes
 # ------------------------------------------------------------------------------------
 def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
+    with _io.storage_errors(file, "read"), open(file, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -956,5 +957,9 @@ def read_table(path: Path, name: str, hint: str = "write the directory again wit
         raise DataError(f"{path} holds no {name} table; {hint}")
     try:
         return pq.read_table(where)
-    except (pa.ArrowException, OSError) as err:
+    except OSError as err:
+        if err.errno is not None:  # the system refused (permission, I/O), not a damaged file
+            raise _io.storage_error(err, where, "read") from None
+        raise DataError(f"{where} cannot be read as Parquet ({err}); write the directory again") from None
+    except pa.ArrowException as err:
         raise DataError(f"{where} cannot be read as Parquet ({err}); write the directory again") from None

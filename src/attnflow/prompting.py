@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from attnflow import _io
 from attnflow.attention_trace import Span
 from attnflow.errors import DataError, PromptError, UnsupportedModelError
 
@@ -152,7 +153,7 @@ def _read_text(file: Path, what: str) -> str:
     except UnicodeDecodeError:
         raise DataError(f"{what} {str(file)!r} is not UTF-8 text; save it as UTF-8 JSON or text") from None
     except OSError as err:
-        raise DataError(f"cannot read {what} {str(file)!r}: {err.strerror or err}") from None
+        raise _io.storage_error(err, file, "read") from None
 
 
 def _jsonl(file: Path, raw: str) -> list[tuple[str, Any]]:

@@ -10,7 +10,13 @@
 # 5-10 minutes with a warm pip cache.  The test itself runs in attnflow's own environment.
 set -euo pipefail
 VENV="${1:-${NDIF_REAL_VENV:-/work/ndif-venv}}"
-PY312="${PY312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python3.12)}"
+# the first Python 3.12 that runs (a pyenv shim can exist and still refuse to run)
+if [ -z "${PY312:-}" ]; then
+    for c in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do
+        if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY312="$c"; break; fi
+    done
+fi
+[ -n "${PY312:-}" ] || { echo "setup.sh: no working Python 3.12 found; set PY312=/path/to/python3.12" >&2; exit 2; }
 if ! command -v redis-server >/dev/null; then
     apt-get update -qq && apt-get install -y -qq redis-server
 fi

@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     except AttnflowError as err:
         print(f"attnflow: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno is None:
+            raise
+        from attnflow._io import storage_error  # a refusal no reader turned into a StorageError: still one line
+
+        print(f"attnflow: error: {storage_error(err, err.filename or 'a file', 'use')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("attnflow: interrupted", file=sys.stderr)
         return 130

@@ -41,7 +41,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--system", default=None, help="system message of a --chat prompt")
     t.add_argument("--documents", default=None, help='JSON {name: text} or JSONL of {"name", "text"}: placed before the question')
     t.add_argument("--max-new-tokens", type=int, default=None, help="generate this many tokens greedily first")
-    t.add_argument("--heads", default="all", help="all | mean | max | norm (value-norm weighted) (default: all)")
+    t.add_argument("--heads", default="all",
+                   help="all | mean | max | norm (value-norm weighted) | FILE.safetensors of [layer, head] weights, "
+                        "e.g. the at2_heads.safetensors of an `attnflow eval` run (default: all)")
     t.add_argument("--norms", action="store_true",
                    help="also record value, attention-output and residual norms (saved in a norms table)")
     t.add_argument("--rows", default=None, help="last | completion | comma-separated positions (default: all)")
@@ -77,6 +79,31 @@ def parse_rows(text: str | None):
     return _ints(text, "--rows", "last | completion | comma-separated positions like 0,-1")
 
 
+def parse_heads(text: str):
+    """--heads: a head mode, or the path of a safetensors file of [layer, head] weights (`eval.at2.load_head_weights`).
+
+    >>> parse_heads("mean")
+    'mean'
+    >>> parse_heads("weights.safetensors")
+    Traceback (most recent call last):
+    attnflow.errors.DataError: no head-weight file at weights.safetensors; pass the at2_heads.safetensors of an `attnflow eval` run
+    >>> parse_heads("median")
+    Traceback (most recent call last):
+    attnflow.errors.BadArgumentError: --heads 'median'; use all | mean | max | norm, or a .safetensors file of [layer, head] weights
+    """
+    from attnflow.tracers.inputs import HEAD_MODES
+
+    if text in HEAD_MODES:
+        return text
+    if text.endswith(".safetensors") or os.path.isfile(text):
+        from attnflow.eval.at2 import load_head_weights
+
+        return load_head_weights(text)
+    raise BadArgumentError(
+        f"--heads {text!r}; use {' | '.join(HEAD_MODES)}, or a .safetensors file of [layer, head] weights"
+    )
+
+
 def parse_layers(text: str | None):
     """--layers: None or comma-separated integers.
 
@@ -100,7 +127,7 @@ def options_from_args(args):
     inputs.require_completion(parse_rows(args.rows), has_completion=bool(args.max_new_tokens))
     return TraceOptions(
         max_new_tokens=args.max_new_tokens,
-        heads=args.heads,
+        heads=parse_heads(args.heads),
         rows=parse_rows(args.rows),
         layers=parse_layers(args.layers),
         dtype=args.dtype,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from attnflow import _io
 from attnflow.errors import DataError
 
 
@@ -99,7 +100,11 @@ def read_rows(path: str | Path) -> list[dict | Exception]:
         if suffix == ".jsonl":
             return [_json_or_error(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except OSError as err:
+        if err.errno is not None:
+            raise _io.storage_error(err, path, "read") from None
+        raise DataError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     except Exception as err:  # pyarrow's errors for a corrupt Parquet file
         raise DataError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None

@@ -118,7 +118,7 @@ def check_out(out: Path, config: RunConfig, resume: bool) -> None:
     if cfg_file.is_file():
         if not resume:
             raise DataError(f"{out} already holds an evaluation; pass --resume to continue it or choose another --out")
-        old = json.loads(cfg_file.read_text())
+        old = read_config(cfg_file)
         new = json.loads(json.dumps(config.to_json()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in GROWABLE + EXECUTION)
         if diff:
@@ -159,7 +159,7 @@ def committed(parts: Path, jobs: list[Job]) -> dict[int, Path]:
     for part in sorted(parts.iterdir()) if parts.is_dir() else []:
         if part.name.startswith(".") or not (part / "examples.parquet").is_file():
             continue  # a batch in flight when the run was killed
-        t = pq.read_table(part / "examples.parquet", columns=["index", "id"])
+        t = read_part(part / "examples.parquet", columns=["index", "id"])
         for index, ex_id in zip(t["index"].to_pylist(), t["id"].to_pylist()):
             if index in ids and ids[index] != ex_id:
                 raise DataError(f"{part} holds other examples than this run would put there; the data file changed, use a new --out")
@@ -169,7 +169,7 @@ def committed(parts: Path, jobs: list[Job]) -> dict[int, Path]:
 
 def check_part(path: Path, batch: list[Job]) -> None:
     """DataError unless the committed part at `path` holds exactly `batch`'s examples."""
-    ids = pq.read_table(path / "examples.parquet", columns=["id"])["id"].to_pylist()
+    ids = read_part(path / "examples.parquet", columns=["id"])["id"].to_pylist()
     if ids != [j.example.id for j in batch]:
         raise DataError(f"{path} holds other examples than this run would put there; the data file changed, use a new --out")
 
@@ -195,8 +195,8 @@ def collect(done: dict[int, Path], jobs: list[Job], skipped: pa.Table) -> tuple[
     sorted by (index, level, method order)."""
     wanted = pa.array(sorted(j.example.index for j in jobs if j.example.index in done), pa.int64())
     dirs = sorted({done[i] for i in wanted.to_pylist()})
-    ex = [_rows_of(pq.read_table(d / "examples.parquet", schema=EXAMPLE_SCHEMA), wanted) for d in dirs]
-    at = [_rows_of(pq.read_table(d / "attribution.parquet", schema=ATTRIBUTION_SCHEMA), wanted) for d in dirs]
+    ex = [_rows_of(read_part(d / "examples.parquet", schema=EXAMPLE_SCHEMA), wanted) for d in dirs]
+    at = [_rows_of(read_part(d / "attribution.parquet", schema=ATTRIBUTION_SCHEMA), wanted) for d in dirs]
     ex.append(skipped)
     return sort_examples(pa.concat_tables(ex)), sort_attribution(pa.concat_tables(at) if at else attribution_table([]))
 
@@ -207,7 +207,7 @@ def collect_table(done: dict[int, Path], jobs: list[Job], name: str, schema: pa.
     dirs = [d for d in sorted({done[i] for i in wanted.to_pylist()}) if (d / f"{name}.parquet").is_file()]
     if not dirs:
         return None
-    t = pa.concat_tables([_rows_of(pq.read_table(d / f"{name}.parquet", schema=schema), wanted) for d in dirs])
+    t = pa.concat_tables([_rows_of(read_part(d / f"{name}.parquet", schema=schema), wanted) for d in dirs])
     return t.take(pa.array(np.argsort(t["index"].to_numpy(), kind="stable"))).combine_chunks()
 
 
@@ -266,9 +266,9 @@ def read_shards(dirs: list[Path]) -> Shards:
             raise DataError(f"{d} holds no evaluation (no config.json); pass the --out directories of the shard runs")
         if not (d / "examples.parquet").is_file() or not (d / "attribution.parquet").is_file():
             raise DataError(f"shard run {d} is not finished; rerun its command with --resume, then merge")
-        configs.append(json.loads((d / "config.json").read_text()))
-        ex.append(pq.read_table(d / "examples.parquet", schema=EXAMPLE_SCHEMA))
-        at.append(pq.read_table(d / "attribution.parquet", schema=ATTRIBUTION_SCHEMA))
+        configs.append(read_config(d / "config.json"))
+        ex.append(read_part(d / "examples.parquet", schema=EXAMPLE_SCHEMA))
+        at.append(read_part(d / "attribution.parquet", schema=ATTRIBUTION_SCHEMA))
     base = _unsharded(configs[0])
     for d, c in zip(dirs, configs):
         if _unsharded(c) != base:
@@ -297,7 +297,7 @@ def merge(shards: Shards, out: Path) -> dict:
     attribution = sort_attribution(pa.concat_tables(shards.attribution))
     extra = {}
     for name, schema in extra_schemas().items():  # tables a shard run without LOO lacks
-        found = [pq.read_table(d / f"{name}.parquet", schema=schema) for d in shards.dirs if (d / f"{name}.parquet").is_file()]
+        found = [read_part(d / f"{name}.parquet", schema=schema) for d in shards.dirs if (d / f"{name}.parquet").is_file()]
         extra[name] = pa.concat_tables(found) if found else None
     from attnflow.eval.at2 import with_at2
 
@@ -314,3 +314,31 @@ def merge(shards: Shards, out: Path) -> dict:
 
 def _unsharded(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "shard"}
+
+
+# --- reading a run ------------------------------------------------------------------------------
+def read_part(file: Path, **kwargs) -> pa.Table:
+    """One Parquet table of a run; StorageError when the system refuses, DataError when the file is damaged."""
+    try:
+        return pq.read_table(file, **kwargs)
+    except OSError as err:
+        if err.errno is None:  # pyarrow's own I/O error: the file's bytes, not the system
+            raise DataError(f"{file} cannot be read as Parquet ({str(err).splitlines()[0]}); run the evaluation "
+                            "again into a new --out") from None
+        raise _io.storage_error(err, file, "read") from None
+    except (pa.ArrowException, ValueError) as err:
+        raise DataError(f"{file} cannot be read as Parquet ({str(err).splitlines()[0]}); run the evaluation again "
+                        "into a new --out") from None
+
+
+def read_config(file: Path) -> dict:
+    """A run's config.json; StorageError when the system refuses, DataError when it is not a JSON object."""
+    with _io.storage_errors(file, "read"):
+        text = file.read_text(encoding="utf-8")
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise DataError(f"{file} is not valid JSON ({err}); run the evaluation again into a new --out") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{file} holds a JSON {type(config).__name__}, not an object; run the evaluation again")
+    return config

@@ -252,8 +252,10 @@ def check_heads(heads: Any, num_layers: int, num_heads: int, layers: list[int]) 
         return heads
     w = heads.detach().float().cpu()
     if w.ndim != 2 or w.shape[1] != num_heads or w.shape[0] not in (num_layers, len(layers)):
+        recorded = "" if len(layers) == num_layers else f" or ({len(layers)}, {num_heads}), one row per recorded layer"
         raise BadArgumentError(
-            f"heads weights have shape {tuple(w.shape)}; expected ({num_layers}, {num_heads}) or ({len(layers)}, {num_heads})"
+            f"heads weights have shape {tuple(w.shape)}; this model needs [layer, head] = ({num_layers}, {num_heads})"
+            f"{recorded}: were the weights fit on another model?"
         )
     if w.shape[0] == num_layers:
         w = w[layers]

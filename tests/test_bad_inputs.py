@@ -444,6 +444,8 @@ def test_a_cached_hub_id_loads_without_network(ctx, tmp_path, monkeypatch):
     model = af.load("some-org/tiny")
     tr = af.trace(model, "the cat sat", heads="mean", progress=False)
     assert tr.patterns.shape == (1, 2, 1, 3, 3) and tr.model_info["num_layers"] == 2  # 3 words, no BOS
+    # the model keeps its hub id (as from_pretrained(id) would): NDIF's model key names the repo, not the snapshot
+    assert model._module.name_or_path == model._module.config._name_or_path == model.repo_id == "some-org/tiny"
     with pytest.raises(ModelNotFoundError, match="'some-org/other' is not found locally"):
         af.load("some-org/other")
 

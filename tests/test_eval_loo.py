@@ -148,7 +148,7 @@ def test_batch_loo_rows_and_metrics_recompute_from_fresh_forwards(demo_batch):
     assert all(c["trace_s"] > 0 and c["loo_s"] > 0 for c in costs)
 
 
-def test_sentence_loo_rows_when_asked():
+def test_sentence_loo_rows_when_asked_and_random_drop2_from_drawn_pairs():
     import attnflow as af
     from attnflow.eval.batch import run_batch
     from attnflow.eval.config import RunConfig
@@ -166,6 +166,37 @@ def test_sentence_loo_rows_when_asked():
     got = rows[("sentence", "rollout")]["spearman_loo"]
     want = M.spearman(np.array(rows[("sentence", "rollout")]["scores"]), np.array(rows[("sentence", "loo")]["scores"]))
     assert got == pytest.approx(want, nan_ok=True)
+    # --loo-pairs methods: random's drop@2 is the mean drop of the pairs drawn for it, which were removed
+    from attnflow.eval.loo import random_pairs
+
+    job = batch[0]
+    drawn = random_pairs(job.prompt.n_paragraphs, job.example.index, config.seed)
+    removed = {tuple(r["removed"]): r["drop"] for r in tables["removals"].to_pylist()}
+    assert len(drawn) == min(2, len(list(combinations(range(job.prompt.n_paragraphs), 2)))) and set(drawn) <= set(removed)
+    assert rows[("paragraph", "random")]["drop@2"] == pytest.approx(np.mean([removed[p] for p in drawn]))
+    # sentence level: drop@1 is the top sentence's own drop, drop@2 a fresh forward without the top-2 sentences
+    ids = job.prompt.input_ids + job.completion
+    P = len(job.prompt)
+    targets = list(range(P, len(ids)))
+    module = model._module
+    full = fresh_logprob(module, ids, targets)
+    spans = [(x.start, x.end) for x in job.prompt.sentence_spans]
+    sentence_drops = np.array(rows[("sentence", "loo")]["scores"])
+    methods = [m for (level, m) in rows if level == "sentence" and m not in ("random", "loo")]
+    assert len(methods) >= 5
+    for method in methods[:3] + ["loo"]:
+        r = rows[("sentence", method)]
+        order = M.ranking(np.array(r["scores"]))
+        assert r["drop@1"] == pytest.approx(sentence_drops[order[0]], abs=1e-4), method
+        short, t = shortened(ids, targets, [spans[k] for k in sorted(order[:2].tolist())])
+        assert r["drop@2"] == pytest.approx(full - fresh_logprob(module, short, t), abs=1e-4), method
+    rnd = rows[("sentence", "random")]
+    assert rnd["drop@1"] == pytest.approx(sentence_drops.mean()) and np.isfinite(rnd["drop@2"])
+    # every pair forward is counted: the paragraph pairs kept in the removals table, then the sentence pairs
+    scored = [rows[("sentence", m)]["scores"] for m in methods] + [sentence_drops]
+    sentence_pairs = wanted_pairs(n, scored, "methods") | set(random_pairs(n, job.example.index, config.seed))
+    paragraph_pairs = len(removed) - 1 - job.prompt.n_paragraphs
+    assert tables["costs"]["pair_forwards"][0].as_py() == paragraph_pairs + len(sentence_pairs)
 
 
 def test_demo_eval_end_to_end_has_loo_and_at2_rows_and_no_loo_turns_them_off(tmp_path, capsys):

@@ -164,4 +164,7 @@ def test_random_loo_expectation_is_the_average_over_every_ranking():
     got = M.random_loo_expectation(drops, removal)
     assert got == pytest.approx(want)
     del removal[(0, 1)]
-    assert np.isnan(M.random_loo_expectation(drops, removal)["drop@2"])  # not every pair known: no expectation
+    assert np.isnan(M.random_loo_expectation(drops, removal)["drop@2"])  # not every pair known, none drawn: unknown
+    drawn = [(2, 3), (0, 2)]  # pairs drawn for the baseline: their mean drop estimates the expectation
+    assert M.random_loo_expectation(drops, removal, drawn)["drop@2"] == pytest.approx((removal[(2, 3)] + removal[(0, 2)]) / 2)
+    assert np.isnan(M.random_loo_expectation(drops, removal, [(0, 1)])["drop@2"])  # a drawn pair never removed

@@ -60,7 +60,8 @@ def add_parser(subparsers) -> None:
                         help="leave-one-out reference: remove each document, measure the answer's log-prob drop "
                              "(1 forward per document; default on; needed by spearman_loo, drop@k and at2)")
         ep.add_argument("--loo-sentences", action="store_true",
-                        help="also leave out each sentence (1 forward per sentence): sentence-level loo rows")
+                        help="also leave out each sentence (1 forward per sentence, plus one per distinct top-2 sentence pair "
+                             "of the methods): sentence-level loo rows, spearman_loo and drop@k")
         ep.add_argument("--loo-pairs", choices=("methods", "all"), default=None,
                         help="paragraph pairs removed for drop@2: each method's top-2 pair, or all (exact random "
                              "baseline; default: all for demo, methods for hotpotqa)")

@@ -27,7 +27,9 @@ Exact and cheap (`AnswerScorer`):
 A pair of documents is removed together in one forward; pairs are cached by the
 removed set.  `config.pair_mode` "all" removes every pair (the random baseline's
 drop@2 is then an exact expectation, and AT2's drop@2 is known); "methods" only the
-distinct top-2 pairs of the methods of the batch (and LOO's own).
+distinct top-2 pairs of the methods of the batch (and LOO's own), plus `RANDOM_PAIRS`
+pairs drawn uniformly, whose mean drop is the random baseline's drop@2 (an unbiased
+estimate; AT2's weights are fit after the run, so its top-2 pair may be missing: '-').
 
     >>> from attnflow.eval.datasets import demo_examples
     >>> from attnflow.eval.jobs import prepare
@@ -201,27 +203,30 @@ def score_example(model, tr, b: int, job, answer, rows_of: list[dict], config: R
     paragraphs = [(s.start, s.end) for s in prompt.paragraph_spans]
     drops = np.array([scorer.full - scorer.logprob([p]) for p in paragraphs])
     removal = {(k,): float(d) for k, d in enumerate(drops)}
-    sentence_drops = None
-    if config.loo_sentences:
-        sentence_drops = np.array([scorer.full - scorer.logprob([(s.start, s.end)]) for s in prompt.sentence_spans])
+    sentences = [(s.start, s.end) for s in prompt.sentence_spans] if config.loo_sentences else []
+    sentence_drops = np.array([scorer.full - scorer.logprob([s]) for s in sentences]) if sentences else None
     cost["loo_s"], cost["loo_forwards"] = time.perf_counter() - t0, scorer.forwards
     t0, before = time.perf_counter(), scorer.forwards
-    para_rows = [r for r in rows_of if r["level"] == "paragraph" and r["method"] != "random"]
-    for pair in sorted(wanted_pairs(len(paragraphs), [r["scores"] for r in para_rows] + [drops], config.pair_mode)):
-        removal[pair] = scorer.full - scorer.logprob([paragraphs[k] for k in pair])
+    levels = {"paragraph": (paragraphs, drops, removal, config.pair_mode)}
+    if sentence_drops is not None:  # sentences: always each method's top-2 (a paragraph's worth of sentences has many pairs)
+        levels["sentence"] = (sentences, sentence_drops, {(k,): float(d) for k, d in enumerate(sentence_drops)}, "methods")
+    sampled = {}
+    for level, (spans, level_drops, level_removal, mode) in levels.items():
+        scored = [r["scores"] for r in rows_of if r["level"] == level and r["method"] != "random"]
+        sampled[level] = random_pairs(len(spans), ex.index, config.seed) if mode == "methods" else []
+        for pair in sorted(wanted_pairs(len(spans), scored + [level_drops], mode) | set(sampled[level])):
+            level_removal[pair] = scorer.full - scorer.logprob([spans[k] for k in pair])
     cost["pair_s"], cost["pair_forwards"] = time.perf_counter() - t0, scorer.forwards - before
     cost["answer_logp"] = scorer.full
     for r in rows_of:
-        if r["level"] == "paragraph":
-            if r["method"] == "random":
-                r |= M.random_loo_expectation(drops, removal)
-            else:
-                r |= M.loo_metrics(np.asarray(r["scores"]), drops, removal)
-        elif sentence_drops is not None:
-            r["spearman_loo"] = 0.0 if r["method"] == "random" else M.spearman(np.asarray(r["scores"]), sentence_drops)
-    loo = [loo_row(job, "paragraph", drops, M.loo_metrics(drops, drops, removal))]
-    if sentence_drops is not None:
-        loo.append(loo_row(job, "sentence", sentence_drops, {"spearman_loo": M.spearman(sentence_drops, sentence_drops)}))
+        if r["level"] not in levels:
+            continue
+        _, level_drops, level_removal, _ = levels[r["level"]]
+        if r["method"] == "random":
+            r |= M.random_loo_expectation(level_drops, level_removal, sampled[r["level"]])
+        else:
+            r |= M.loo_metrics(np.asarray(r["scores"]), level_drops, level_removal)
+    loo = [loo_row(job, level, d, M.loo_metrics(d, d, rem)) for level, (_, d, rem, _) in levels.items()]
     removal_rows = [{"index": ex.index, "id": ex.id, "removed": [], "logp": scorer.full, "drop": 0.0}]
     removal_rows += [
         {"index": ex.index, "id": ex.id, "removed": list(k), "logp": scorer.full - d, "drop": d} for k, d in sorted(removal.items())
@@ -242,6 +247,26 @@ def wanted_pairs(n: int, score_lists: list, mode: str) -> set[tuple[int, int]]:
     if mode == "all":
         return set(combinations(range(n), 2))
     return {top for s in score_lists if (top := M.top_set(np.asarray(s, dtype=np.float64), 2)) is not None}
+
+
+RANDOM_PAIRS = 2  # pairs drawn per example for random's drop@2 when not every pair is removed ("methods")
+
+
+def random_pairs(n: int, index: int, seed: int | None = None, k: int = RANDOM_PAIRS) -> list[tuple[int, int]]:
+    """`k` distinct paragraph pairs drawn uniformly (seeded by the example's index): the random baseline's drop@2
+    is the mean of their drops, an unbiased estimate of its exact expectation over every pair.
+
+    >>> random_pairs(10, index=3) == random_pairs(10, index=3), len(random_pairs(10, 3)), random_pairs(1, 0)
+    (True, 2, [])
+    >>> random_pairs(2, 0)                                             # only one pair exists
+    [(0, 1)]
+    """
+    every = list(combinations(range(n), 2))
+    if not every:
+        return []
+    rng = np.random.default_rng([index, 0 if seed is None else seed, 0x10A])
+    picked = rng.choice(len(every), size=min(k, len(every)), replace=False)
+    return [every[i] for i in sorted(picked)]
 
 
 def removal_table(rows: list[dict]) -> pa.Table:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -148,12 +149,17 @@ def loo_metrics(scores: np.ndarray, drops: np.ndarray, removal_drops: dict[tuple
     return out
 
 
-def random_loo_expectation(drops: np.ndarray, removal_drops: dict[tuple[int, ...], float]) -> dict[str, float]:
-    """Exact expectations of `loo_metrics` for a uniformly random ranking: Spearman 0 (NaN for constant drops),
-    drop@1 = the mean LOO drop, drop@2 = the mean over every pair (NaN unless every pair's drop is given).
+def random_loo_expectation(
+    drops: np.ndarray, removal_drops: dict[tuple[int, ...], float], sampled: Sequence[tuple[int, int]] = ()
+) -> dict[str, float]:
+    """Expectations of `loo_metrics` for a uniformly random ranking: Spearman 0 (NaN for constant drops),
+    drop@1 = the mean LOO drop, drop@2 = the mean over every pair, exact when every pair's drop is given;
+    otherwise the mean over the `sampled` pairs (drawn uniformly, so an unbiased estimate; NaN with none).
 
     >>> random_loo_expectation(np.array([1.0, 2.0, 3.0]), {(0, 1): 2.0, (0, 2): 4.0, (1, 2): 6.0})
     {'spearman_loo': 0.0, 'drop@1': 2.0, 'drop@2': 4.0}
+    >>> random_loo_expectation(np.array([1.0, 2.0, 3.0]), {(0, 2): 4.0, (1, 2): 6.0}, sampled=[(1, 2)])["drop@2"]
+    6.0
     """
     from itertools import combinations
 
@@ -162,10 +168,12 @@ def random_loo_expectation(drops: np.ndarray, removal_drops: dict[tuple[int, ...
     if not len(d) or np.isnan(d).any():
         return dict.fromkeys(LOO_METRICS, nan)
     pairs = [removal_drops.get(p) for p in combinations(range(len(d)), 2)] if len(d) > 1 else [float(d[0])]
+    if any(p is None for p in pairs):
+        pairs = [removal_drops.get(tuple(sorted(p))) for p in sampled]
     return {
         "spearman_loo": 0.0 if np.ptp(d) > 0 else nan,
         "drop@1": float(d.mean()),
-        "drop@2": float(np.mean(pairs)) if all(p is not None for p in pairs) else nan,
+        "drop@2": float(np.mean(pairs)) if pairs and all(p is not None for p in pairs) else nan,
     }
 
 

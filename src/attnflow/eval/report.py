@@ -303,7 +303,8 @@ def loo_lines(costs: pa.Table | None, at2: dict | None) -> list[str]:
     lines = [
         "loo: the drop in the answer span's log-prob (forced in) when a document is removed; spearman_loo: a method's"
         " document scores against those drops; drop@k: the drop when its top-k documents are removed together"
-        " (random: exact expectations; '-' where the pair was not removed)",
+        " (random: exact expectations, or with --loo-pairs methods the mean drop of 2 uniformly drawn pairs; '-' where"
+        " the pair was not removed)",
         cost,
     ]
     return lines + ([at2_line(at2)] if at2 is not None else [])

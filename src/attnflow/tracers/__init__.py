@@ -117,6 +117,8 @@ Hugging Face cache); no network use: download it first (hf download nobody/nothi
     folder = model_folder(name)
     tok, hf = _from_folder(folder, name, torch_dtype, device_map, kwargs)
     hf.eval()
+    if folder != name:  # a cached hub id: keep the id, as from_pretrained(id) would (NDIF's model key is built from it)
+        hf.config._name_or_path = hf.name_or_path = name
     return nnsight.TransformersModel(hf, tokenizer=tok)
 
 

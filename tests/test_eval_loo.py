@@ -223,3 +223,36 @@ def test_demo_eval_end_to_end_has_loo_and_at2_rows_and_no_loo_turns_them_off(tmp
     # the attention methods' scores do not depend on LOO
     key = lambda rows: {(r["index"], r["level"], r["method"]): r["scores"] for r in rows if r["method"] not in ("loo", "at2")}  # noqa: E731
     assert key(off.to_pylist()) == key(at)
+
+
+def test_score_detects_the_sinks_once_and_gives_the_span_methods_the_same_mask(monkeypatch):
+    """batch.score finds the "/sinks" keys once per batch; maxflow/sinks equals span_scores detecting them itself."""
+    import attnflow as af
+    from attnflow.eval import batch as B
+    from attnflow.eval import methods
+    from attnflow.eval.config import RunConfig
+    from attnflow.eval.datasets import demo_examples
+    from attnflow.eval.jobs import batches, prepare
+
+    model = af.demo.load()
+    config = RunConfig(task="demo", mode="teacher")
+    batch, = batches(prepare(demo_examples(2, seed=3), model.tokenizer, config, None), 2)
+    tr = B.record(model, model.tokenizer, [j.prompt for j in batch], [j.completion for j in batch], None)
+    targets = [[len(j.prompt) - 1 + i for i in range(len(j.completion))] for j in batch]
+    calls = []
+    real = B.exclusion_mask
+    monkeypatch.setattr(B, "exclusion_mask", lambda *a, **k: (calls.append("batch"), real(*a, **k))[1])
+    monkeypatch.setattr(methods, "exclusion_mask", lambda *a, **k: (calls.append("methods"), real(*a, **k))[1])
+    scores, mean = B.score(tr, batch, targets)
+    assert calls == ["batch"]
+    monkeypatch.setattr(methods, "exclusion_mask", real)
+    starts, ends = [], []
+    for b, job in enumerate(batch):
+        xs = job.prompt.sentence_spans + job.prompt.paragraph_spans
+        starts.append([x.start + mean.pad_offsets[b] for x in xs])
+        ends.append([x.end + mean.pad_offsets[b] for x in xs])
+    S = max(len(s) for s in starts)
+    pad = lambda rows: torch.tensor([r + [0] * (S - len(r)) for r in rows])  # noqa: E731
+    alone = methods.span_scores(mean, targets, pad(starts), pad(ends))  # detects the sinks itself
+    for name in alone:
+        torch.testing.assert_close(scores[B.SPAN_PREFIX + name], alone[name], equal_nan=True)

@@ -44,6 +44,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from attnflow.attribution import exclusion_mask
 from attnflow.eval import metrics as M
 from attnflow.eval.answers import answer_scores, locate, token_span
 from attnflow.eval.calibrate import SidePasses
@@ -117,9 +118,10 @@ def score(tr, batch: list[Job], targets: list[list[int]]) -> tuple[dict[str, tor
     (`methods.span_scores`: each sentence, then each paragraph, as a whole) under
     `SPAN_PREFIX + name` as `[batch, span]`.
     """
-    reduced = {}  # the head reductions key_scores makes, so the mean is not made twice
-    scores = {k: v.double().cpu() for k, v in key_scores(tr, targets, reduced=reduced).items()}
-    mean = reduced["mean"] if "mean" in reduced else reduce_heads(tr)
+    mean = reduce_heads(tr)
+    sinks = exclusion_mask(mean, "sinks")  # [batch, key]: detected once, for the key and the span methods
+    reduced = {"mean": mean}  # the head reductions key_scores makes, so the mean is not made twice
+    scores = {k: v.double().cpu() for k, v in key_scores(tr, targets, reduced=reduced, sinks=sinks).items()}
     spans = [job.prompt.sentence_spans + job.prompt.paragraph_spans for job in batch]
     S = max(len(x) for x in spans)
     starts = torch.zeros(len(batch), S, dtype=torch.long)
@@ -128,7 +130,7 @@ def score(tr, batch: list[Job], targets: list[list[int]]) -> tuple[dict[str, tor
         pad = mean.pad_offsets[b]
         starts[b, : len(xs)] = torch.tensor([x.start + pad for x in xs])
         ends[b, : len(xs)] = torch.tensor([x.end + pad for x in xs])
-    for name, v in span_scores(mean, targets, starts, ends).items():
+    for name, v in span_scores(mean, targets, starts, ends, sinks=sinks).items():
         scores[SPAN_PREFIX + name] = v
     return scores, mean
 

@@ -110,18 +110,22 @@ def answer_rows(
     return rows, mask
 
 
-def key_scores(trace, rows: Sequence[Sequence[int]], methods=None, reduced: dict | None = None) -> dict[str, Float[Tensor, "batch key"]]:
+def key_scores(
+    trace, rows: Sequence[Sequence[int]], methods=None, reduced: dict | None = None, sinks: Tensor | None = None
+) -> dict[str, Float[Tensor, "batch key"]]:
     """Every flow method's composed rows `rows[b]` (unpadded, at least one) averaged per example: {method: [batch, key]}.
 
     The rows are averaged as composed (not as shares, unlike `attribute`), so an
     unnormalised flow row keeps its scale; keys are the trace's padded positions.
+    `reduced` caches the head reductions made (a caller's dict keeps them); `sinks`
+    is the "/sinks" key mask `[batch, key]` when the caller has it (else detected here on the head mean).
     """
     counts = torch.tensor([len(r) for r in rows])
     T = int(counts.max())
     weights = (torch.arange(T)[None, :] < counts[:, None]).float() / counts[:, None].float()  # [batch, target]
     out = {}
     reduced = {} if reduced is None else reduced  # reduction -> reduced trace; a caller's dict keeps them
-    sinks = None  # [batch, key]: detected once per batch on the head mean, the same keys for every family
+    # sinks [batch, key]: detected once per batch on the head mean, the same keys for every family
     for name, method, ex in METHODS if methods is None else methods:  # (name, flow method, exclude_keys)
         if method is None:
             continue
@@ -132,7 +136,7 @@ def key_scores(trace, rows: Sequence[Sequence[int]], methods=None, reduced: dict
         tr = reduced[how]
         if sinks is None and ex == "sinks":
             sinks = exclusion_mask(reduced["mean"], "sinks").to(tr.patterns.device)
-        excl = sinks if ex == "sinks" else ex
+        excl = sinks.to(tr.patterns.device) if ex == "sinks" else ex
         if method == "maxflow":
             continue  # scored per span as a whole (`span_scores`), not per token
         else:
@@ -185,7 +189,7 @@ SPAN_METHODS = tuple((name, ex) for name, method, ex in METHODS if method == "ma
 
 def span_scores(
     trace, rows: Sequence[Sequence[int]], starts: Int[Tensor, "batch span"], ends: Int[Tensor, "batch span"],
-    threshold: float = MAXFLOW_THRESHOLD,
+    threshold: float = MAXFLOW_THRESHOLD, sinks: Tensor | None = None,
 ) -> dict[str, Float[Tensor, "batch span"]]:
     """The span-level methods (maxflow, maxflow/sinks): {name: [batch, span]} float64, spans in padded coordinates.
 
@@ -205,7 +209,7 @@ def span_scores(
     """
     from attnflow.maxflow import span_max_flow
 
-    sinks = exclusion_mask(trace, "sinks")  # [batch, key], padded
+    sinks = exclusion_mask(trace, "sinks") if sinks is None else sinks.cpu()  # [batch, key], padded
     out = {name: torch.full(starts.shape, float("nan"), dtype=torch.float64) for name, _ in SPAN_METHODS}
     for b, (n, pad) in enumerate(zip(trace.lengths, trace.pad_offsets)):
         if skip_reason("maxflow", n) is not None:

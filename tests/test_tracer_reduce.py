@@ -162,3 +162,23 @@ def test_reduce_heads():
 def test_shape_mismatch_names_shapes():
     with pytest.raises(ValueError, match=r"\(1, 3, 2, 8\)"):
         attention_pattern(torch.zeros(1, 3, 2, 8), torch.zeros(1, 2, 2, 8), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["none", "per head", "per key"])
+def test_head_sum_equals_a_float64_loop(dtype, kind):
+    """reduce.head_sum (the eval's and flow's head reduction) against an explicit float64 loop over heads."""
+    from attnflow.tracers.reduce import head_sum
+
+    g = torch.Generator().manual_seed(7)
+    P = torch.rand(2, 5, 6, 7, generator=g).to(dtype)  # batch head query key
+    weights = {"none": None, "per head": torch.rand(5, generator=g), "per key": torch.rand(2, 5, 7, generator=g)}[kind]
+    want = torch.zeros(2, 6, 7, dtype=torch.float64)
+    for b in range(2):
+        for h in range(5):
+            w = 1.0 if weights is None else weights[h].double() if kind == "per head" else weights[b, h].double()[None, :]
+            want[b] += P[b, h].double() * w
+    got = head_sum(P, weights, torch.float32 if dtype == torch.float16 else None)
+    assert got.dtype == (torch.float32 if dtype == torch.float16 else dtype) and got.shape == (2, 6, 7)
+    assert (got.double() - want).abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
+    assert P.dtype == dtype and P.shape == (2, 5, 6, 7)  # the input is left as it was

@@ -196,22 +196,61 @@ def reduce_heads(
 
 
 def norm_weighted(
-    P: Float[Tensor, "*batch head query key"], value_norms: Float[Tensor, "*batch head key"], inplace: bool = False
+    P: Float[Tensor, "*batch head query key"], value_norms: Float[Tensor, "*batch head key"], inplace: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Float[Tensor, "*batch query key"]:
     """`Σ_h P^h_ij·‖W_O^h v^h_j‖`, rows renormalised (zero rows stay zero): Kobayashi et al. 2020's head sum.
 
     The one implementation of heads="norm", used in the trace and by `attnflow.flow`.
-    `inplace=True` scales P itself (the tracer's own float32 chunk: no second buffer).
+    `inplace=True` scales P itself (the tracer's own float32 chunk: no second buffer);
+    otherwise the heads are summed one at a time in `dtype` (P's when None; `head_sum`).
 
         >>> P = torch.tensor([[[1., 0.], [.5, .5]], [[1., 0.], [.1, .9]]])   # head query key
         >>> norm_weighted(P, torch.tensor([[1., 3.], [1., 1.]]))            # row 1: (.5 + .1, 1.5 + .9) / 3
         tensor([[1.0000, 0.0000],
                 [0.2000, 0.8000]])
     """
-    n = value_norms.to(P).unsqueeze(-2)  # [*batch, head, 1, key]
-    W = P.mul_(n).sum(-3) if inplace else torch.einsum("...hqk,...hk->...qk", P, n.squeeze(-2))
+    if inplace:
+        W = P.mul_(value_norms.to(P).unsqueeze(-2)).sum(-3)  # [*batch, query, key]
+    else:
+        W = head_sum(P, value_norms, dtype)
     total = W.sum(-1, keepdim=True)
-    return W / torch.where(total != 0, total, torch.ones_like(total))
+    return W.div_(torch.where(total != 0, total, torch.ones_like(total)))
+
+
+def head_sum(
+    P: Float[Tensor, "*batch head query key"], weights: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Float[Tensor, "*batch query key"]:
+    """`Σ_h w_h ⊙ P[..., h, :, :]` in `dtype` (P's when None), one head at a time.
+
+    `weights` is None (1 each), `[head]` (one number per head) or `[*batch, head, key]`
+    (one per key, as heads="norm" weighs them).  Contiguous adds, not a reduction over
+    the head dim: on CPU that walks memory with the head stride, and `torch.mean(...,
+    dtype=float32)` of a float16 layer of 9 heads x 1,400² is ~6x slower than this, which
+    also upcasts as it reads (no float32 copy of every head).
+
+        >>> P = torch.tensor([[[1., 0.], [.5, .5]], [[1., 0.], [.1, .9]]])   # head query key
+        >>> head_sum(P), head_sum(P, torch.tensor([.75, .25]))[1]
+        (tensor([[2.0000, 0.0000],
+                [0.6000, 1.4000]]), tensor([0.4000, 0.6000]))
+    """
+    dtype = P.dtype if dtype is None else dtype
+    scalars = weights.tolist() if weights is not None and weights.ndim == 1 else None  # one host sync
+    out = None
+    for h in range(P.shape[-3]):
+        x = P.select(-3, h)  # [*batch, query, key]
+        w = None if weights is None or scalars is not None else weights.select(-2, h).unsqueeze(-2).to(P.device, dtype)
+        if out is None:
+            out = x.to(dtype, copy=True)
+            if w is not None or scalars is not None:
+                out.mul_(w if w is not None else scalars[0])
+        elif w is not None:
+            out.addcmul_(x.to(dtype), w)
+        elif scalars is not None:
+            out.add_(x, alpha=scalars[h])
+        else:
+            out.add_(x)
+    return out
 
 
 # --- norms (Kobayashi et al. 2020, 2021) --------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_prompt_longer_than_max_positions(llama):
     "kwargs, match",
     [
         ({"heads": "median"}, "heads='median'"),
-        ({"heads": torch.ones(2, 3)}, "expected"),
+        ({"heads": torch.ones(2, 3)}, r"shape \(2, 3\); this model needs \[layer, head\] = \(2, 4\)"),
         ({"rows": "first"}, "rows='first'"),
         ({"rows": [0, 20]}, "out of range for example 0"),
         ({"rows": "completion"}, "needs a completion"),
@@ -161,7 +161,7 @@ def test_cli_trace_writes_a_trace(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--heads", "median"], "heads='median'"),
+        (["--heads", "median"], "--heads 'median'"),
         (["--rows", "first"], "--rows 'first' is not valid"),
         (["--layers", "7"], "layer 7 is out of range"),
         (["--prompt", ""], "empty"),

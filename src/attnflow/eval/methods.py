@@ -184,7 +184,7 @@ def reduce_heads(trace, how: str = "mean"):
     A, V = trace.patterns, trace.norms["value"]  # [batch, layer, head, query, key], [batch, layer, head, key]
     P = torch.empty((*A.shape[:2], 1, *A.shape[3:]), dtype=torch.float32, device=A.device)
     for l in range(A.shape[1]):
-        P[:, l : l + 1] = F.reduce_heads(A[:, l : l + 1].float(), "norm", value_norms=V[:, l : l + 1].to(A.device))
+        P[:, l : l + 1] = F.reduce_heads(A[:, l : l + 1], "norm", value_norms=V[:, l : l + 1].to(A.device))  # upcast as read
     return replace(trace, patterns=P, heads="norm")
 
 

@@ -203,7 +203,7 @@ def norm_weighted(
 
     The one implementation of heads="norm", used in the trace and by `attnflow.flow`.
     `inplace=True` scales P itself (the tracer's own float32 chunk: no second buffer);
-    otherwise the heads are summed one at a time in `dtype` (P's when None; `head_sum`).
+    otherwise the heads are summed one at a time in `dtype` (`head_sum`: float32 or wider when None).
 
         >>> P = torch.tensor([[[1., 0.], [.5, .5]], [[1., 0.], [.1, .9]]])   # head query key
         >>> norm_weighted(P, torch.tensor([[1., 3.], [1., 1.]]))            # row 1: (.5 + .1, 1.5 + .9) / 3
@@ -221,7 +221,7 @@ def norm_weighted(
 def head_sum(
     P: Float[Tensor, "*batch head query key"], weights: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> Float[Tensor, "*batch query key"]:
-    """`Σ_h w_h ⊙ P[..., h, :, :]` in `dtype` (P's when None), one head at a time.
+    """`Σ_h w_h ⊙ P[..., h, :, :]` in `dtype` (when None: float32, or P's if wider), one head at a time.
 
     `weights` is None (1 each), `[head]` (one number per head) or `[*batch, head, key]`
     (one per key, as heads="norm" weighs them).  Contiguous adds, not a reduction over
@@ -234,7 +234,7 @@ def head_sum(
         (tensor([[2.0000, 0.0000],
                 [0.6000, 1.4000]]), tensor([0.4000, 0.6000]))
     """
-    dtype = P.dtype if dtype is None else dtype
+    dtype = torch.promote_types(P.dtype, torch.float32) if dtype is None else dtype
     scalars = weights.tolist() if weights is not None and weights.ndim == 1 else None  # one host sync
     out = None
     for h in range(P.shape[-3]):

@@ -383,7 +383,7 @@ def test_byte_level_tokens_are_sent_as_the_text_they_cover():
     from attnflow.tokens import PARTIAL, text_of
 
     tok = byte_bpe()
-    lm = nnsight.LanguageModel(tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256), tokenizer=tok)
+    lm = nnsight.TransformersModel(tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256), tokenizer=tok)
     client = TestClient(create_app({"bpe": lambda: lm}, TOKEN, limits=Limits(max_tokens=200)), base_url=BASE)
     doc = "\u00c9dgar Ram\u00edrez met Abdul"
     r = client.post("/api/runs", json={"model": "bpe", "prompt": TEXT, "max_new_tokens": 6,

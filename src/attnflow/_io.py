@@ -125,6 +125,18 @@ def storage_error(err: OSError, path: str | os.PathLike, doing: str = "write") -
     return storage
 
 
+def read_failure(err: Exception, path: str | os.PathLike, damaged: str) -> StorageError | DataError:
+    """What a failed read of `path` raises: a StorageError when the system refused (an OSError with an errno:
+    permission, I/O), else a DataError `damaged` (the file's bytes: pyarrow's own errors carry no errno).
+
+        >>> type(read_failure(OSError("Parquet magic bytes not found"), "t.parquet", "t.parquet is damaged")).__name__
+        'DataError'
+    """
+    if isinstance(err, OSError) and err.errno is not None:
+        return storage_error(err, path, "read")
+    return DataError(damaged)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.

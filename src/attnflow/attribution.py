@@ -277,12 +277,10 @@ def sink_keys(
     """
     if not 0.0 < share < 1.0:
         raise BadArgumentError(f"share={share}; use a share of the row in (0, 1)")
-    from attnflow.tracers import reduce  # here: attnflow.tracers imports this module
-
     P = trace.patterns
     mean = torch.zeros(P.shape[0], P.shape[3], P.shape[4], dtype=torch.float32, device=P.device)
     for l in range(P.shape[1]):  # one layer at a time: no float32 copy of the whole trace
-        mean += reduce.head_sum(P[:, l], dtype=torch.float32).div_(P.shape[2])
+        mean += F.reduce_heads(P[:, l : l + 1])[:, 0, 0].float()
     mean /= P.shape[1]  # [batch, query, key]
     qpos = trace.query_positions.to(P.device)  # [batch, query], padded, -1 = no row
     keys = torch.arange(P.shape[-1], device=P.device)

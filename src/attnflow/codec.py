@@ -957,9 +957,5 @@ def read_table(path: Path, name: str, hint: str = "write the directory again wit
         raise DataError(f"{path} holds no {name} table; {hint}")
     try:
         return pq.read_table(where)
-    except OSError as err:
-        if err.errno is not None:  # the system refused (permission, I/O), not a damaged file
-            raise _io.storage_error(err, where, "read") from None
-        raise DataError(f"{where} cannot be read as Parquet ({err}); write the directory again") from None
-    except pa.ArrowException as err:
-        raise DataError(f"{where} cannot be read as Parquet ({err}); write the directory again") from None
+    except (pa.ArrowException, OSError) as err:
+        raise _io.read_failure(err, where, f"{where} cannot be read as Parquet ({err}); write the directory again") from None

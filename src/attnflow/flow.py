@@ -155,11 +155,10 @@ def reduce_heads(
     _check_patterns(A)
     w = _head_weights(heads, A.shape[-4], A.shape[-3], A)
     _check_value_norms(heads, value_norms, A)
-    layers = [
-        _reduce_layer(A[..., l, :, :, :], heads, None if w is None else w[l], _layer_norms(value_norms, l))
-        for l in range(A.shape[-4])
-    ]
-    return torch.stack(layers, dim=-3).unsqueeze(-3)
+    out = torch.empty((*A.shape[:-3], 1, *A.shape[-2:]), dtype=_compute_dtype(A), device=A.device)
+    for l in range(A.shape[-4]):  # each layer written in place: no list of layers stacked into a second copy
+        out[..., l, 0, :, :] = _reduce_layer(A[..., l, :, :, :], heads, None if w is None else w[l], _layer_norms(value_norms, l))
+    return out
 
 
 def _layer_norms(value_norms: Tensor | None, l: int) -> Tensor | None:

@@ -30,7 +30,7 @@ Accepted files:
 
 A row that is malformed (a missing field, a sent_id out of range, duplicate
 titles, an empty context, ...) becomes a `Problem` naming its id and is skipped;
-only a missing or unreadable file raises `DataError`.
+only a missing or damaged file raises `DataError` (one the system will not let us read: `StorageError`).
 """
 
 from __future__ import annotations
@@ -100,14 +100,10 @@ def read_rows(path: str | Path) -> list[dict | Exception]:
         if suffix == ".jsonl":
             return [_json_or_error(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
-    except OSError as err:
-        if err.errno is not None:
-            raise _io.storage_error(err, path, "read") from None
-        raise DataError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
-    except Exception as err:  # pyarrow's errors for a corrupt Parquet file
-        raise DataError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # a refused read, or pyarrow's errors for a corrupt Parquet file
+        raise _io.read_failure(err, path, f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
     if isinstance(data, dict) and "data" in data:
         data = data["data"]
     if not isinstance(data, list):

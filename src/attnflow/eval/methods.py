@@ -61,7 +61,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attnflow.attribution import exclusion_mask, target_flow
-from attnflow.tracers.reduce import head_sum
 from attnflow.errors import BadArgumentError
 
 SUFFIX = {(): "", (0,): "/nosink", "sinks": "/sinks"}
@@ -136,7 +135,7 @@ def key_scores(
                 reduced[need] = reduce_heads(trace, need)
         tr = reduced[how]
         if sinks is None and ex == "sinks":
-            sinks = exclusion_mask(reduced["mean"], "sinks").to(tr.patterns.device)
+            sinks = exclusion_mask(reduced["mean"], "sinks")
         excl = sinks.to(tr.patterns.device) if ex == "sinks" else ex
         if method == "maxflow":
             continue  # scored per span as a whole (`span_scores`), not per token
@@ -156,9 +155,9 @@ def reduce_heads(trace, how: str = "mean"):
     """The trace with its heads reduced once (float32 `[batch, layer, 1, query, key]`); a reduced trace as is.
 
     "mean" averages the heads; "norm" weighs each head's pattern by its keys' value
-    norms `‖W_O^h v_j‖` (`flow.reduce_heads(A, "norm")`, Kobayashi et al. 2020), which
-    needs a trace recorded with `norms=True`; one layer at a time, so the float32
-    copy is never made of every head at once.
+    norms `‖W_O^h v_j‖` (Kobayashi et al. 2020), which needs a trace recorded with
+    `norms=True`; both by `flow.reduce_heads` (one layer, one head at a time: the
+    float32 copy is never made of every head at once).
 
         >>> tr.patterns.shape, reduce_heads(tr).patterns.shape          # 8 heads -> their mean
         (torch.Size([1, 4, 8, 27, 27]), torch.Size([1, 4, 1, 27, 27]))
@@ -173,19 +172,12 @@ def reduce_heads(trace, how: str = "mean"):
         return trace
     if trace.heads != "all":
         raise BadArgumentError(f"head reduction {how!r} needs a heads='all' trace, not heads={trace.heads!r}")
-    if how == "mean":
-        A = trace.patterns  # [batch, layer, head, query, key]
-        P = torch.empty((*A.shape[:2], 1, *A.shape[3:]), dtype=torch.float32, device=A.device)
-        for l in range(A.shape[1]):  # per layer, heads one at a time (`head_sum`): ~6x torch.mean(dim=head) on CPU
-            P[:, l, 0] = head_sum(A[:, l], dtype=torch.float32).div_(A.shape[2])
-        return replace(trace, patterns=P, heads="mean")
-    if trace.norms is None:
+    if how == "norm" and trace.norms is None:
         raise BadArgumentError("head reduction 'norm' needs the value norms of af.trace(..., norms=True)")
-    A, V = trace.patterns, trace.norms["value"]  # [batch, layer, head, query, key], [batch, layer, head, key]
-    P = torch.empty((*A.shape[:2], 1, *A.shape[3:]), dtype=torch.float32, device=A.device)
-    for l in range(A.shape[1]):
-        P[:, l : l + 1] = F.reduce_heads(A[:, l : l + 1], "norm", value_norms=V[:, l : l + 1].to(A.device))  # upcast as read
-    return replace(trace, patterns=P, heads="norm")
+    A = trace.patterns  # [batch, layer, head, query, key]
+    V = trace.norms["value"].to(A.device) if how == "norm" else None  # [batch, layer, head, key]
+    P = F.reduce_heads(A, how, value_norms=V).to(torch.float32)  # [batch, layer, 1, query, key]
+    return replace(trace, patterns=P, heads=how)
 
 
 SPAN_METHODS = tuple((name, ex) for name, method, ex in METHODS if method == "maxflow")

@@ -321,14 +321,9 @@ def read_part(file: Path, **kwargs) -> pa.Table:
     """One Parquet table of a run; StorageError when the system refuses, DataError when the file is damaged."""
     try:
         return pq.read_table(file, **kwargs)
-    except OSError as err:
-        if err.errno is None:  # pyarrow's own I/O error: the file's bytes, not the system
-            raise DataError(f"{file} cannot be read as Parquet ({str(err).splitlines()[0]}); run the evaluation "
-                            "again into a new --out") from None
-        raise _io.storage_error(err, file, "read") from None
-    except (pa.ArrowException, ValueError) as err:
-        raise DataError(f"{file} cannot be read as Parquet ({str(err).splitlines()[0]}); run the evaluation again "
-                        "into a new --out") from None
+    except (OSError, pa.ArrowException, ValueError) as err:
+        damaged = f"{file} cannot be read as Parquet ({str(err).splitlines()[0]}); run the evaluation again into a new --out"
+        raise _io.read_failure(err, file, damaged) from None
 
 
 def read_config(file: Path) -> dict:

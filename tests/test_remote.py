@@ -108,11 +108,14 @@ def test_remote_local_equals_local(model, kwargs):
 
 
 def test_remote_local_generation_equals_local(model):
+    """A remote generation records while it generates, as a local one does; one_pass=False is two passes on both."""
     kw = dict(max_new_tokens=4, heads="mean", rows="completion", progress=False, dtype=torch.float32)
-    local = af.trace(model, PROMPTS, one_pass=False, **kw)  # remote runs record in a second pass, as this does
     rt = af.trace(model, PROMPTS, remote="local", **kw)
-    same(local, rt)
-    assert [len(t) for t in rt.tokens] == [len(t) for t in local.tokens]
+    same(af.trace(model, PROMPTS, **kw), rt)
+    same(af.trace(model, PROMPTS, one_pass=False, **kw), af.trace(model, PROMPTS, remote="local", one_pass=False, **kw))
+    two_pass = af.trace(model, PROMPTS, one_pass=False, **kw)
+    torch.testing.assert_close(rt.patterns, two_pass.patterns, rtol=0, atol=1e-6)  # the cache's keys are the same keys
+    assert [len(t) for t in rt.tokens] == [len(t) for t in two_pass.tokens]
     assert all(n > p for n, p in zip(rt.lengths, rt.prompt_lengths))
 
 
@@ -135,8 +138,13 @@ def test_mock_ndif_runs_attnflow_request_without_attnflow(model, ndif, capsys):
 
 
 def test_mock_ndif_generation_equals_local(model, ndif):
+    """One request per batch records while generating; one_pass=False sends two (generate, then the forward)."""
     kw = dict(max_new_tokens=3, heads="mean", rows="completion", progress=False, dtype=torch.float32)
-    same(af.trace(model, PROMPTS, one_pass=False, **kw), af.trace(model, PROMPTS, remote=True, **kw))
+    before = len(ndif.stats())
+    same(af.trace(model, PROMPTS, **kw), af.trace(model, PROMPTS, remote=True, **kw))
+    middle = len(ndif.stats())
+    same(af.trace(model, PROMPTS, one_pass=False, **kw), af.trace(model, PROMPTS, remote=True, one_pass=False, **kw))
+    assert (middle - before, len(ndif.stats()) - middle) == (1, 2)
 
 
 def test_mock_ndif_records_norms_without_attnflow(model, ndif):
@@ -144,8 +152,8 @@ def test_mock_ndif_records_norms_without_attnflow(model, ndif):
     before = len(ndif.stats())
     for kw in (dict(heads="norm"), dict(heads="mean", rows="completion", max_new_tokens=3)):
         kw.update(norms=True, dtype=torch.float32, progress=False)
-        local = af.trace(model, PROMPTS, **kw, **({"one_pass": False} if "max_new_tokens" in kw else {}))
-        got = af.trace(model, PROMPTS, remote=True, **kw)
+        local = af.trace(model, PROMPTS, **kw)
+        got = af.trace(model, PROMPTS, remote=True, **kw)  # with max_new_tokens: one pass, the factors made there
         torch.testing.assert_close(got.patterns, local.patterns, rtol=1e-6, atol=1e-7)
         assert got.input_ids.tolist() == local.input_ids.tolist()
         for k in local.norms:

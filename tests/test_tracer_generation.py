@@ -108,16 +108,30 @@ def test_one_generation_no_second_forward(monkeypatch):
         handle.remove()
 
 
-def test_remote_keeps_two_passes_and_matches_one_pass():
-    """A remote block cannot fill this process's tensors: generation and recording stay separate there."""
+def test_remote_records_while_generating():
+    """The remote block (nnsight's round trip) records as it generates: no forward over prompt + completion.
+
+    It runs all max_new_tokens + 1 steps (no stopping criterion travels) and cuts after each example's EOS here.
+    """
     import nnsight
     from tiny_models import tiny_tokenizer
 
-    model = nnsight.TransformersModel(tiny_model("llama", eos_token_id=None).double(), tokenizer=tiny_tokenizer())
-    assert hf_backend.HFBackend(model, None, TraceOptions(remote="local")).one_pass_generation is False
-    assert hf_backend.HFBackend(model, None, TraceOptions()).one_pass_generation is True
-    kw = dict(max_new_tokens=3, heads="mean", rows="completion", progress=False, dtype=torch.float32)
-    assert_same(af.trace(model, PROMPTS, **kw), af.trace(model, PROMPTS, remote="local", **kw))
+    hf = tiny_model("llama").double()
+    firsts = [hf_greedy(hf, p, 1)[-1] for p in PROMPTS]
+    hf.generation_config.eos_token_id = firsts[0]  # prompt 0 stops after one token
+    model = nnsight.TransformersModel(hf, tokenizer=tiny_tokenizer())
+    assert hf_backend.HFBackend(model, None, TraceOptions(remote="local")).one_pass_generation is True
+    widths = []
+    handle = hf.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    kw = dict(max_new_tokens=4, rows=None, progress=False, dtype=torch.float32)
+    try:
+        remote = af.trace(model, PROMPTS, remote="local", **kw)
+        assert widths == [11, 1, 1, 1, 1]  # prefill, then one token per step
+    finally:
+        handle.remove()
+    assert_same(af.trace(model, PROMPTS, **kw), remote)
+    assert_same(af.trace(model, PROMPTS, one_pass=False, **kw), remote)
+    assert remote.item(0).input_ids[0].tolist() == PROMPTS[0] + [firsts[0]]
 
 
 def test_chunked_rows_equal_whole_and_respect_the_budget(monkeypatch):

@@ -11,7 +11,7 @@ shapes of the real server, ndif 0.1.2 (`services/api/app.py`, `auth.py`,
                            "deployment_level": "HOT"}, "<repo id>": {"deployment_level": "COLD", "repo_id"}}}
     GET  /env              the server's python and package versions
     GET  /objects/<name>   a result too large to go inline (what the object store's presigned GET serves)
-    GET  /stats            sizes of every request and result blob, for the tests
+    GET  /stats            sizes of every request and result blob, and the forwards each ran, for the tests
     POST /admin            {"nnsight_version", "min_nnsight_version"}: what /env reports and /request requires
 
 Auth exists only when `--api-key` is given (NDIF: only when Postgres is
@@ -83,6 +83,7 @@ class State:
     def __init__(self, args):
         hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         hf.requires_grad_(False)
+        self.hf = hf
         self.model = nnsight.TransformersModel(hf, tokenizer=AutoTokenizer.from_pretrained(args.model))
         self.repo_id = args.repo_id
         self.model_key = "nnsight.modeling.transformers.TransformersModel:" + json.dumps(
@@ -98,6 +99,7 @@ class State:
         self.sessions: dict[str, queue.Queue] = {}
         self.jobs: queue.Queue = queue.Queue()
         self.stats: list[dict] = []
+        self.forwards: list[int] = []  # token positions of each forward of the last request
         self.lock = threading.Lock()
 
 
@@ -277,6 +279,10 @@ def execute(state: State, meta: dict, blob: bytes) -> bytes:
     """Run one request as NDIF's model actor does; the torch.save bytes of the saved values."""
     state.model._remoteable_set_env(meta.get("env") or {})
     tracer = RequestModel.deserialize(blob, state.model._remoteable_persistent_objects(), compress=meta["compress"])
+    forwards = []  # token positions of each model forward the request ran
+    hook = state.hf.register_forward_pre_hook(
+        lambda m, a, kw: forwards.append((kw.get("input_ids") if a == () else a[0]).shape[-1]), with_kwargs=True
+    )
     inc()
     try:
         tracer.execute(tracer.info.code)
@@ -284,6 +290,8 @@ def execute(state: State, meta: dict, blob: bytes) -> bytes:
         saved = {name: value for name, value in tracer.info.frame.f_locals.items() if id(value) in saves}
     finally:
         dec()
+        hook.remove()
+    state.forwards = forwards
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     data = buffer.getvalue()
@@ -313,7 +321,8 @@ def worker(state: State) -> None:
         inline = len(result) <= state.inline_cap
         with state.lock:
             state.stats.append({"job": job, "request_bytes": len(blob), "result_bytes": len(result), "inline": inline,
-                                "compressed": bool(meta["compress"]), "attnflow_imported": "attnflow" in sys.modules})
+                                "compressed": bool(meta["compress"]), "attnflow_imported": "attnflow" in sys.modules,
+                                "forwards": len(state.forwards), "tokens": sum(state.forwards)})
             if not inline:
                 state.objects[f"{job}.pt"] = result
         done = "Your job has been completed."

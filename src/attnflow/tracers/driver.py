@@ -8,9 +8,9 @@ batch's patterns.  Everything around that lives here, once, for every backend:
             -> encode -> [generate] -> record (per batch, into one preallocated
                [batch, layer, head, row, key] tensor) -> check_finite -> AttentionTrace
 
-With `max_new_tokens`, a backend that can (`generate_record`: HF models run
-locally) records while it generates, one generation per batch; otherwise
-(`one_pass=False`, `remote=`, TransformerLens, `out=`) the driver generates every
+With `max_new_tokens`, a backend that can (`generate_record`: HF models, locally
+or remotely) records while it generates, one generation per batch; otherwise
+(`one_pass=False`, TransformerLens, `out=`) the driver generates every
 batch first and records prompt + completion in a second forward.  With `out=DIR`
 (`stream`) each layer goes to disk as it is recorded instead of into the tensor.
 

@@ -15,14 +15,13 @@ computed in query chunks sized by `memory_budget`, so one layer's float32
 transient is O(chunk x key x head) (`reduce.interface_pattern`).
 
 With `max_new_tokens`, `generate_record` records inside the one `hf.generate`
-call (nnsight's `tracer.iter[:]` visits every forward of the decode loop): the
+call (nnsight's `tracer.iter` visits every forward of the decode loop): the
 prompt's rows at prefill, each new token's row at its decode step over the KV
-cache's keys.  The keys the cache returns are the keys a full forward computes,
-so the patterns equal the two-pass path's up to float rounding (<= 1e-6 in
-float32 on real models; tests compare in float64).  The two-pass path
-(`generate`, then `record` over prompt + completion) remains for remote runs
-(NDIF and `remote="local"`: the block runs elsewhere and cannot fill this
-process's tensors, so generation goes through `remote.generate`), for
+cache's keys, locally and remotely (on NDIF the block allocates the result where
+the model runs and sends it back once).  The keys the cache returns are the keys
+a full forward computes, so the patterns equal the two-pass path's up to float
+rounding (<= 1e-6 in float32 on real models; tests compare in float64).  The
+two-pass path (`generate`, then `record` over prompt + completion) remains for
 `one_pass=False`, for `trace(..., out=DIR)` (which hands each layer to the
 driver's writer while the forward runs: `record(..., sink=)`), and in the
 TransformerLens backend (no KV-cache generation).
@@ -352,8 +351,8 @@ class HFBackend:
     # --- one generation that records -----------------------------------------------------------
     @property
     def one_pass_generation(self) -> bool:
-        """Whether `generate_record` can run: locally (a remote block cannot fill this process's tensors)."""
-        return not self.remote
+        """Whether `generate_record` can run: always (locally, on NDIF and in nnsight's local round trip)."""
+        return True
 
     def generate_record(
         self, sequences: list[list[int]], max_new_tokens: int, *, layers: list[int], heads: str | Tensor,
@@ -366,12 +365,17 @@ class HFBackend:
         gives the row of new token j, its keys the KV cache's (the last K
         positions: a sliding-window cache keeps only the window).  The generation
         runs one token past `max_new_tokens`, so the last kept token's row is
-        computed too, with end-of-sequence stopping replaced by `StopAfterEOS`
-        (stop once every example's EOS has been *fed*).  The returned patterns are
-        laid out as `record` lays out the prompt + completion (cut at EOS): the
-        same [batch, layer, head_out, row, key] window, right-aligned.  Norms: the
-        prompt's at prefill, each new token's (its value, residual input and
-        attention output) at the decode step that feeds it.
+        computed too.  Locally, end-of-sequence stopping is replaced by
+        `StopAfterEOS` (stop once every example's EOS has been *fed*) and the rows
+        are written into this process's tensor.  Remotely (NDIF, `remote="local"`)
+        the block runs where the weights are: it allocates the tensor there at
+        prefill, computes the value factors from the server's output projections,
+        and makes exactly `max_new_tokens + 1` steps (a stopping criterion is an
+        object of this process, so none travels; tokens past an EOS are cut here).
+        The returned patterns are laid out as `record` lays out the prompt +
+        completion (cut at EOS): the same [batch, layer, head_out, row, key]
+        window, right-aligned.  Norms: the prompt's at prefill, each new token's
+        (its value, residual input and attention output) at the decode step that feeds it.
         """
         B, N = len(sequences), max_new_tokens
         ids, mask = inputs.left_pad(sequences, self.pad_id)
@@ -381,43 +385,56 @@ class HFBackend:
         pre_index = inputs.row_index(prompt_pos, lengths, P)  # [batch, R0] in generation columns
         R0 = pre_index.shape[1]
         head_out = self.num_heads if isinstance(heads, str) and heads == "all" else 1
-        # every recorded row in generation coordinates: R0 prompt rows, then one row per decode step
-        # not zeroed as a whole: the prefill writes every prompt row's first P keys (a seq² block, the bulk)
-        gen = torch.empty((B, len(layers), head_out, R0 + N, P + N), dtype=options.dtype)
-        gen[..., :R0, P:] = 0
-        gen[..., R0:, :] = 0
+        extra = ndif.trace_kwargs(self.nn_model, self.remote)  # {} locally; a checked RemoteBackend for NDIF
+        L, H = len(layers), self.num_heads
+        gen_shape = (B, L, head_out, R0 + N, P + N)  # every recorded row in generation coordinates
+        gen = norms = None  # remotely both are made inside the block, where the model runs
+        if not extra:  # not zeroed as a whole: the prefill writes every prompt row's first P keys (a seq² block)
+            gen = torch.empty(gen_shape, dtype=options.dtype)
+            gen[..., :R0, P:] = 0
+            gen[..., R0:, :] = 0
         envoys = [self.nn_model.get(self.sites[layer].path) for layer in layers]
         ops = [self.sites[layer].op for layer in layers]
         causal = [self.sites[layer].is_causal for layer in layers]
         weights = [heads if isinstance(heads, str) else heads[i] for i in range(len(layers))]
         want = options.norms or (isinstance(heads, str) and heads == "norm")
-        blocks, _, _, factors = self.norm_sources(layers, local=True) if want else ([], [], [], [])
+        # plain lists only in the block: a remote server has no attnflow (only reduce.py travels)
+        blocks, projs, conv1d, factors = self.norm_sources(layers, local=not extra) if want else ([], [], [], [])
         layer_envoys = [self.nn_model.get(b) for b in blocks]
-        L, H = len(layers), self.num_heads
-        norms = None
-        if options.norms:  # generation columns, like gen's keys
+        record_norms, elsewhere = options.norms, bool(extra)  # plain values: the block cannot carry `extra`
+        if record_norms and not extra:  # generation columns, like gen's keys
             norms = {"value": torch.zeros((B, L, H, P + N)), "attn": torch.zeros((B, L, P + N)), "residual": torch.zeros((B, L, P + N))}
         prompt_mask = mask.to(self.device).float()  # [batch, P]
-        stop = StopAfterEOS(self.eos_ids, P)
         decode_row = torch.zeros((B, 1), dtype=torch.long, device=self.device)
         pre_index = pre_index.to(self.device)
         budget, dtype = options.memory_budget, options.dtype
-        with warnings.catch_warnings():
+        run = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **greedy(N + 1, self.pad_id))
+        run["eos_token_id"] = None  # steps end at N + 1, or locally one step after the last EOS (`stop`)
+        if elsewhere:
+            start, how = self.nn_model.generate, extra
+        else:
+            stop = StopAfterEOS(self.eos_ids, P)
+            start, how = self.nn_model.trace, dict(fn=self.hf.generate, stopping_criteria=StoppingCriteriaList([stop]))
+        with warnings.catch_warnings(), ndif.translate_errors(extra):
             # the open `tracer.iter[:]` loop ends by asking for a step the generation never makes (by design)
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with self.nn_model.trace(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                fn=self.hf.generate,
-                **greedy(N + 1, self.pad_id),
-                eos_token_id=None,  # `stop` ends the generation instead, one step after the last EOS
-                stopping_criteria=StoppingCriteriaList([stop]),
-            ) as tracer:
-                for step in tracer.iter[:]:
+            with start(**run, **how) as tracer:  # nnsight reads the block from this line
+                for step in tracer.iter[0 : N + 1] if elsewhere else tracer.iter[:]:
                     for i in range(len(envoys)):
                         if want:
                             x = layer_envoys[i].input  # [batch, P or 1, hidden]
+                            if factors[i] is None:  # remote: the projection's weights are where the block runs
+                                factors[i] = reduce.value_factors(
+                                    reduce.output_blocks(getattr(envoys[i], projs[i]).weight, H, conv1d[i])
+                                )
                         args, kwargs = getattr(envoys[i].source, ops[i]).inputs
+                        if gen is None:
+                            gen = args[1].new_zeros(gen_shape, dtype=dtype)
+                        if record_norms and norms is None:
+                            value_n = args[1].new_zeros((B, L, H, P + N), dtype=torch.float32)
+                            attn_n = args[1].new_zeros((B, L, P + N), dtype=torch.float32)
+                            residual_n = args[1].new_zeros((B, L, P + N), dtype=torch.float32)
+                            norms = {"value": value_n, "attn": attn_n, "residual": residual_n}
                         vn = None
                         if want:  # every key's value norm: the prompt's at prefill, the cache's at a decode step
                             vn = reduce.value_norms(reduce.bind(args, kwargs)["value"], factors[i])  # [batch, head, K]
@@ -433,8 +450,8 @@ class HFBackend:
                                 args, kwargs, row_index=decode_row, heads=weights[i], dtype=dtype, is_causal=causal[i],
                                 value_norms=vn,
                             )  # [batch, head_out, 1, K]
-                            gen[:, i, :, R0 + step - 1, key_columns(p.shape[-1], P + step)] = p[:, :, 0]
-                        if norms is not None:
+                            gen[:, i, :, R0 + step - 1, reduce.key_columns(p.shape[-1], P + step)] = p[:, :, 0]
+                        if record_norms:
                             a = envoys[i].output
                             a = a[0] if isinstance(a, tuple) else a  # [batch, P or 1, hidden]
                             if step == 0:
@@ -446,11 +463,20 @@ class HFBackend:
                                 norms["value"][:, i, :, col] = vn[:, :, min(vn.shape[-1], P + step) - 1]
                                 norms["residual"][:, i, col] = reduce.position_norms(x)[:, -1]
                                 norms["attn"][:, i, col] = reduce.position_norms(a)[:, -1]
-        new = stop.ids[:, P : P + N].tolist()  # the token past N was only there to compute the last row
-        steps = stop.ids.shape[1] - P - 1
+                if elsewhere:  # saved names come back; a dict of saved tensors would not
+                    gen, out_ids = gen.save(), tracer.result.save()
+                    if record_norms:
+                        value_n, attn_n, residual_n = value_n.save(), attn_n.save(), residual_n.save()
+        if extra:
+            gen, all_ids = gen.detach().cpu(), out_ids.detach().cpu()
+            if record_norms:
+                norms = {"value": value_n.detach().cpu(), "attn": attn_n.detach().cpu(), "residual": residual_n.detach().cpu()}
+        else:
+            all_ids = stop.ids
+        new = all_ids[:, P : P + N].tolist()  # the token past N was only there to compute the last row
+        steps = all_ids.shape[1] - P - 1
         patterns = assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=steps)
         return new, patterns, None if norms is None else assemble_norms(norms, new, sequences, self.eos_ids)
-
 
 
 _FACTORS: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(weight) -> (the weight, its version, factors)
@@ -505,15 +531,6 @@ def prompt_rows(rows: Any, prompt_len: int, max_new_tokens: int) -> list[int]:
         return [prompt_len - 1]
     lengths = range(prompt_len + 1, prompt_len + max_new_tokens + 1)
     return sorted({r % n for r in rows for n in lengths if -n <= r < n and r % n < prompt_len})
-
-
-def key_columns(num_keys: int, seen: int) -> slice:
-    """Generation columns of a decode step's keys: the last `num_keys` of the `seen` positions so far.
-
-    A dynamic cache returns all `seen` keys, a sliding-window one the last window;
-    a static cache returns its whole buffer, the first `seen` slots filled.
-    """
-    return slice(seen - num_keys, seen) if num_keys <= seen else slice(0, seen)
 
 
 def assemble(

@@ -45,9 +45,9 @@ class TraceOptions:
     progress        show a tqdm bar
     memory_budget   bytes (or "512MiB", "2GiB") the in-trace float32 transient of one layer may take: rows are
                     computed and their heads reduced in query chunks that fit it (None: all rows at once)
-    one_pass        with max_new_tokens, record while generating (HF models run locally): the prompt's rows
-                    at prefill and each new token's row at its decode step, inside the one generation.  False,
-                    or a remote or TransformerLens model: generate, then one forward over prompt + completion.
+    one_pass        with max_new_tokens, record while generating (HF models, locally or remotely): the prompt's
+                    rows at prefill and each new token's row at its decode step, inside the one generation.  False,
+                    or a TransformerLens model: generate, then one forward over prompt + completion.
                     Both give the same patterns (the KV cache holds the same keys)
     norms           also record, in the same forward, `AttentionTrace.norms` (float32, HF models, locally or
                     remote, with generation and any rows=): "value" [batch, layer, head, key] = ‖W_O^h v^h_j‖,

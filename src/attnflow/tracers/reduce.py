@@ -386,6 +386,15 @@ def interface_pattern(
     return out
 
 
+def key_columns(num_keys: int, seen: int) -> slice:
+    """Generation columns of a decode step's keys: the last `num_keys` of the `seen` positions so far.
+
+    A dynamic cache returns all `seen` keys, a sliding-window one the last window;
+    a static cache returns its whole buffer, the first `seen` slots filled.
+    """
+    return slice(seen - num_keys, seen) if num_keys <= seen else slice(0, seen)
+
+
 def bind(args: tuple, kwargs: dict) -> dict:
     """{module, query, key, value, attention_mask} of an `attention_interface(...)` call, positional or keyword."""
     names = ("module", "query", "key", "value", "attention_mask")

@@ -10,7 +10,7 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward a
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
 from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
 
-from attnflow.tracers.reduce import attention_pattern, interface_pattern, reduce_heads
+from attnflow.tracers.reduce import attention_pattern, interface_pattern, one_query_pattern, reduce_heads
 
 B, HQ, HKV, Q, D = 2, 4, 2, 6, 8
 LOW = torch.finfo(torch.float32).min
@@ -182,3 +182,43 @@ def test_head_sum_equals_a_float64_loop(dtype, kind):
     assert got.dtype == (torch.float32 if dtype == torch.float16 else dtype) and got.shape == (2, 6, 7)
     assert (got.double() - want).abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
     assert P.dtype == dtype and P.shape == (2, 5, 6, 7)  # the input is left as it was
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("heads", ["all", "mean", "max", "norm", "weights"])
+def test_one_query_call_matches_eager(qkv, kind, heads, monkeypatch):
+    """A decode step's call (one query over the cached keys) takes `one_query_pattern`: equal to eager, every head mode."""
+    import attnflow.tracers.reduce as reduce
+
+    q, k, v = qkv
+    q1 = q[:, :, -1:]  # the newest token's query; the keys are the cache's
+    pad = torch.ones(B, 1, 1, Q, dtype=torch.bool)
+    pad[1, ..., :2] = False  # example 1 is left-padded
+    mask = {"none": None, "bool": pad, "additive": additive(pad)}[kind]
+    _, ref = llama_eager(module(), q1, k, v, None if mask is None else additive(pad), scaling=0.4)  # [b, head, 1, key]
+    norms = torch.rand(B, HQ, Q) + 0.5
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    mode = weights if heads == "weights" else heads
+    calls = []
+    monkeypatch.setattr(reduce, "one_query_pattern", lambda *a: calls.append(1) or one_query_pattern(*a))
+    got = interface_pattern((module(), q1, k, v, mask), {"scaling": 0.4}, row_index=torch.zeros(B, 1, dtype=torch.long),
+                            heads=mode, dtype=None, is_causal=True, value_norms=norms)
+    assert calls == [1]  # the fast path ran
+    want = reduce_heads(ref.double(), weights.double() if heads == "weights" else heads, norms.double())
+    assert got.shape == want.shape and (got.double() - want).abs().max() < 1e-6
+    if mask is not None:
+        assert got[1, ..., :2].abs().max() == 0  # padding keys get nothing
+
+
+def test_one_query_call_with_window_or_sinks_takes_the_general_path(qkv, monkeypatch):
+    import attnflow.tracers.reduce as reduce
+
+    q, k, v = qkv
+    monkeypatch.setattr(reduce, "one_query_pattern", lambda *a: pytest.fail("fast path taken"))
+    row = torch.zeros(B, 1, dtype=torch.long)
+    for kw in ({"sliding_window": 3}, {"s_aux": torch.zeros(HQ)}, {"softcap": 5.0}):
+        got = interface_pattern((module(), q[:, :, -1:], k, v, None), kw, row_index=row, heads="all", dtype=None,
+                                is_causal=True)
+        want = attention_pattern(q[:, :, -1:], k, None, None, sliding_window=kw.get("sliding_window"),
+                                 sinks=kw.get("s_aux"), softcap=kw.get("softcap"))
+        assert (got - want).abs().max() < 1e-6

@@ -353,6 +353,12 @@ def interface_pattern(
     # without a mask (or with a padding-only one) causality is the rule: keys after a chunk's last row are masked,
     # so they are not computed at all (half the work of an every-row recording); a 4-D mask may say otherwise
     skip_later = causal_flag and Q > 1 and (mask is None or mask.ndim == 2) and kwargs.get("position_bias") is None
+    if R == 1 and Q == 1 and _plain_one_query(kwargs, mask, sinks) and int(row_index.min()) == 0:  # a decode step
+        P = one_query_pattern(query, key, mask, kwargs.get("scaling"))  # [batch, head, 1, key] float32
+        reduced = reduce_heads(P, heads, value_norms)
+        if out is None:
+            return reduced if dtype is None else reduced.to(dtype)
+        return out.copy_(reduced)
     step = chunk_rows(memory_budget, batch=B, heads=query.shape[1], keys=K, rows=R, sinks=sinks is not None)
     if skip_later:  # short chunks: less of the masked upper triangle is computed
         step = min(step, CAUSAL_CHUNK)
@@ -393,6 +399,42 @@ def key_columns(num_keys: int, seen: int) -> slice:
     a static cache returns its whole buffer, the first `seen` slots filled.
     """
     return slice(seen - num_keys, seen) if num_keys <= seen else slice(0, seen)
+
+
+def _plain_one_query(kwargs: dict, mask: Tensor | None, sinks: Tensor | None) -> bool:
+    """Whether a one-query call needs nothing of `attention_pattern` but a product, its mask and a softmax."""
+    plain = sinks is None and all(kwargs.get(k) is None for k in ("sliding_window", "softcap", "position_bias"))
+    return plain and (mask is None or (mask.ndim == 4 and mask.shape[-2] == 1))
+
+
+def one_query_pattern(
+    query: Float[Tensor, "batch head 1 d"], key: Float[Tensor, "batch kv_head key d"], mask: Tensor | None,
+    scaling: float | None = None,
+) -> Float[Tensor, "batch head 1 key"]:
+    """Float32 probabilities of a call with one query (a decode step), which sees every key its mask allows.
+
+    `attention_pattern` for that case without its row, window and causal bookkeeping: a
+    decode step runs once per layer per new token, where those few small ops are
+    most of the cost.  `mask`: None, or [batch, 1 or head, 1, key], boolean (True =
+    attend) or additive.
+
+        >>> q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8)
+        >>> m = torch.ones(2, 1, 1, 6, dtype=torch.bool); m[1, ..., :2] = False   # example 1 is left-padded
+        >>> fast = one_query_pattern(q, k, m)
+        >>> bool((fast - attention_pattern(q, k, m)).abs().max() < 1e-6), fast[1, :, 0, :2].abs().max().item()
+        (True, 0.0)
+    """
+    B, Hq, _, d = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    q = query.float().view(B, Hkv, Hq // Hkv, d) * (d**-0.5 if scaling is None else scaling)  # head h*g+j reads kv h
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(B, Hq, 1, K)
+    if mask is not None:
+        m = mask[..., :K]
+        if m.dtype == torch.bool:
+            scores.masked_fill_(~m, torch.finfo(torch.float32).min)
+        else:
+            scores.add_(m.float()).clamp_(min=torch.finfo(torch.float32).min)
+    return torch.softmax(scores, dim=-1)
 
 
 def bind(args: tuple, kwargs: dict) -> dict:

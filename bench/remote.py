@@ -44,7 +44,9 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -78,6 +80,22 @@ def zstd_bytes(value: torch.Tensor) -> int:
 CONFIGS = [("all", None), ("mean", "completion")]
 
 
+@contextmanager
+def mock_ndif(model_dir: str) -> Iterator:
+    """The loopback NDIF mock serving `model_dir` as REPO, nnsight's client pointed at it with no API key."""
+    import nnsight
+    from ndif_mock import serve
+    from nnsight.modeling import huggingface as nnsight_hf
+
+    nnsight_hf._ID_CACHE[model_dir] = REPO  # the hub's canonical id for this directory, answered offline
+    nnsight.CONFIG.APP.REMOTE_LOGGING = False
+    os.environ.pop("NDIF_API_KEY", None)
+    nnsight.CONFIG.API.APIKEY = None
+    with serve(model_dir, REPO) as mock:
+        nnsight.CONFIG.API.HOST = mock.url
+        yield mock
+
+
 def run(via: str, seq: int, layers: int, heads: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(4, 100, (seq - COMPLETION,), generator=g).tolist()
@@ -98,16 +116,7 @@ def run(via: str, seq: int, layers: int, heads: int) -> list[dict]:
                                  result=zstd_bytes(tr.patterns), request=None, seconds=time.perf_counter() - t))
             return rows
 
-        import nnsight
-        from ndif_mock import serve
-        from nnsight.modeling import huggingface as nnsight_hf
-
-        nnsight_hf._ID_CACHE[tmp] = REPO  # the hub's canonical id for this directory, answered offline
-        nnsight.CONFIG.APP.REMOTE_LOGGING = False
-        os.environ.pop("NDIF_API_KEY", None)
-        nnsight.CONFIG.API.APIKEY = None
-        with serve(tmp, REPO) as mock:
-            nnsight.CONFIG.API.HOST = mock.url
+        with mock_ndif(tmp) as mock:
             for head_mode, row_mode in CONFIGS:
                 t = time.perf_counter()
                 tr = af.trace(model, [prompt], completions=[completion], heads=head_mode, rows=row_mode,
@@ -123,9 +132,6 @@ def run(via: str, seq: int, layers: int, heads: int) -> list[dict]:
 def run_generate(seq: int, layers: int, heads: int, new: int, repeats: int) -> list[dict]:
     import statistics
 
-    import nnsight
-    from ndif_mock import serve
-    from nnsight.modeling import huggingface as nnsight_hf
     from tiny_models import tiny_tokenizer
 
     prompt = torch.randint(4, 100, (seq,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -134,12 +140,7 @@ def run_generate(seq: int, layers: int, heads: int, new: int, repeats: int) -> l
         small_model(seq + new + 1, layers, heads, eos_token_id=None).save_pretrained(tmp)  # all N tokens every run
         tiny_tokenizer().save_pretrained(tmp)
         model = af.load(tmp)
-        nnsight_hf._ID_CACHE[tmp] = REPO
-        nnsight.CONFIG.APP.REMOTE_LOGGING = False
-        os.environ.pop("NDIF_API_KEY", None)
-        nnsight.CONFIG.API.APIKEY = None
-        with serve(tmp, REPO) as mock:
-            nnsight.CONFIG.API.HOST = mock.url
+        with mock_ndif(tmp) as mock:
             for one_pass in (True, False):  # warm-up, untimed: the server's first request sets up its tracing
                 af.trace(model, [prompt], one_pass=one_pass, **kw)
             runs = {True: [], False: []}

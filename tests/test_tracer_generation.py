@@ -120,7 +120,7 @@ def test_remote_records_while_generating():
     firsts = [hf_greedy(hf, p, 1)[-1] for p in PROMPTS]
     hf.generation_config.eos_token_id = firsts[0]  # prompt 0 stops after one token
     model = nnsight.TransformersModel(hf, tokenizer=tiny_tokenizer())
-    assert hf_backend.HFBackend(model, None, TraceOptions(remote="local")).one_pass_generation is True
+    assert hasattr(hf_backend.HFBackend(model, None, TraceOptions(remote="local")), "generate_record")
     widths = []
     handle = hf.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
     kw = dict(max_new_tokens=4, rows=None, progress=False, dtype=torch.float32)

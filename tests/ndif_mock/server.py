@@ -99,7 +99,6 @@ class State:
         self.sessions: dict[str, queue.Queue] = {}
         self.jobs: queue.Queue = queue.Queue()
         self.stats: list[dict] = []
-        self.forwards: list[int] = []  # token positions of each forward of the last request
         self.lock = threading.Lock()
 
 
@@ -275,11 +274,12 @@ def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
 
 
 # --- the worker: runs jobs one at a time against the served model ------------------------------
-def execute(state: State, meta: dict, blob: bytes) -> bytes:
-    """Run one request as NDIF's model actor does; the torch.save bytes of the saved values."""
+def execute(state: State, meta: dict, blob: bytes) -> tuple[bytes, list[int]]:
+    """Run one request as NDIF's model actor does: the torch.save bytes of the saved values, and the token
+    positions of each model forward it ran."""
     state.model._remoteable_set_env(meta.get("env") or {})
     tracer = RequestModel.deserialize(blob, state.model._remoteable_persistent_objects(), compress=meta["compress"])
-    forwards = []  # token positions of each model forward the request ran
+    forwards = []
     hook = state.hf.register_forward_pre_hook(
         lambda m, a, kw: forwards.append((kw.get("input_ids") if a == () else a[0]).shape[-1]), with_kwargs=True
     )
@@ -291,11 +291,10 @@ def execute(state: State, meta: dict, blob: bytes) -> bytes:
     finally:
         dec()
         hook.remove()
-    state.forwards = forwards
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     data = buffer.getvalue()
-    return zstandard.ZstdCompressor(level=3).compress(data) if meta["compress"] else data
+    return (zstandard.ZstdCompressor(level=3).compress(data) if meta["compress"] else data), forwards
 
 
 def worker(state: State) -> None:
@@ -314,7 +313,7 @@ def worker(state: State) -> None:
             continue
         send(ResponseModel(id=job, status=Status.RUNNING, description="Your job has started running."), False)
         try:
-            result = execute(state, meta, blob)
+            result, forwards = execute(state, meta, blob)
         except Exception:
             send(ResponseModel(id=job, status=Status.ERROR, description=traceback.format_exc()), True)
             continue
@@ -322,7 +321,7 @@ def worker(state: State) -> None:
         with state.lock:
             state.stats.append({"job": job, "request_bytes": len(blob), "result_bytes": len(result), "inline": inline,
                                 "compressed": bool(meta["compress"]), "attnflow_imported": "attnflow" in sys.modules,
-                                "forwards": len(state.forwards), "tokens": sum(state.forwards)})
+                                "forwards": len(forwards), "tokens": sum(forwards)})
             if not inline:
                 state.objects[f"{job}.pt"] = result
         done = "Your job has been completed."

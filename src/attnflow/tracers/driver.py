@@ -68,7 +68,7 @@ class Backend(Protocol):
         """
 
     # optional: generate_record(sequences, max_new_tokens, *, layers, heads, options) -> (new tokens, patterns, norms)
-    # (one generation that also records; `tracers/hf.py`), used when `one_pass_generation` is true
+    # (one generation that also records; `tracers/hf.py`), used with one_pass when the backend has it
 
 
 def backend_for(model: Any, tokenizer: Any, options: TraceOptions) -> Backend:
@@ -108,7 +108,7 @@ def run(
         return stream(backend, enc, batches, out, overwrite, layers=layers, heads=heads, options=options, spans=spans,
                       teacher_forced=completions is not None)  # fmt: skip
     with torch.no_grad(), tqdm(total=len(enc.sequences), desc="attnflow trace", unit="prompt", disable=not options.progress) as bar:
-        if new_tokens and options.one_pass and getattr(backend, "one_pass_generation", False):
+        if new_tokens and options.one_pass and hasattr(backend, "generate_record"):
             enc, patterns, norms = generate_record(backend, enc, new_tokens, batches, layers=layers, heads=heads, options=options, bar=bar)
             span_lists = inputs.check_spans(spans, enc.lengths)
         else:

@@ -349,11 +349,6 @@ class HFBackend:
         return all(self.sites[layer].is_causal for layer in layers)
 
     # --- one generation that records -----------------------------------------------------------
-    @property
-    def one_pass_generation(self) -> bool:
-        """Whether `generate_record` can run: always (locally, on NDIF and in nnsight's local round trip)."""
-        return True
-
     def generate_record(
         self, sequences: list[list[int]], max_new_tokens: int, *, layers: list[int], heads: str | Tensor,
         options: TraceOptions,
@@ -386,10 +381,11 @@ class HFBackend:
         R0 = pre_index.shape[1]
         head_out = self.num_heads if isinstance(heads, str) and heads == "all" else 1
         extra = ndif.trace_kwargs(self.nn_model, self.remote)  # {} locally; a checked RemoteBackend for NDIF
+        elsewhere = bool(extra)  # a plain value: the block cannot carry `extra`
         L, H = len(layers), self.num_heads
         gen_shape = (B, L, head_out, R0 + N, P + N)  # every recorded row in generation coordinates
         gen = norms = None  # remotely both are made inside the block, where the model runs
-        if not extra:  # not zeroed as a whole: the prefill writes every prompt row's first P keys (a seq² block)
+        if not elsewhere:  # not zeroed as a whole: the prefill writes every prompt row's first P keys (a seq² block)
             gen = torch.empty(gen_shape, dtype=options.dtype)
             gen[..., :R0, P:] = 0
             gen[..., R0:, :] = 0
@@ -399,10 +395,10 @@ class HFBackend:
         weights = [heads if isinstance(heads, str) else heads[i] for i in range(len(layers))]
         want = options.norms or (isinstance(heads, str) and heads == "norm")
         # plain lists only in the block: a remote server has no attnflow (only reduce.py travels)
-        blocks, projs, conv1d, factors = self.norm_sources(layers, local=not extra) if want else ([], [], [], [])
+        blocks, projs, conv1d, factors = self.norm_sources(layers, local=not elsewhere) if want else ([], [], [], [])
         layer_envoys = [self.nn_model.get(b) for b in blocks]
-        record_norms, elsewhere = options.norms, bool(extra)  # plain values: the block cannot carry `extra`
-        if record_norms and not extra:  # generation columns, like gen's keys
+        record_norms = options.norms
+        if record_norms and not elsewhere:  # generation columns, like gen's keys
             norms = {"value": torch.zeros((B, L, H, P + N)), "attn": torch.zeros((B, L, P + N)), "residual": torch.zeros((B, L, P + N))}
         prompt_mask = mask.to(self.device).float()  # [batch, P]
         decode_row = torch.zeros((B, 1), dtype=torch.long, device=self.device)
@@ -467,7 +463,7 @@ class HFBackend:
                     gen, out_ids = gen.save(), tracer.result.save()
                     if record_norms:
                         value_n, attn_n, residual_n = value_n.save(), attn_n.save(), residual_n.save()
-        if extra:
+        if elsewhere:
             gen, all_ids = gen.detach().cpu(), out_ids.detach().cpu()
             if record_norms:
                 norms = {"value": value_n.detach().cpu(), "attn": attn_n.detach().cpu(), "residual": residual_n.detach().cpu()}

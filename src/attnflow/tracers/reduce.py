@@ -109,12 +109,7 @@ def attention_pattern(
         if not bool(real.all()):
             scores.masked_fill_(~real.view(B, 1, 1, K), lowest)
     elif mask is not None:
-        m = gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows)
-        if m.dtype == torch.bool:
-            scores.masked_fill_(~m, lowest)
-        else:
-            scores += m.float()
-            scores.clamp_(min=lowest)  # an additive -inf becomes finfo.min: a fully masked row stays finite
+        apply_mask(scores, gather_rows(_broadcast(mask[..., :K], B, mask.shape[-3] if mask.ndim == 4 else 1, Q, K), rows))
 
     if sinks is not None:
         sink = einops.repeat(sinks.float().to(scores.device), "h -> b h r 1", b=B, r=R)
@@ -125,6 +120,18 @@ def attention_pattern(
     if not bool(present.all()):
         probs.transpose(1, 2)[~present] = 0  # rows without a query: touches only those rows
     return probs
+
+
+def apply_mask(scores: Float[Tensor, "batch head row key"], mask: Tensor) -> None:
+    """Mask float32 `scores` in place: boolean (True = attend) or additive, broadcastable to them.
+
+    Masked logits become float32's finfo.min (an additive -inf too), so a fully masked row stays finite.
+    """
+    lowest = torch.finfo(torch.float32).min
+    if mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, lowest)
+    else:
+        scores.add_(mask.float()).clamp_(min=lowest)
 
 
 def gather_rows(x: Tensor, rows: Int[Tensor, "batch row"]) -> Tensor:
@@ -349,16 +356,16 @@ def interface_pattern(
     query, key, mask = bound["query"], bound["key"], bound.get("attention_mask")
     sinks = _first(kwargs.get("s_aux"), kwargs.get("sinks"))
     B, R, K, Q = query.shape[0], row_index.shape[1], key.shape[2], query.shape[2]
-    causal_flag = is_causal if causal is None else bool(causal)
-    # without a mask (or with a padding-only one) causality is the rule: keys after a chunk's last row are masked,
-    # so they are not computed at all (half the work of an every-row recording); a 4-D mask may say otherwise
-    skip_later = causal_flag and Q > 1 and (mask is None or mask.ndim == 2) and kwargs.get("position_bias") is None
     if R == 1 and Q == 1 and _plain_one_query(kwargs, mask, sinks) and int(row_index.min()) == 0:  # a decode step
         P = one_query_pattern(query, key, mask, kwargs.get("scaling"))  # [batch, head, 1, key] float32
         reduced = reduce_heads(P, heads, value_norms)
         if out is None:
             return reduced if dtype is None else reduced.to(dtype)
         return out.copy_(reduced)
+    causal_flag = is_causal if causal is None else bool(causal)
+    # without a mask (or with a padding-only one) causality is the rule: keys after a chunk's last row are masked,
+    # so they are not computed at all (half the work of an every-row recording); a 4-D mask may say otherwise
+    skip_later = causal_flag and Q > 1 and (mask is None or mask.ndim == 2) and kwargs.get("position_bias") is None
     step = chunk_rows(memory_budget, batch=B, heads=query.shape[1], keys=K, rows=R, sinks=sinks is not None)
     if skip_later:  # short chunks: less of the masked upper triangle is computed
         step = min(step, CAUSAL_CHUNK)
@@ -429,11 +436,7 @@ def one_query_pattern(
     q = query.float().view(B, Hkv, Hq // Hkv, d) * (d**-0.5 if scaling is None else scaling)  # head h*g+j reads kv h
     scores = torch.matmul(q, key.float().transpose(-1, -2)).view(B, Hq, 1, K)
     if mask is not None:
-        m = mask[..., :K]
-        if m.dtype == torch.bool:
-            scores.masked_fill_(~m, torch.finfo(torch.float32).min)
-        else:
-            scores.add_(m.float()).clamp_(min=torch.finfo(torch.float32).min)
+        apply_mask(scores, mask[..., :K])
     return torch.softmax(scores, dim=-1)
 
 

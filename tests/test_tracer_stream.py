@@ -6,6 +6,7 @@ The reference is the in-memory trace saved and loaded again (itself checked agai
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from test_parquet import assert_same
@@ -33,6 +34,9 @@ CASES = {
         rows="completion", completions=[[5, 6], [], [7]], heads=torch.tensor([[1.0, 2, 0, 1], [0, 0, 1, 0]])
     ),
     "generated-two-pass": dict(max_new_tokens=3, heads="max", one_pass=False),
+    "generated-one-pass": dict(max_new_tokens=3, heads="all", norms=True),
+    "generated-one-pass-mean": dict(max_new_tokens=4, heads="mean", dtype=torch.float32),
+    "generated-one-pass-rows": dict(max_new_tokens=3, rows=[0, -1], norms=True),
     "norms": dict(norms=True, layers=[0, -1]),
     "norm-heads": dict(heads="norm", norms=True, dtype=torch.float32),
 }
@@ -60,12 +64,48 @@ def test_streamed_folder_loads_equal_to_saved(model, tmp_path, case, batch_size)
             assert all(torch.equal(part.norms[k][:, 0], ref.norms[k][:, li]) for k in ref.norms)
 
 
-def test_streamed_generation_matches_the_one_pass_trace(model, tmp_path):
+def test_streamed_generation_matches_the_two_pass_trace(model, tmp_path):
     saved = af.trace(model, PROMPTS, max_new_tokens=4, heads="mean", dtype=torch.float32, out=tmp_path / "s", progress=False)
-    one = af.trace(model, PROMPTS, max_new_tokens=4, heads="mean", dtype=torch.float32, progress=False)
+    two = af.trace(model, PROMPTS, max_new_tokens=4, heads="mean", dtype=torch.float32, one_pass=False, progress=False)
     back = saved.load()
-    assert back.input_ids.equal(one.input_ids) and back.query_positions.equal(one.query_positions)
-    assert (back.patterns - one.patterns).abs().max() <= 1e-6  # two passes vs one: the last bits of float32
+    assert back.input_ids.equal(two.input_ids) and back.query_positions.equal(two.query_positions)
+    assert (back.patterns - two.patterns).abs().max() <= 1e-6  # one pass vs two: the last bits of float32
+
+
+def first_tokens(model):
+    with torch.no_grad():
+        return [int(model.generate(torch.tensor([p]), max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1]) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("heads", ["all", "mean"])
+def test_streamed_generation_is_one_generation_and_cuts_at_eos(tmp_path, heads):
+    """Prompt 0 stops at its first token in a left-padded batch: its rows after EOS are not written, the others run on."""
+    m = tiny_model("llama")
+    m.generation_config.eos_token_id = first_tokens(m)[0]
+    widths = []
+    handle = m.register_forward_pre_hook(lambda mod, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    kw = dict(max_new_tokens=4, heads=heads, norms=True, spans=SPANS, progress=False, batch_size=3)
+    try:
+        saved = af.trace(m, PROMPTS, out=tmp_path / "s", **kw)
+        assert widths == [9, 1, 1, 1, 1]  # prefill, then one token per step: no forward over prompt + completion
+    finally:
+        handle.remove()
+    one = af.trace(m, PROMPTS, **kw)
+    assert len(one.tokens[0]) == len(PROMPTS[0]) + 1 and len(one.tokens[1]) == len(PROMPTS[1]) + 4
+    same(saved.load(), af.AttentionTrace.load(one.save(tmp_path / "ref")))
+    table = pq.read_table(tmp_path / "s" / "attention" / "layer=0" / "part-0.parquet")
+    keys = list(zip(table["example"].to_pylist(), table["head"].to_pylist(), table["query"].to_pylist()))
+    assert keys == sorted(keys)  # prompt rows and new tokens' rows sorted into save()'s (example, head, query) order
+
+
+def test_remote_streamed_generation_records_the_batch_then_writes(tmp_path):
+    import nnsight
+
+    m = tiny_model("llama")
+    nn_model = nnsight.TransformersModel(m, tokenizer=tiny_tokenizer())
+    kw = dict(max_new_tokens=3, heads="mean", progress=False, batch_size=2)
+    saved = af.trace(nn_model, PROMPTS, remote="local", out=tmp_path / "s", **kw)
+    same(saved.load(), af.AttentionTrace.load(af.trace(nn_model, PROMPTS, remote="local", **kw).save(tmp_path / "r")))
 
 
 def test_each_layer_is_handed_over_during_the_forward(model, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ but `_io`, `_version` and `errors`, so the data model can build on it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import numbers
 import re
@@ -303,7 +304,8 @@ class AttentionWriter:
     time into row groups of about ROW_GROUP_BYTES, so the transient beyond P is one head's rows
     (and the index of one example's stored keys).  Each call writes its own file, closed at once
     (an open Parquet writer keeps buffers the size of its row groups); `close()` renames a layer's
-    only file to `part-0.parquet`, or copies several into it one row group at a time.
+    only file to `part-0.parquet`, or copies several into it one row group at a time.  `example=`
+    writes more rows of an earlier window (its first example): `close()` sorts them in.
 
     With `causal=True` each row stores keys 0..query, and (unless `check_causal=False`: the
     caller verified it) a weight on a later key is refused (DataError: dropping it would lose data).
@@ -324,12 +326,14 @@ class AttentionWriter:
         self.files: list[list[Path]] = [[] for _ in self.layers]  # the files of each layer, one per `write`
 
     def write(
-        self, li: int, P: Float[Tensor, "example head query key"], query_positions: Int[Tensor, "example query"], lengths: list[int]
+        self, li: int, P: Float[Tensor, "example head query key"], query_positions: Int[Tensor, "example query"],
+        lengths: list[int], example: int | None = None,
     ) -> None:
         E, H, _, S = P.shape
         qpos = query_positions.cpu()
+        first = self.examples[li] if example is None else example  # the window's first example
         file = self._dir(li) / f"_batch-{len(self.files[li])}.parquet"  # '_': not a table file until `close`
-        self.files[li].append(file)
+        self.files[li].append((first, file))
         with pq.ParquetWriter(file, self.schema) as sink:
             parts, size = [], 0
             for e in range(E):
@@ -348,14 +352,14 @@ class AttentionWriter:
                             "trace stores causal rows: record without out= and save() the trace"
                         )
                     values = values.to(STORAGE[self.dtype])
-                    parts.append(self._table(self.examples[li] + e, h, q, values, widths))
+                    parts.append(self._table(first + e, h, q, values, widths))
                     size += values.numel() * values.element_size()
                     if size >= ROW_GROUP_BYTES:
                         sink.write_table(pa.concat_tables(parts))
                         parts, size = [], 0
             if parts or not E:
                 sink.write_table(pa.concat_tables(parts) if parts else self.schema.empty_table())
-        self.examples[li] += E
+        self.examples[li] = max(self.examples[li], first + E)
 
     def _table(self, example: int, head: int, q: Tensor, values: Tensor, widths: Tensor) -> pa.Table:
         n = len(q)
@@ -375,20 +379,35 @@ class AttentionWriter:
         return folder
 
     def close(self) -> list[str]:
-        """Each layer's files as its one `part-0.parquet` (a layer without rows: an empty table, as `save` writes it)."""
+        """Each layer's files as its one `part-0.parquet` (a layer without rows: an empty table, as `save` writes it).
+
+        Files of one window (several `write`s with the same `example=`: a
+        generation's prompt rows, then its new tokens' rows) are read back
+        together and sorted into (example, head, query) order: what is held is
+        that window's rows of one layer.
+        """
         for li, files in enumerate(self.files):
             target = self._dir(li) / "part-0.parquet"
             if len(files) == 1:
-                files[0].replace(target)
+                files[0][1].replace(target)
             elif not files:
                 pq.write_table(self.schema.empty_table(), target)
             else:
                 with pq.ParquetWriter(target, self.schema) as sink:
-                    for file in files:
-                        part = pq.ParquetFile(file)
-                        for g in range(part.num_row_groups):
-                            sink.write_table(part.read_row_group(g))
-                        file.unlink()
+                    for _, group in itertools.groupby(files, key=lambda f: f[0]):
+                        paths = [path for _, path in group]
+                        if len(paths) == 1:
+                            part = pq.ParquetFile(paths[0])
+                            for g in range(part.num_row_groups):
+                                sink.write_table(part.read_row_group(g))
+                        else:
+                            window = pa.concat_tables([pq.read_table(path) for path in paths])
+                            window = window.sort_by([("example", "ascending"), ("head", "ascending"), ("query", "ascending")])
+                            rows = max(1, len(window) * ROW_GROUP_BYTES // max(1, window.nbytes))
+                            sink.write_table(window, row_group_size=rows)
+                            del window
+                        for path in paths:
+                            path.unlink()
             self.files[li] = []
         return [f"attention/layer={layer}/part-0.parquet" for layer in self.layers]
 

@@ -60,7 +60,8 @@ def trace(
                     layout; each layer's rows go to disk as the forward computes them, so memory
                     holds one layer of one batch, not the trace) and return a SavedTrace, which
                     reads the patterns only on `.load()`.  `overwrite` as in `save`.  With
-                    max_new_tokens it generates first, then records in one forward (two passes).
+                    max_new_tokens it records while generating too: every layer's prompt rows are
+                    written at prefill, the new tokens' rows when the batch has generated.
 
         >>> tr = trace(model, ["the cat sat", "a dog ran to the park"], rows="last", heads="mean", progress=False)
         >>> tr.patterns.shape, tr.query_positions              # the demo model: 4 layers, BOS + 6 tokens

@@ -10,9 +10,9 @@ batch's patterns.  Everything around that lives here, once, for every backend:
 
 With `max_new_tokens`, a backend that can (`generate_record`: HF models, locally
 or remotely) records while it generates, one generation per batch; otherwise
-(`one_pass=False`, TransformerLens, `out=`) the driver generates every
-batch first and records prompt + completion in a second forward.  With `out=DIR`
-(`stream`) each layer goes to disk as it is recorded instead of into the tensor.
+(`one_pass=False`, TransformerLens) the driver generates every batch first and
+records prompt + completion in a second forward.  With `out=DIR` (`stream`) each
+layer goes to disk as it is recorded instead of into the tensor.
 
     >>> tr = run(model, ["the cat sat", "a dog"], TraceOptions(heads="mean", rows="last", progress=False))
     >>> tr.patterns.shape                      # batch layer head query key (the 4-layer demo model, BOS + 3 words)
@@ -162,52 +162,34 @@ def stream(
 ) -> SavedTrace:
     """Record into the saved-trace folder `out` (`AttentionTrace.save`'s layout), one layer at a time; a SavedTrace.
 
-    Each batch runs one forward; each layer's rows go to its Parquet file as the
-    forward computes them (`codec.AttentionWriter`), so what is held is one layer
-    of one batch, not the trace.  With `max_new_tokens` the batch generates first
-    and prompt + completion is recorded in that forward (the two-pass path: a
-    one-pass generation records every layer at every step).  A backend that cannot
-    hand layers over during its forward (remote runs, TransformerLens) records a
-    batch whole, then writes it layer by layer.  The folder is built under a
-    temporary name and swapped in whole, manifest last (`attnflow._io.output_dir`).
+    Each batch runs one forward (or, with `max_new_tokens`, one generation); each
+    layer's rows go to its Parquet file as the model computes them
+    (`codec.AttentionWriter`), so what is held is one layer of one batch, not the
+    trace.  A generation hands over its prompt's rows at prefill and its new
+    tokens' rows once it ends (`stream_generation`).  A backend that cannot hand
+    layers over while it runs (remote runs, TransformerLens) records a batch
+    whole, then writes it layer by layer.  The folder is built under a temporary
+    name and swapped in whole, manifest last (`attnflow._io.output_dir`).
     """
-    new_tokens = options.max_new_tokens
     head_out = backend.num_heads if isinstance(heads, str) and heads == "all" else 1
     causal = getattr(backend, "causal", lambda layers: True)(layers)
+    kw = dict(layers=layers, heads=heads, options=options)
     with torch.no_grad(), _io.output_dir(out, "trace", overwrite=overwrite) as tmp, tqdm(
         total=len(enc.sequences), desc="attnflow trace", unit="prompt", disable=not options.progress
     ) as bar:
-        if new_tokens:
-            enc = generate(backend, enc, new_tokens, batches)
-            bar.set_postfix_str("generated")
-        span_lists = inputs.check_spans(spans, enc.lengths)
-        positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
         writer = codec.AttentionWriter(tmp, layers, options.dtype, inputs.head_label(heads), causal)
-        S = max(enc.lengths)
-        norms = empty_norms(len(enc.sequences), len(layers), backend.num_heads, S) if options.norms else None  # small: kept
-        for chunk in batches:
-            seqs, pos = [enc.sequences[i] for i in chunk], [positions[i] for i in chunk]
-            lengths = [len(s) for s in seqs]
-            qpos = inputs.row_index(pos, lengths, max(lengths))  # [chunk, row] in the batch's own padding
-
-            def sink(li: int, P: Tensor, qpos=qpos, lengths=lengths) -> None:
-                check_finite(P.unsqueeze(1), [layers[li]])
-                writer.write(li, P, qpos, lengths)
-
-            kw = dict(layers=layers, heads=heads, options=options)
-            if norms is not None:
-                kw["norms"] = {k: v[chunk.start : chunk.stop, ..., S - max(lengths) :] for k, v in norms.items()}
-            if getattr(backend, "streams", False):
-                backend.record(seqs, pos, **kw, out=None, sink=sink)
-            else:
-                part = torch.zeros((len(chunk), len(layers), head_out, qpos.shape[1], max(lengths)), dtype=options.dtype)
-                backend.record(seqs, pos, **kw, out=part)
-                for li in range(len(layers)):
-                    sink(li, part[:, li])
-                del part
-            bar.update(len(chunk))
+        if options.max_new_tokens and options.one_pass and hasattr(backend, "generate_record"):
+            enc, norms = stream_generation(backend, enc, batches, writer, causal=causal, bar=bar, **kw)
+            span_lists = inputs.check_spans(spans, enc.lengths)
+        else:
+            if options.max_new_tokens:
+                enc = generate(backend, enc, options.max_new_tokens, batches)
+                bar.set_postfix_str("generated")
+            span_lists = inputs.check_spans(spans, enc.lengths)  # before the forward: a bad span fails fast
+            norms = stream_record(backend, enc, batches, writer, head_out=head_out, bar=bar, **kw)
         writer.close()
         check_finite_norms(norms, layers)
+        positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
         input_ids, attention_mask = inputs.left_pad(enc.sequences, backend.pad_id)
         query_positions = inputs.row_index(positions, enc.lengths, input_ids.shape[1])
         B, R, S = len(enc.sequences), query_positions.shape[1], input_ids.shape[1]
@@ -217,6 +199,95 @@ def stream(
                                   norms=norms)  # fmt: skip
         codec.write_rest(skeleton, tmp, causal)
     return SavedTrace(out)
+
+
+def writing_sink(writer: codec.AttentionWriter, layers: list[int], example: int | None = None):
+    """`sink(li, rows, query_positions, lengths)`: layer `li`'s rows checked finite, then written (`example=`: see
+    `AttentionWriter.write`)."""
+
+    def sink(li: int, P: Tensor, qpos: Tensor, lengths: list[int]) -> None:
+        check_finite(P.unsqueeze(1), [layers[li]])
+        writer.write(li, P, qpos, lengths, **({} if example is None else {"example": example}))
+
+    return sink
+
+
+def stream_record(
+    backend: Backend, enc: inputs.Encoded, batches: list[range], writer: codec.AttentionWriter, *, layers: list[int],
+    heads: str | Tensor, options: TraceOptions, head_out: int, bar: Any,
+) -> dict[str, Tensor] | None:
+    """Each batch's forward written layer by layer (`stream`); the norms, which are small, are kept and returned."""
+    positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
+    S = max(enc.lengths)
+    norms = empty_norms(len(enc.sequences), len(layers), backend.num_heads, S) if options.norms else None
+    write = writing_sink(writer, layers)
+    for chunk in batches:
+        seqs, pos = [enc.sequences[i] for i in chunk], [positions[i] for i in chunk]
+        lengths = [len(s) for s in seqs]
+        qpos = inputs.row_index(pos, lengths, max(lengths))  # [chunk, row] in the batch's own padding
+        kw = dict(layers=layers, heads=heads, options=options)
+        if norms is not None:
+            kw["norms"] = {k: v[chunk.start : chunk.stop, ..., S - max(lengths) :] for k, v in norms.items()}
+        if getattr(backend, "streams", False):
+            backend.record(seqs, pos, **kw, out=None, sink=lambda li, P, qpos=qpos, lengths=lengths: write(li, P, qpos, lengths))
+        else:
+            part = torch.zeros((len(chunk), len(layers), head_out, qpos.shape[1], max(lengths)), dtype=options.dtype)
+            backend.record(seqs, pos, **kw, out=part)
+            for li in range(len(layers)):
+                write(li, part[:, li], qpos, lengths)
+            del part
+        bar.update(len(chunk))
+    return norms
+
+
+def stream_generation(
+    backend: Any, enc: inputs.Encoded, batches: list[range], writer: codec.AttentionWriter, *, layers: list[int],
+    heads: str | Tensor, options: TraceOptions, causal: bool, bar: Any,
+) -> tuple[inputs.Encoded, dict[str, Tensor] | None]:
+    """One generation per batch that records (`generate_record`), written layer by layer; the completed sequences
+    and the norms.
+
+    Locally, with every row (`rows=None`, the case whose rows are too many to
+    hold) of causal layers, the backend hands each layer's prompt rows to the
+    writer at prefill and its new tokens' rows once the batch has generated, so
+    one layer of prompt rows is held at a time.  Otherwise (listed rows, remote
+    runs) the batch's rows, a few per example, are recorded whole, then written.
+    """
+    N = options.max_new_tokens
+    streamed = getattr(backend, "streams", False) and options.rows is None and causal
+    seqs, norm_parts = [], []
+    for chunk in batches:
+        part_seqs = [enc.sequences[i] for i in chunk]
+        kw = dict(layers=layers, heads=heads, options=options)
+        if streamed:
+            new, _, part_norms = backend.generate_record(part_seqs, N, **kw, sink=writing_sink(writer, layers, chunk.start))
+        else:
+            new, part, part_norms = backend.generate_record(part_seqs, N, **kw)
+        full = [list(s) + cut_at_eos(n, backend.eos_ids) for s, n in zip(part_seqs, new)]
+        if not streamed:
+            lengths = [len(s) for s in full]
+            pos = inputs.row_positions(options.rows, lengths, [len(s) for s in part_seqs])
+            qpos = inputs.row_index(pos, lengths, max(lengths))
+            write = writing_sink(writer, layers)
+            for li in range(len(layers)):
+                write(li, part[:, li], qpos, lengths)
+            del part
+        seqs += full
+        norm_parts.append(part_norms)
+        bar.update(len(chunk))
+    enc = inputs.Encoded(seqs, list(enc.prompt_lengths))
+    return enc, place_norms(norm_parts, batches, len(layers), backend.num_heads, max(enc.lengths))
+
+
+def place_norms(parts: list[dict[str, Tensor] | None], batches: list[range], layers: int, heads: int, seq: int) -> dict[str, Tensor] | None:
+    """The batches' norms (keys right-aligned in each batch's own length) in one trace's `empty_norms`; None without."""
+    if not parts or parts[0] is None:
+        return None
+    norms = empty_norms(batches[-1].stop, layers, heads, seq)
+    for chunk, part in zip(batches, parts):
+        for k, v in part.items():
+            norms[k][chunk.start : chunk.stop, ..., seq - v.shape[-1] :] = v  # keys right-aligned, as `place` does
+    return norms
 
 
 def special_ids(tokenizer: Any) -> list[int]:
@@ -288,12 +359,7 @@ def generate_record(
     enc = inputs.Encoded(seqs, list(enc.prompt_lengths))
     positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
     B, R, S = len(seqs), max(len(p) for p in positions), max(enc.lengths)
-    norms = None
-    if options.norms:
-        norms = empty_norms(B, len(layers), backend.num_heads, S)
-        for chunk, part_norms in zip(batches, norm_parts):
-            for k, v in part_norms.items():
-                norms[k][chunk.start : chunk.stop, ..., S - v.shape[-1] :] = v  # keys right-aligned, as `place` does
+    norms = place_norms(norm_parts, batches, len(layers), backend.num_heads, S)
     if len(parts) == 1 and parts[0].shape[-2:] == (R, S):
         return enc, parts[0], norms
     patterns = torch.zeros((B, *parts[0].shape[1:3], R, S), dtype=parts[0].dtype)

@@ -20,11 +20,12 @@ prompt's rows at prefill, each new token's row at its decode step over the KV
 cache's keys, locally and remotely (on NDIF the block allocates the result where
 the model runs and sends it back once).  The keys the cache returns are the keys
 a full forward computes, so the patterns equal the two-pass path's up to float
-rounding (<= 1e-6 in float32 on real models; tests compare in float64).  The
-two-pass path (`generate`, then `record` over prompt + completion) remains for
-`one_pass=False`, for `trace(..., out=DIR)` (which hands each layer to the
-driver's writer while the forward runs: `record(..., sink=)`), and in the
-TransformerLens backend (no KV-cache generation).
+rounding (<= 1e-6 in float32 on real models; tests compare in float64).  With
+`trace(..., out=DIR)` the prompt's rows go to the driver's writer layer by layer
+at prefill (`generate_record(..., sink=)`), as `record(..., sink=)` hands over a
+plain forward's.  The two-pass path (`generate`, then `record` over prompt +
+completion) remains for `one_pass=False` and in the TransformerLens backend (no
+KV-cache generation).
 
 With `norms=True` (or `heads="norm"`) the same block also reads, per recorded
 layer and in the order the model runs them, the decoder layer's input (the
@@ -351,8 +352,8 @@ class HFBackend:
     # --- one generation that records -----------------------------------------------------------
     def generate_record(
         self, sequences: list[list[int]], max_new_tokens: int, *, layers: list[int], heads: str | Tensor,
-        options: TraceOptions,
-    ) -> tuple[list[list[int]], Float[Tensor, "batch layer head row key"], dict[str, Tensor] | None]:
+        options: TraceOptions, sink: Callable[[int, Tensor, Tensor, list[int]], None] | None = None,
+    ) -> tuple[list[list[int]], Float[Tensor, "batch layer head row key"] | None, dict[str, Tensor] | None]:
         """Greedy new tokens of one batch, its patterns and (`options.norms`) its norms, recorded inside the one
         `hf.generate` call.
 
@@ -371,6 +372,14 @@ class HFBackend:
         completion (cut at EOS): the same [batch, layer, head_out, row, key]
         window, right-aligned.  Norms: the prompt's at prefill, each new token's
         (its value, residual input and attention output) at the decode step that feeds it.
+
+        With `sink` (locally, `rows=None`, causal layers: `trace(..., out=DIR)`)
+        nothing of the prompt's rows is kept: at prefill each layer is computed
+        into one reused [batch, head, prompt row, prompt key] buffer and handed to
+        `sink(layer_index, rows, query_positions, lengths)` (`AttentionWriter.write`'s
+        arguments, in the buffer's own padding); only the new tokens' rows are held
+        through the decode loop, and each layer's are handed over the same way once
+        the completions are known (cut at EOS).  The patterns returned are then None.
         """
         B, N = len(sequences), max_new_tokens
         ids, mask = inputs.left_pad(sequences, self.pad_id)
@@ -383,12 +392,17 @@ class HFBackend:
         extra = ndif.trace_kwargs(self.nn_model, self.remote)  # {} locally; a checked RemoteBackend for NDIF
         elsewhere = bool(extra)  # a plain value: the block cannot carry `extra`
         L, H = len(layers), self.num_heads
-        gen_shape = (B, L, head_out, R0 + N, P + N)  # every recorded row in generation coordinates
-        gen = norms = None  # remotely both are made inside the block, where the model runs
+        if sink is not None and (elsewhere or options.rows is not None):
+            raise ValueError("only a local rows=None generation streams its prompt rows; this is an attnflow bug")
+        kept = 0 if sink is not None else R0  # prompt rows held in `gen` (streamed ones are not)
+        gen_shape = (B, L, head_out, kept + N, P + N)  # every held row in generation coordinates
+        gen = norms = layer_buf = None  # remotely both are made inside the block, where the model runs
         if not elsewhere:  # not zeroed as a whole: the prefill writes every prompt row's first P keys (a seq² block)
             gen = torch.empty(gen_shape, dtype=options.dtype)
-            gen[..., :R0, P:] = 0
-            gen[..., R0:, :] = 0
+            gen[..., :kept, P:] = 0
+            gen[..., kept:, :] = 0
+        if sink is not None:
+            layer_buf = torch.zeros((B, head_out, R0, P), dtype=options.dtype)
         envoys = [self.nn_model.get(self.sites[layer].path) for layer in layers]
         ops = [self.sites[layer].op for layer in layers]
         causal = [self.sites[layer].is_causal for layer in layers]
@@ -439,14 +453,17 @@ class HFBackend:
                         if step == 0:  # prefill: the prompt's rows
                             reduce.interface_pattern(
                                 args, kwargs, row_index=pre_index, heads=weights[i], dtype=dtype, is_causal=causal[i],
-                                out=gen[:, i, :, :R0, :P], memory_budget=budget, value_norms=vn,
+                                out=gen[:, i, :, :R0, :P] if sink is None else layer_buf, memory_budget=budget,
+                                value_norms=vn,
                             )
+                            if sink is not None:
+                                sink(i, layer_buf, pre_index, lengths)
                         else:  # decode step: the newest token's row over the cached keys
                             p = reduce.interface_pattern(
                                 args, kwargs, row_index=decode_row, heads=weights[i], dtype=dtype, is_causal=causal[i],
                                 value_norms=vn,
                             )  # [batch, head_out, 1, K]
-                            gen[:, i, :, R0 + step - 1, reduce.key_columns(p.shape[-1], P + step)] = p[:, :, 0]
+                            gen[:, i, :, kept + step - 1, reduce.key_columns(p.shape[-1], P + step)] = p[:, :, 0]
                         if record_norms:
                             a = envoys[i].output
                             a = a[0] if isinstance(a, tuple) else a  # [batch, P or 1, hidden]
@@ -471,8 +488,13 @@ class HFBackend:
             all_ids = stop.ids
         new = all_ids[:, P : P + N].tolist()  # the token past N was only there to compute the last row
         steps = all_ids.shape[1] - P - 1
-        patterns = assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=steps)
-        return new, patterns, None if norms is None else assemble_norms(norms, new, sequences, self.eos_ids)
+        norms = None if norms is None else assemble_norms(norms, new, sequences, self.eos_ids)
+        if sink is not None:
+            query_positions, window = new_token_rows(new, lengths, P, self.eos_ids, steps=steps)
+            for i in range(L):
+                sink(i, gen[:, i], query_positions, window)
+            return new, None, norms
+        return new, assemble(gen, new, sequences, prompt_pos, options.rows, self.eos_ids, steps=steps), norms
 
 
 _FACTORS: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(weight) -> (the weight, its version, factors)
@@ -527,6 +549,32 @@ def prompt_rows(rows: Any, prompt_len: int, max_new_tokens: int) -> list[int]:
         return [prompt_len - 1]
     lengths = range(prompt_len + 1, prompt_len + max_new_tokens + 1)
     return sorted({r % n for r in rows for n in lengths if -n <= r < n and r % n < prompt_len})
+
+
+def new_token_rows(
+    new: list[list[int]], prompt_lengths: list[int], P: int, eos_ids: set[int], *, steps: int
+) -> tuple[Tensor, list[int]]:
+    """Where the new tokens' rows of a generation (row j: new token j) sit, for `AttentionWriter.write`.
+
+    The rows' keys are generation columns: example b left-padded to the longest
+    prompt P, then the new tokens.  Returns each row's padded position (-1: a row
+    past the example's EOS) and the window lengths the writer reads its padding
+    from (prompt + every generated step).
+
+        >>> new_token_rows([[7, 2, 7], [7, 7, 7]], [2, 3], 3, {2}, steps=3)   # example 0 stops at EOS 2
+        (tensor([[ 3,  4, -1],
+                [ 3,  4,  5]]), [5, 6])
+    """
+    from attnflow.tracers.driver import cut_at_eos
+
+    N = len(new[0]) if new else 0
+    kept = [len(cut_at_eos(n, eos_ids)) for n in new]
+    if max(kept, default=0) > steps:
+        raise RuntimeError("the generation stopped before the last kept token was read; this is an attnflow bug")
+    query_positions = torch.full((len(new), N), -1, dtype=torch.long)
+    for b, m in enumerate(kept):
+        query_positions[b, :m] = torch.arange(P, P + m)
+    return query_positions, [p + N for p in prompt_lengths]
 
 
 def assemble(

@@ -11,17 +11,22 @@ wall time as a ratio to `generate`:
     one-pass    af.trace(model, ids, max_new_tokens=16, heads="mean", dtype=float32)   every row, recorded while generating
     one-pass16  the same with the default storage dtype (float16)
     two-pass    one-pass with one_pass=False: generate, then a forward over prompt + completion
+    one-pass-out  one-pass with out=DIR: every layer's rows written to Parquet as they are recorded
+    two-pass-out  two-pass with out=DIR
 
 (`model` is the nnsight wrapper af.load returns, made once.)  The last column is
 the largest absolute difference between the one-pass and the two-pass patterns
-(float32 storage), and the tokens of both are checked against `generate`'s.
+(float32 storage; for the out=DIR rows, their loaded patterns against the in-memory row's), and
+the tokens of each are checked against `generate`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import importlib.util
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +52,7 @@ def prompt_ids(tok, seq: int) -> list[int]:
     return (ids * (seq // len(ids) + 1))[:seq]
 
 
-def methods(model, ids: list[int], new: int):
+def methods(model, ids: list[int], new: int, folder: Path):
     hf = model._module
     batch = torch.tensor([ids])
     kw = dict(max_new_tokens=new, heads="mean", dtype=torch.float32, progress=False)
@@ -56,6 +61,8 @@ def methods(model, ids: list[int], new: int):
         "one-pass": lambda: af.trace(model, [ids], **kw),
         "one-pass16": lambda: af.trace(model, [ids], **{**kw, "dtype": torch.float16}),
         "two-pass": lambda: af.trace(model, [ids], one_pass=False, **kw),
+        "one-pass-out": lambda: af.trace(model, [ids], out=folder / "one", overwrite=True, **kw),
+        "two-pass-out": lambda: af.trace(model, [ids], one_pass=False, out=folder / "two", overwrite=True, **kw),
     }
 
 
@@ -78,12 +85,13 @@ def main(argv=None):
         f"SmolLM2-135M-Instruct float32 {hf.config._attn_implementation}; {new} new tokens; heads=mean, every row; "
         f"{torch.get_num_threads()} threads; torch {torch.__version__}; median of {repeats}"
     )
-    header = f"{'seq':>5} {'method':<10} {'time s':>8} {'x generate':>11} {'tokens ok':>9} {'max |one-two|':>14}"
+    header = f"{'seq':>5} {'method':<12} {'time s':>8} {'x generate':>11} {'tokens ok':>9} {'max |diff|':>11}"
     print(header)
     print("-" * len(header))
     for seq in seqs:
         ids = prompt_ids(model.tokenizer, seq)
-        fns = methods(model, ids, new)
+        folder = Path(tempfile.mkdtemp(prefix="attnflow-bench-"))
+        fns = methods(model, ids, new, folder)
         times = {name: [] for name in fns}
         outs = {}
         with torch.no_grad():
@@ -95,13 +103,19 @@ def main(argv=None):
                     fn()
                     times[name].append(time.perf_counter() - t)
         ref = outs["generate"][0].tolist()
-        diff = (outs["one-pass"].patterns - outs["two-pass"].patterns).abs().max().item()
+        outs = {k: v.load() if isinstance(v, af.SavedTrace) else v for k, v in outs.items()}
+        diffs = {  # one pass vs two; each out=DIR trace vs its in-memory one
+            "one-pass": (outs["one-pass"].patterns - outs["two-pass"].patterns).abs().max().item(),
+            "one-pass-out": (outs["one-pass-out"].patterns - outs["one-pass"].patterns).abs().max().item(),
+            "two-pass-out": (outs["two-pass-out"].patterns - outs["two-pass"].patterns).abs().max().item(),
+        }
         t0 = statistics.median(times["generate"])
         for name, ts in times.items():
             t = statistics.median(ts)
             ok = "" if name == "generate" else str(outs[name].item(0).input_ids[0].tolist() == ref)
-            d = f"{diff:.1e}" if name == "one-pass" else ""
-            print(f"{seq:>5} {name:<10} {t:>8.2f} {t / t0:>11.2f} {ok:>9} {d:>14}")
+            d = f"{diffs[name]:.1e}" if name in diffs else ""
+            print(f"{seq:>5} {name:<12} {t:>8.2f} {t / t0:>11.2f} {ok:>9} {d:>11}")
+        shutil.rmtree(folder)
     return 0
 
 

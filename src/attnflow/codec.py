@@ -305,7 +305,9 @@ class AttentionWriter:
     (and the index of one example's stored keys).  Each call writes its own file, closed at once
     (an open Parquet writer keeps buffers the size of its row groups); `close()` renames a layer's
     only file to `part-0.parquet`, or copies several into it one row group at a time.  `example=`
-    writes more rows of an earlier window (its first example): `close()` sorts them in.
+    names the window's first example, so that later calls can add rows to the same window (a
+    generation's prompt rows at prefill, its new tokens' rows after): such a window is staged as
+    Arrow IPC, and `close()` sorts it into (example, head, query) order and encodes it once.
 
     With `causal=True` each row stores keys 0..query, and (unless `check_causal=False`: the
     caller verified it) a weight on a later key is refused (DataError: dropping it would lose data).
@@ -332,9 +334,11 @@ class AttentionWriter:
         E, H, _, S = P.shape
         qpos = query_positions.cpu()
         first = self.examples[li] if example is None else example  # the window's first example
-        file = self._dir(li) / f"_batch-{len(self.files[li])}.parquet"  # '_': not a table file until `close`
+        # '_': not a table file until `close`; a window that more rows may join is staged as Arrow IPC (no
+        # Parquet encoding to undo when `close` sorts it)
+        file = self._dir(li) / f"_batch-{len(self.files[li])}.{'parquet' if example is None else 'arrow'}"
         self.files[li].append((first, file))
-        with pq.ParquetWriter(file, self.schema) as sink:
+        with _staging_writer(file, self.schema) as sink:
             parts, size = [], 0
             for e in range(E):
                 real = qpos[e] >= 0
@@ -381,14 +385,13 @@ class AttentionWriter:
     def close(self) -> list[str]:
         """Each layer's files as its one `part-0.parquet` (a layer without rows: an empty table, as `save` writes it).
 
-        Files of one window (several `write`s with the same `example=`: a
-        generation's prompt rows, then its new tokens' rows) are read back
-        together and sorted into (example, head, query) order: what is held is
-        that window's rows of one layer.
+        The files of a staged window (several `write`s with the same `example=`:
+        a generation's prompt rows, then its new tokens' rows) are read back
+        memory-mapped, put in (example, head, query) order and encoded once.
         """
         for li, files in enumerate(self.files):
             target = self._dir(li) / "part-0.parquet"
-            if len(files) == 1:
+            if len(files) == 1 and files[0][1].suffix == ".parquet":
                 files[0][1].replace(target)
             elif not files:
                 pq.write_table(self.schema.empty_table(), target)
@@ -396,20 +399,43 @@ class AttentionWriter:
                 with pq.ParquetWriter(target, self.schema) as sink:
                     for _, group in itertools.groupby(files, key=lambda f: f[0]):
                         paths = [path for _, path in group]
-                        if len(paths) == 1:
+                        if paths[0].suffix == ".parquet":
                             part = pq.ParquetFile(paths[0])
                             for g in range(part.num_row_groups):
                                 sink.write_table(part.read_row_group(g))
-                        else:
-                            window = pa.concat_tables([pq.read_table(path) for path in paths])
-                            window = window.sort_by([("example", "ascending"), ("head", "ascending"), ("query", "ascending")])
-                            rows = max(1, len(window) * ROW_GROUP_BYTES // max(1, window.nbytes))
-                            sink.write_table(window, row_group_size=rows)
+                        else:  # staged: read back memory-mapped, sorted, encoded once
+                            window = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in paths])
+                            window = _in_row_order(window)
+                            sink.write_table(window, row_group_size=max(1, len(window) * ROW_GROUP_BYTES // max(1, window.nbytes)))
                             del window
                         for path in paths:
                             path.unlink()
             self.files[li] = []
         return [f"attention/layer={layer}/part-0.parquet" for layer in self.layers]
+
+
+def _in_row_order(table: pa.Table) -> pa.Table:
+    """`table` sorted by (example, head, query), as runs of its own rows (zero-copy slices, not a `take`).
+
+    Its parts are each sorted already (a window's prompt rows, then its new tokens'
+    rows), so the sorted order is a few runs of consecutive rows: one when nothing moves.
+
+        >>> t = pa.table({"example": [0, 0, 0, 0], "head": [0, 1, 0, 1], "query": [0, 0, 1, 1]})
+        >>> _in_row_order(t).to_pydict()["query"], _in_row_order(t).column("head").num_chunks
+        ([0, 1, 0, 1], 4)
+    """
+    order = pc.sort_indices(table, sort_keys=[("example", "ascending"), ("head", "ascending"), ("query", "ascending")])
+    order = order.to_numpy()
+    cuts = np.flatnonzero(np.diff(order) != 1) + 1  # where a run of consecutive rows ends
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])
+    return pa.concat_tables([table.slice(int(order[a]), int(b - a)) for a, b in zip(starts, ends)]) if len(order) else table
+
+
+def _staging_writer(file: Path, schema: pa.Schema):
+    """A writer of `write_table` calls into `file`: Parquet for a `.parquet` name, Arrow IPC for `.arrow`."""
+    if file.suffix == ".parquet":
+        return pq.ParquetWriter(file, schema)
+    return pa.ipc.new_file(str(file), schema)
 
 
 def _nonzero(x: Tensor) -> int:

@@ -212,6 +212,12 @@ def writing_sink(writer: codec.AttentionWriter, layers: list[int], example: int 
     return sink
 
 
+def write_layers(write: Any, part: Float[Tensor, "batch layer head row key"], qpos: Tensor, lengths: list[int]) -> None:
+    """A batch recorded whole, handed to `write` (a `writing_sink`) one layer at a time."""
+    for li in range(part.shape[1]):
+        write(li, part[:, li], qpos, lengths)
+
+
 def stream_record(
     backend: Backend, enc: inputs.Encoded, batches: list[range], writer: codec.AttentionWriter, *, layers: list[int],
     heads: str | Tensor, options: TraceOptions, head_out: int, bar: Any,
@@ -233,8 +239,7 @@ def stream_record(
         else:
             part = torch.zeros((len(chunk), len(layers), head_out, qpos.shape[1], max(lengths)), dtype=options.dtype)
             backend.record(seqs, pos, **kw, out=part)
-            for li in range(len(layers)):
-                write(li, part[:, li], qpos, lengths)
+            write_layers(write, part, qpos, lengths)
             del part
         bar.update(len(chunk))
     return norms
@@ -264,13 +269,10 @@ def stream_generation(
         else:
             new, part, part_norms = backend.generate_record(part_seqs, N, **kw)
         full = [list(s) + cut_at_eos(n, backend.eos_ids) for s, n in zip(part_seqs, new)]
-        if not streamed:
+        if not streamed:  # `part` is laid out as `record` lays out prompt + completion
             lengths = [len(s) for s in full]
             pos = inputs.row_positions(options.rows, lengths, [len(s) for s in part_seqs])
-            qpos = inputs.row_index(pos, lengths, max(lengths))
-            write = writing_sink(writer, layers)
-            for li in range(len(layers)):
-                write(li, part[:, li], qpos, lengths)
+            write_layers(writing_sink(writer, layers), part, inputs.row_index(pos, lengths, max(lengths)), lengths)
             del part
         seqs += full
         norm_parts.append(part_norms)

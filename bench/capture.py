@@ -44,6 +44,8 @@ memory is skipped and says so.
 
     all-all     attnflow.trace(model, ids, heads="all")                     the trace held in memory
     stream-all  attnflow.trace(model, ids, heads="all", out=DIR)            each layer written as it is recorded
+    stream-gen  stream-all with max_new_tokens=16: the prompt's rows written at prefill, in the one generation
+    plain-gen   model.generate(ids, max_new_tokens=16, do_sample=False)    (stream-gen's plain reference)
 
 with two peaks: torch's CPU allocator (as above) and the process's resident memory
 (max RSS during the call minus RSS before it), which also counts what pyarrow allocates
@@ -153,7 +155,7 @@ def build_long(seq: int) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=1000, hidden_size=144, intermediate_size=384, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=max(seq, 2048),
+        num_key_value_heads=3, max_position_embeddings=max(seq + 64, 2048),  # room to generate
     )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -165,20 +167,23 @@ def measure_child(method: str, seq: int) -> None:
     model = build_long(seq)
     wrapped = nnsight.NNsight(model)
     ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(seq))
-    heads = {"mean-all": "mean", "all-all": "all", "stream-all": "all"}.get(method)
-    folder = tempfile.mkdtemp(prefix="attnflow-bench-") if method == "stream-all" else None
+    heads = {"mean-all": "mean", "all-all": "all", "stream-all": "all", "stream-gen": "all"}.get(method)
+    new = 16 if method.endswith("-gen") else None
+    folder = tempfile.mkdtemp(prefix="attnflow-bench-") if method.startswith("stream") else None
     af.trace(wrapped, ids[:, :16], heads=heads or "mean", progress=False)  # warm-up: nnsight's source instrumentation
     if folder:
-        af.trace(wrapped, ids[:, :16], heads=heads, progress=False, out=f"{folder}/warm")
+        af.trace(wrapped, ids[:, :16], heads=heads, progress=False, out=f"{folder}/warm", max_new_tokens=new)
     result = {}
 
     def run():
         if heads is None:
             with torch.no_grad():
+                if new:
+                    return model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
                 return model(input_ids=ids, use_cache=False).logits
         if folder:
-            saved = af.trace(wrapped, ids, heads=heads, progress=False, out=f"{folder}/trace")
-            result["bytes"] = 30 * 9 * seq * seq * 2  # what the in-memory trace holds
+            saved = af.trace(wrapped, ids, heads=heads, progress=False, out=f"{folder}/trace", max_new_tokens=new)
+            result["saved"] = saved
             result["disk"] = sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file())
             return saved
         tr = af.trace(wrapped, ids, heads=heads, progress=False)
@@ -190,7 +195,9 @@ def measure_child(method: str, seq: int) -> None:
     peak = peak_bytes(run, "cpu")
     wall = time.perf_counter() - t0
     rss = max_rss_bytes() - rss0
-    if folder:
+    if folder:  # what the in-memory trace would hold: every row of prompt + completion (cut at EOS)
+        n = len(result.pop("saved").load(layers=[0]).tokens[0])
+        result["bytes"] = 30 * 9 * n * n * 2
         import shutil
 
         shutil.rmtree(folder)
@@ -292,7 +299,7 @@ def stream_table(args) -> int:
               f"{'result MB':>10} {'disk MB':>8} {'wall s':>7}")  # fmt: skip
     print(header)
     print("-" * len(header))
-    for method in ("stream-all", "all-all", "plain"):
+    for method in ("stream-all", "all-all", "plain", "stream-gen", "plain-gen"):
         if method == "all-all" and 1.3 * 30 * layer > free_bytes():
             print(f"{method:<11} skipped: needs ~{1.3 * 30 * layer / 2**30:.1f} GiB, {free_bytes() / 2**30:.1f} GiB free")
             continue

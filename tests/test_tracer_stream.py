@@ -98,6 +98,15 @@ def test_streamed_generation_is_one_generation_and_cuts_at_eos(tmp_path, heads):
     assert keys == sorted(keys)  # prompt rows and new tokens' rows sorted into save()'s (example, head, query) order
 
 
+@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+def test_streamed_generation_other_families(tmp_path, family):
+    """A sliding-window cache (Mistral, window 4: a decode step sees the last keys only) and GPT-2's Conv1D attention."""
+    m = tiny_model(family, eos_token_id=None)
+    kw = dict(max_new_tokens=5, heads="all", norms=True, progress=False, batch_size=2)
+    saved = af.trace(m, PROMPTS, out=tmp_path / "s", **kw)
+    same(saved.load(), af.AttentionTrace.load(af.trace(m, PROMPTS, **kw).save(tmp_path / "r")))
+
+
 def test_remote_streamed_generation_records_the_batch_then_writes(tmp_path):
     import nnsight
 

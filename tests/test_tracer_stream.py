@@ -93,6 +93,10 @@ def test_streamed_generation_is_one_generation_and_cuts_at_eos(tmp_path, heads):
     one = af.trace(m, PROMPTS, **kw)
     assert len(one.tokens[0]) == len(PROMPTS[0]) + 1 and len(one.tokens[1]) == len(PROMPTS[1]) + 4
     same(saved.load(), af.AttentionTrace.load(one.save(tmp_path / "ref")))
+    m.generation_config.eos_token_id = sorted(set(first_tokens(m)))  # every example stops at once: 1 step of 4
+    early = af.trace(m, PROMPTS, out=tmp_path / "early", **kw)
+    same(early.load(), af.AttentionTrace.load(af.trace(m, PROMPTS, **kw).save(tmp_path / "early-ref")))
+    assert [len(t) for t in early.load(layers=[0]).tokens] == [len(p) + 1 for p in PROMPTS]
     table = pq.read_table(tmp_path / "s" / "attention" / "layer=0" / "part-0.parquet")
     keys = list(zip(table["example"].to_pylist(), table["head"].to_pylist(), table["query"].to_pylist()))
     assert keys == sorted(keys)  # prompt rows and new tokens' rows sorted into save()'s (example, head, query) order

@@ -490,7 +490,7 @@ class HFBackend:
         steps = all_ids.shape[1] - P - 1
         norms = None if norms is None else assemble_norms(norms, new, sequences, self.eos_ids)
         if sink is not None:
-            query_positions, window = new_token_rows(new, lengths, P, self.eos_ids, steps=steps)
+            query_positions, window = new_token_rows(new, lengths, P, N, self.eos_ids, steps=steps)
             for i in range(L):
                 sink(i, gen[:, i], query_positions, window)
             return new, None, norms
@@ -552,22 +552,25 @@ def prompt_rows(rows: Any, prompt_len: int, max_new_tokens: int) -> list[int]:
 
 
 def new_token_rows(
-    new: list[list[int]], prompt_lengths: list[int], P: int, eos_ids: set[int], *, steps: int
+    new: list[list[int]], prompt_lengths: list[int], P: int, N: int, eos_ids: set[int], *, steps: int
 ) -> tuple[Tensor, list[int]]:
-    """Where the new tokens' rows of a generation (row j: new token j) sit, for `AttentionWriter.write`.
+    """Where the N rows held for the new tokens of a generation (row j: new token j) sit, for `AttentionWriter.write`.
 
     The rows' keys are generation columns: example b left-padded to the longest
-    prompt P, then the new tokens.  Returns each row's padded position (-1: a row
-    past the example's EOS) and the window lengths the writer reads its padding
-    from (prompt + every generated step).
+    prompt P, then N new tokens' columns.  Returns each row's padded position (-1: a
+    row past the example's EOS, or a step the generation never made: `new` is
+    shorter than N when every example stopped early) and the window lengths the
+    writer reads its padding from (prompt + N).
 
-        >>> new_token_rows([[7, 2, 7], [7, 7, 7]], [2, 3], 3, {2}, steps=3)   # example 0 stops at EOS 2
+        >>> new_token_rows([[7, 2, 7], [7, 7, 7]], [2, 3], 3, 3, {2}, steps=3)   # example 0 stops at EOS 2
         (tensor([[ 3,  4, -1],
                 [ 3,  4,  5]]), [5, 6])
+        >>> new_token_rows([[2], [2]], [2, 3], 3, 3, {2}, steps=1)[0]          # both stop at once: one step made
+        tensor([[ 3, -1, -1],
+                [ 3, -1, -1]])
     """
     from attnflow.tracers.driver import cut_at_eos
 
-    N = len(new[0]) if new else 0
     kept = [len(cut_at_eos(n, eos_ids)) for n in new]
     if max(kept, default=0) > steps:
         raise RuntimeError("the generation stopped before the last kept token was read; this is an attnflow bug")

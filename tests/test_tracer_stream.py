@@ -167,6 +167,9 @@ def test_a_failure_mid_recording_leaves_nothing(tmp_path):
     with pytest.raises(NonFiniteError, match="layer 0"):
         af.trace(broken, PROMPTS, out=tmp_path / "t", progress=False)
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary left behind
+    with pytest.raises(NonFiniteError, match="layer 0"):  # raised at prefill, inside the generation
+        af.trace(broken, PROMPTS, out=tmp_path / "t", max_new_tokens=3, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_refuses_weights_after_the_query_when_causal(tmp_path):

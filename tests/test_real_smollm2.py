@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from real_model import GGUF_NAME, hotpot_examples, require_smollm2, smollm2  # noqa: F401 (fixtures)
+from real_model import GGUF_NAME, require_smollm2
 from tiny_models import write_gguf
 from test_html import decode, page_data
 from test_parquet import assert_same

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from real_model import hotpot_examples, smollm2  # noqa: F401 (fixtures)
 from selenium.webdriver.common.by import By
 
 import attnflow as af

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from real_model import smollm2  # noqa: F401 (fixture)
 
 import attnflow as af
 from attnflow import attribution as at

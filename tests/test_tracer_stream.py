@@ -126,9 +126,9 @@ def test_each_layer_is_handed_over_during_the_forward(model, tmp_path, monkeypat
     seen = []
     real = codec.AttentionWriter.write
 
-    def spy(self, li, P, qpos, lengths):
+    def spy(self, li, P, qpos, lengths, **kw):
         seen.append((li, P.data_ptr(), P.ndim))
-        real(self, li, P, qpos, lengths)
+        real(self, li, P, qpos, lengths, **kw)
 
     monkeypatch.setattr(codec.AttentionWriter, "write", spy)
     af.trace(model, PROMPTS, out=tmp_path / "s", batch_size=2, progress=False)

@@ -207,7 +207,7 @@ def writing_sink(writer: codec.AttentionWriter, layers: list[int], example: int 
 
     def sink(li: int, P: Tensor, qpos: Tensor, lengths: list[int]) -> None:
         check_finite(P.unsqueeze(1), [layers[li]])
-        writer.write(li, P, qpos, lengths, **({} if example is None else {"example": example}))
+        writer.write(li, P, qpos, lengths, example=example)
 
     return sink
 
@@ -258,25 +258,19 @@ def stream_generation(
     one layer of prompt rows is held at a time.  Otherwise (listed rows, remote
     runs) the batch's rows, a few per example, are recorded whole, then written.
     """
-    N = options.max_new_tokens
     streamed = getattr(backend, "streams", False) and options.rows is None and causal
+    sink = (lambda chunk: writing_sink(writer, layers, chunk.start)) if streamed else None
     seqs, norm_parts = [], []
-    for chunk in batches:
-        part_seqs = [enc.sequences[i] for i in chunk]
-        kw = dict(layers=layers, heads=heads, options=options)
-        if streamed:
-            new, _, part_norms = backend.generate_record(part_seqs, N, **kw, sink=writing_sink(writer, layers, chunk.start))
-        else:
-            new, part, part_norms = backend.generate_record(part_seqs, N, **kw)
-        full = [list(s) + cut_at_eos(n, backend.eos_ids) for s, n in zip(part_seqs, new)]
-        if not streamed:  # `part` is laid out as `record` lays out prompt + completion
+    for chunk, full, part, part_norms in generated_batches(
+        backend, enc, options.max_new_tokens, batches, layers=layers, heads=heads, options=options, bar=bar, sink=sink
+    ):
+        if part is not None:  # laid out as `record` lays out prompt + completion
             lengths = [len(s) for s in full]
-            pos = inputs.row_positions(options.rows, lengths, [len(s) for s in part_seqs])
+            pos = inputs.row_positions(options.rows, lengths, [enc.prompt_lengths[i] for i in chunk])
             write_layers(writing_sink(writer, layers), part, inputs.row_index(pos, lengths, max(lengths)), lengths)
             del part
         seqs += full
         norm_parts.append(part_norms)
-        bar.update(len(chunk))
     enc = inputs.Encoded(seqs, list(enc.prompt_lengths))
     return enc, place_norms(norm_parts, batches, len(layers), backend.num_heads, max(enc.lengths))
 
@@ -351,13 +345,12 @@ def generate_record(
     are freed as they are placed).
     """
     seqs, parts, norm_parts = [], [], []
-    for chunk in batches:
-        part_seqs = [enc.sequences[i] for i in chunk]
-        new, part, part_norms = backend.generate_record(part_seqs, max_new_tokens, layers=layers, heads=heads, options=options)
-        seqs += [list(s) + cut_at_eos(n, backend.eos_ids) for s, n in zip(part_seqs, new)]
+    for _, full, part, part_norms in generated_batches(
+        backend, enc, max_new_tokens, batches, layers=layers, heads=heads, options=options, bar=bar
+    ):
+        seqs += full
         parts.append(part)
         norm_parts.append(part_norms)
-        bar.update(len(chunk))
     enc = inputs.Encoded(seqs, list(enc.prompt_lengths))
     positions = inputs.row_positions(options.rows, enc.lengths, enc.prompt_lengths)
     B, R, S = len(seqs), max(len(p) for p in positions), max(enc.lengths)
@@ -368,6 +361,23 @@ def generate_record(
     for chunk in batches:
         place(patterns, parts.pop(0), chunk)
     return enc, patterns, norms
+
+
+def generated_batches(
+    backend: Any, enc: inputs.Encoded, max_new_tokens: int, batches: list[range], *, layers: list[int],
+    heads: str | Tensor, options: TraceOptions, bar: Any, sink: Any = None,
+):
+    """Each batch's one recording generation (`generate_record`), in order: (chunk, its prompts + completions cut
+    after the first EOS, its patterns or None when streamed, its norms).  `sink(chunk)`, when given, is the
+    batch's writer sink (`writing_sink`)."""
+    for chunk in batches:
+        part_seqs = [enc.sequences[i] for i in chunk]
+        extra = {} if sink is None else {"sink": sink(chunk)}
+        new, part, part_norms = backend.generate_record(
+            part_seqs, max_new_tokens, layers=layers, heads=heads, options=options, **extra
+        )
+        yield chunk, [list(s) + cut_at_eos(n, backend.eos_ids) for s, n in zip(part_seqs, new)], part, part_norms
+        bar.update(len(chunk))
 
 
 def cut_at_eos(new: list[int], eos_ids: set[int]) -> list[int]:
